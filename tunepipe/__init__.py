@@ -1,0 +1,31 @@
+"""tunepipe: fine-tune Hugging Face NLP models end to end from one specs file.
+
+Public names are imported lazily so that ``tunepipe --help`` and ``import tunepipe`` stay instant.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "FineTunePipeLine": "pipeline",
+    "Specs": "specs", "load_specs": "specs",
+    "DatasetModules": "data",
+    "ModelModules": "models", "TokenizerModules": "models",
+    "NLPTrainer": "trainers.hf", "NLPSeq2SeqTrainer": "trainers.hf",
+    "ErrorHandler": "errors", "TunepipeError": "errors",
+    "get_task": "tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tunepipe' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,330 @@
+"""DatasetModules: load records from files / hub / memory, validate every record, then tokenize through the Task.
+
+Records are read by our own small readers (not ``datasets.load_dataset``) for local files because a bad record must
+be reported with its file and line, and datasets' Arrow readers only say "failed to parse".
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import DatasetLoadError, ErrorHandler, ValidationError
+
+SPLITS = ("train", "validation", "test")
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+              ".parquet": "parquet", ".txt": "text", ".text": "text", ".conll": "conll", ".iob": "conll",
+              ".bio": "conll"}
+MAX_REPORTED = 5
+
+
+@dataclass
+class Records:
+    """Rows of one split plus where each row came from, for error messages."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    origins: list[tuple[str, int]] = field(default_factory=list)  # (file or source name, line or row number)
+
+    def add(self, row: dict[str, Any], origin: tuple[str, int]) -> None:
+        self.rows.append(row)
+        self.origins.append(origin)
+
+    def take(self, indices: list[int]) -> "Records":
+        return Records([self.rows[i] for i in indices], [self.origins[i] for i in indices])
+
+
+def _looks_like_path(source: str) -> bool:
+    return (source.startswith((".", "/", "~")) or Path(source).suffix.lower() in EXTENSIONS
+            or "\\" in source or source.count("/") > 1)
+
+
+def _missing_file_error(path: Path) -> DatasetLoadError:
+    suggestions = []
+    if path.parent.is_dir():
+        close = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=2)
+        suggestions += [f"did you mean '{path.parent / c}'?" for c in close]
+    suggestions.append("paths are relative to the directory you run tunepipe from")
+    return DatasetLoadError(f"Data file not found: {path}", file=str(path), suggestions=suggestions)
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DatasetLoadError(f"File is not valid UTF-8 (byte {e.start})", file=str(path), line=line,
+                               suggestions=["re-encode it: iconv -f latin1 -t utf-8 IN > OUT"]) from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        yield number, line
+
+
+def read_jsonl(path: Path, out: Records) -> None:
+    for number, line in _read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetLoadError(f"Malformed JSON line: {e.msg} at column {e.colno}", file=str(path), line=number,
+                                   suggestions=["fix or delete that line; each line must be one JSON object"]) from None
+        if not isinstance(row, dict):
+            raise DatasetLoadError(f"Line holds a JSON {type(row).__name__}, not an object", file=str(path),
+                                   line=number, suggestions=['each line must look like {"text": ..., "label": ...}'])
+        out.add(row, (str(path), number))
+
+
+def read_json(path: Path, out: Records) -> None:
+    text = "\n".join(line for _, line in _read_lines(path))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return read_jsonl(path, out)  # many .json files are JSON Lines
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+        keys = list(data)
+        data = [dict(zip(keys, values)) for values in zip(*data.values())]
+    if not isinstance(data, list):
+        raise DatasetLoadError("JSON file must hold a list of records", file=str(path),
+                               suggestions=["use JSON Lines: one object per line"])
+    for i, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise DatasetLoadError(f"Record {i} is not an object", file=str(path), line=i)
+        out.add(row, (str(path), i))
+
+
+def read_delimited(path: Path, out: Records, delimiter: str) -> None:
+    lines = [line for _, line in _read_lines(path)]
+    reader = csv.DictReader(lines, delimiter=delimiter)
+    for row in reader:
+        if None in row:
+            raise DatasetLoadError(f"Row has more fields than the header ({len(reader.fieldnames)})", file=str(path),
+                                   line=reader.line_num, suggestions=["quote fields that contain the delimiter"])
+        out.add(dict(row), (str(path), reader.line_num))
+
+
+def read_text(path: Path, out: Records, column: str) -> None:
+    for number, line in _read_lines(path):
+        if line.strip():
+            out.add({column: line}, (str(path), number))
+
+
+def read_conll(path: Path, out: Records, words_col: str, tags_col: str) -> None:
+    """Column format: one 'word ... tag' per line, blank line between sentences; -DOCSTART- lines skipped."""
+    words: list[str] = []
+    tags: list[str] = []
+    start = 0
+    for number, line in list(_read_lines(path)) + [(-1, "")]:
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            if words:
+                out.add({words_col: words, tags_col: tags}, (str(path), start))
+            words, tags = [], []
+            continue
+        if len(parts) < 2:
+            raise DatasetLoadError("CoNLL line needs at least two columns (word and tag)", file=str(path),
+                                   line=number, suggestions=["separate word and tag with a space or tab"])
+        if not words:
+            start = number
+        words.append(parts[0])
+        tags.append(parts[-1])
+
+
+def _file_format(path: Path, declared: str, task_name: str) -> str:
+    if declared not in ("auto", "hub"):
+        return declared
+    fmt = EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise DatasetLoadError(f"Cannot tell the format of {path.name}", file=str(path),
+                               suggestions=[f"set data.format to one of: {', '.join(sorted(set(EXTENSIONS.values())))}"])
+    if fmt == "text" and task_name == "token_classification":
+        return "conll"
+    return fmt
+
+
+class DatasetModules:
+    """Loads, validates and tokenizes the splits named in ``specs.data`` for one Task."""
+
+    def __init__(self, specs, task):
+        self.specs = specs
+        self.task = task
+        self.records: dict[str, Records] = {}
+
+    # ---- loading -----------------------------------------------------------------------------------------
+    def load_source(self, source: Any, split: str) -> Records:
+        out = Records()
+        if source is None:
+            return out
+        if type(source).__name__ == "DataFrame":
+            source = source.to_dict(orient="records")
+        if isinstance(source, list) and all(isinstance(r, dict) for r in source):
+            for i, row in enumerate(source, start=1):
+                out.add(dict(row), (f"<{split} records>", i))
+            return out
+        sources = source if isinstance(source, list) else [source]
+        for item in sources:
+            if not isinstance(item, (str, Path)):
+                raise DatasetLoadError(f"data.{split} must be a path, a list of paths, a hub id, a DataFrame or a "
+                                       f"list of dicts; got {type(item).__name__}", field=f"data.{split}")
+            self._load_one(str(item), split, out)
+        return out
+
+    def _load_one(self, source: str, split: str, out: Records) -> None:
+        path = Path(source).expanduser()
+        fmt = self.specs.data.format
+        if fmt == "hub" or (not path.exists() and not _looks_like_path(source)):
+            return self._load_hub(source, split, out)
+        if not path.is_file():
+            raise _missing_file_error(path)
+        fmt = _file_format(path, fmt, self.task.name)
+        with ErrorHandler.guard(f"reading {path}"):
+            if fmt == "jsonl":
+                read_jsonl(path, out)
+            elif fmt == "json":
+                read_json(path, out)
+            elif fmt in ("csv", "tsv"):
+                read_delimited(path, out, "," if fmt == "csv" else "\t")
+            elif fmt == "text":
+                read_text(path, out, self.task.column("text"))
+            elif fmt == "conll":
+                read_conll(path, out, self.task.column("text"), self.task.column("label"))
+            elif fmt == "parquet":
+                import pandas as pd
+                for i, row in enumerate(pd.read_parquet(path).to_dict(orient="records"), start=1):
+                    out.add({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}, (str(path), i))
+
+    def _load_hub(self, name: str, split: str, out: Records) -> None:
+        import datasets
+        hub_split = "validation" if split == "validation" else split
+        try:
+            ds = datasets.load_dataset(name, self.specs.data.hub_config, split=hub_split)
+        except Exception as e:  # noqa: BLE001 - datasets raises many types for "not reachable / not found"
+            raise DatasetLoadError(f"Could not load dataset '{name}' (split {hub_split}) from the hub: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", field=f"data.{split}",
+                                   suggestions=["if it is a local file, check the path",
+                                                "offline? point data.train/validation at local files"]) from None
+        features = _class_label_names(ds)
+        for i, row in enumerate(ds.to_list(), start=1):
+            out.add(_ids_to_names(row, features), (f"<hub:{name}:{hub_split}>", i))
+
+    def load(self) -> dict[str, Records]:
+        """Read every split, rename columns, validate records, and settle the label set."""
+        data = self.specs.data
+        if data.train is None:
+            raise DatasetLoadError("No training data given", field="data.train",
+                                   suggestions=["set data.train to a file (jsonl, csv, tsv, parquet, txt, conll)"])
+        for split in SPLITS:
+            records = self.load_source(getattr(data, split), split)
+            if data.columns:
+                records.rows = [{data.columns.get(k, k): v for k, v in row.items()} for row in records.rows]
+            if getattr(data, split) is not None and not records.rows:
+                raise DatasetLoadError(f"The {split} data holds no records", field=f"data.{split}",
+                                       file=str(getattr(data, split)), suggestions=["check that the file is not empty"])
+            if records.rows:
+                self._check_columns(records, split)
+            self.records[split] = records
+        if "validation" not in self.records or not self.records["validation"].rows:
+            self._split_validation()
+        self._validate("train")
+        if self.task.labels is None:
+            self.task.labels = self.task.infer_labels(self.records["train"].rows)
+        for split in ("validation", "test"):
+            self._validate(split)
+        self._limit()
+        return self.records
+
+    def _check_columns(self, records: Records, split: str) -> None:
+        present = set().union(*(row.keys() for row in records.rows[:100]))
+        required = self.task.required_columns()
+        if split == "test":
+            required = [c for c in required if c != self.task.column("label")]
+        for col in required:
+            if col not in present:
+                role = next((r for r in ("text", "label") if self.task.column(r) == col), None)
+                close = difflib.get_close_matches(col, sorted(present), n=1, cutoff=0.5)
+                hints = [f"did you mean '{close[0]}'? set data.{role}_column: {close[0]}" if close and role else ""]
+                hints.append(f"columns present: {', '.join(sorted(present))}")
+                if role:
+                    hints.append(f"set data.{role}_column to the right column, or rename it with data.columns")
+                raise DatasetLoadError(f"Column '{col}' not found in the {split} data", file=records.origins[0][0],
+                                       field=f"data.{role}_column" if role else None, suggestions=hints)
+
+    def _validate(self, split: str) -> None:
+        records = self.records.get(split)
+        if not records:
+            return
+        bad = []
+        for row, origin in zip(records.rows, records.origins):
+            problem = self.task.validate_record(row, split)
+            if problem:
+                bad.append((origin, problem))
+                if len(bad) > MAX_REPORTED:
+                    break
+        if bad:
+            (file, line), first = bad[0]
+            listing = "; ".join(f"{f}:{n}: {p}" for (f, n), p in bad[:MAX_REPORTED])
+            more = " (and more)" if len(bad) > MAX_REPORTED else ""
+            raise ValidationError(f"Bad record in the {split} data: {first}. All found: {listing}{more}",
+                                  file=file, line=line, suggestions=["fix or remove the records listed"])
+
+    def _split_validation(self) -> None:
+        fraction = self.specs.data.validation_split
+        if not fraction:
+            self.records["validation"] = Records()
+            return
+        train = self.records["train"]
+        order = list(range(len(train.rows)))
+        random.Random(self.specs.training.seed).shuffle(order)
+        n_val = max(1, int(len(order) * fraction))
+        self.records["validation"] = train.take(sorted(order[:n_val]))
+        self.records["train"] = train.take(sorted(order[n_val:]))
+
+    def _limit(self) -> None:
+        caps = {"train": self.specs.data.max_train_samples, "validation": self.specs.data.max_eval_samples}
+        for split, cap in caps.items():
+            if cap and split in self.records and len(self.records[split].rows) > cap:
+                self.records[split] = self.records[split].take(list(range(cap)))
+
+    # ---- tokenizing --------------------------------------------------------------------------------------
+    def prepare(self, tokenizer) -> dict[str, Any]:
+        """Records -> tokenized ``datasets.Dataset`` per split (batched, single process)."""
+        import datasets
+        if not self.records:
+            self.load()
+        prepared = {}
+        for split, records in self.records.items():
+            if not records.rows:
+                continue
+            with ErrorHandler.guard(f"building the {split} dataset"):
+                ds = datasets.Dataset.from_list(records.rows)
+            with ErrorHandler.guard(f"tokenizing the {split} data"):
+                prepared[split] = ds.map(self.task.preprocess, batched=True, fn_kwargs={"tokenizer": tokenizer},
+                                         remove_columns=ds.column_names, desc=f"tokenizing {split}")
+        return prepared
+
+
+def _class_label_names(ds) -> dict[str, Any]:
+    """Hub datasets store labels as ClassLabel ids; tasks work with names (seqeval needs tag strings)."""
+    import datasets
+    found = {}
+    for name, feature in ds.features.items():
+        inner = getattr(feature, "feature", None)
+        if isinstance(feature, datasets.ClassLabel):
+            found[name] = feature
+        elif isinstance(inner, datasets.ClassLabel):
+            found[name] = inner
+    return found
+
+
+def _ids_to_names(row: dict[str, Any], features: dict[str, Any]) -> dict[str, Any]:
+    for name, feature in features.items():
+        value = row.get(name)
+        if isinstance(value, list):
+            row[name] = [feature.int2str(v) for v in value]
+        elif isinstance(value, int) and value >= 0:
+            row[name] = feature.int2str(value)
+    return row

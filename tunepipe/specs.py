@@ -1,0 +1,408 @@
+"""The ``specs``: one typed object, validated once, that every later step reads.
+
+Users write a dict, a YAML/JSON file, or the flat keys of the original design; ``load_specs`` turns any of them
+into :class:`Specs`. Unknown keys fail with a "did you mean" suggestion, because a silently ignored typo
+(``learning_rte``) costs a whole training run.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from .errors import ConfigError
+
+BACKENDS = ("hf", "accelerate", "lightning", "lightning+accelerate")
+PEFT_METHODS = ("none", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSpec(_Section):
+    name_or_path: str | None = Field(None, description="local directory, hub id, or 'minilm' (the bundled encoder)")
+    from_config: dict[str, Any] | None = Field(None, description="build a fresh model: {model_type: bert, ...}")
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class TokenizerSpec(_Section):
+    name_or_path: str | None = Field(None, description="defaults to model.name_or_path")
+    use_fast: bool = True
+    padding_side: Literal["left", "right"] | None = None
+    train: dict[str, Any] | None = Field(None, description="train a tokenizer on the training text")
+
+
+class DataSpec(_Section):
+    train: Any = None
+    validation: Any = None
+    test: Any = None
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "conll", "hub"] = "auto"
+    hub_config: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict, description="rename {name in file: name tunepipe uses}")
+    labels: list[str] | None = Field(None, description="label names in id order; inferred from train if omitted")
+    multi_label: bool = False
+    max_length: int | None = Field(None, gt=0)
+    stride: int | None = Field(None, ge=0)
+    chunk_size: int | None = Field(None, gt=0)
+    mlm_probability: float | None = Field(None, gt=0, lt=1)
+    label_all_tokens: bool = False
+    validation_split: float | None = Field(None, gt=0, lt=1, description="carve validation out of train")
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+
+
+class TrainingSpec(BaseModel):
+    """transformers ``TrainingArguments`` names. Listed fields carry tunepipe's defaults; any other
+    TrainingArguments name is accepted and passed through."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    per_device_train_batch_size: int = Field(16, gt=0)
+    per_device_eval_batch_size: int = Field(32, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float = 1.0
+    warmup_steps: float = 0
+    lr_scheduler_type: str = "linear"
+    seed: int = 42
+    eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
+    save_strategy: Literal["no", "steps", "epoch", "best"] = "epoch"
+    save_total_limit: int | None = 1
+    logging_steps: float = 25
+    bf16: bool | Literal["auto"] = Field("auto", description="auto = on where the device runs bf16 fast")
+    fp16: bool = False
+    train_sampling_strategy: str = Field("group_by_length", description="length-grouped batches: less padding")
+    gradient_checkpointing: bool = False
+    metric_for_best_model: str | None = None
+    load_best_model_at_end: bool = False
+    resume_from_checkpoint: str | None = None
+
+
+class PeftSpec(_Section):
+    method: Literal[PEFT_METHODS] = "none"  # type: ignore[valid-type]
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    num_virtual_tokens: int = Field(20, gt=0)
+    config: dict[str, Any] | None = Field(None, description="a raw PEFT config, passed to peft as is")
+
+
+class QuantizationSpec(_Section):
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    skip_modules: list[str] | None = None
+
+
+class MlflowSpec(_Section):
+    tracking_uri: str | None = None
+    experiment: str = "tunepipe"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    log_model: bool = False
+
+
+class TrackingSpec(_Section):
+    mlflow: MlflowSpec | None = None
+
+
+class GenerationSpec(_Section):
+    max_new_tokens: int = Field(64, gt=0)
+    num_beams: int = Field(1, gt=0)
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    do_sample: bool = False
+
+
+class Specs(_Section):
+    task: str
+    output_dir: str = "runs/tunepipe"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    peft: PeftSpec = Field(default_factory=PeftSpec)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    backend: Literal[BACKENDS] = "hf"  # type: ignore[valid-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"data": {"train", "validation", "test"}}) | {
+            "data": _data_for_dump(self.data)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Hash of what changes the trained weights (not where they are written)."""
+        d = self.to_dict()
+        d.pop("output_dir", None)
+        d.get("training", {}).pop("resume_from_checkpoint", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _data_for_dump(data: DataSpec) -> dict[str, Any]:
+    out = data.model_dump(mode="json", exclude={"train", "validation", "test"})
+    for split in ("train", "validation", "test"):
+        value = getattr(data, split)
+        out[split] = value if value is None or isinstance(value, (str, list)) and all(
+            isinstance(v, str) for v in ([value] if isinstance(value, str) else value)) else f"<in-memory {type(value).__name__}>"
+    return out
+
+
+SECTIONS = {"model": ModelSpec, "tokenizer": TokenizerSpec, "data": DataSpec, "training": TrainingSpec,
+            "peft": PeftSpec, "quantization": QuantizationSpec, "tracking": TrackingSpec,
+            "generation": GenerationSpec}
+
+# Flat keys of the original design -> (section, key). Values may need translating (see _apply_legacy).
+LEGACY_KEYS: dict[str, tuple[str, str]] = {
+    **{k: ("training", k) for k in ("num_train_epochs", "learning_rate", "weight_decay", "per_device_train_batch_size",
+                                    "per_device_eval_batch_size", "gradient_accumulation_steps", "max_grad_norm",
+                                    "fp16", "bf16", "seed", "max_steps", "warmup_steps", "logging_steps")},
+    **{k: ("data", k) for k in ("max_length", "chunk_size", "stride", "mlm_probability")},
+    "scheduler_strategy": ("training", "lr_scheduler_type"),
+    "evaluation_strategy": ("training", "eval_strategy"),
+    "use_gradient_checkpointing": ("training", "gradient_checkpointing"),
+    "lora_r": ("peft", "r"), "lora_alpha": ("peft", "alpha"), "lora_dropout": ("peft", "dropout"),
+    "lora_bias": ("peft", "bias"), "peft_method": ("peft", "method"),
+    "use_peft": ("peft", "<use_peft>"), "use_quantization": ("quantization", "<use>"),
+    "quantization_type": ("quantization", "<type>"),
+}
+# Renamed transformers TrainingArguments keys, accepted inside `training:` too.
+RENAMED_TRAINING_KEYS = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu",
+                         "scheduler_strategy": "lr_scheduler_type", "use_gradient_checkpointing": "gradient_checkpointing"}
+DROPPED_TRAINING_KEYS = {"overwrite_output_dir", "logging_dir", "save_safetensors", "output_dir"}
+TOP_LEVEL = set(SECTIONS) | {"task", "task_type", "output_dir", "backend", "use_accelerate", "use_lightning"}
+
+
+def suggest(key: str, allowed: set[str] | list[str]) -> list[str]:
+    close = difflib.get_close_matches(key, sorted(allowed), n=3, cutoff=0.6)
+    return [f"did you mean '{c}'?" for c in close]
+
+
+def training_argument_names() -> set[str]:
+    import dataclasses
+
+    from transformers import TrainingArguments
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def _apply_legacy(raw: dict[str, Any]) -> dict[str, Any]:
+    """Move flat keys into their sections and translate renamed keys."""
+    out: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    ta_names: set[str] | None = None
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if key == "model" and isinstance(value, str):
+                value = {"name_or_path": value}
+            if key == "tokenizer" and isinstance(value, str):
+                value = {"name_or_path": value}
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' must be a mapping, got {type(value).__name__}", field=key,
+                                  suggestions=[f"write it as `{key}: {{...}}`"])
+            sections.setdefault(key, {}).update(value)
+        elif key in LEGACY_KEYS:
+            section, target = LEGACY_KEYS[key]
+            sections.setdefault(section, {})
+            if target == "<use_peft>":
+                if value and "method" not in sections["peft"]:
+                    sections["peft"].setdefault("method", raw.get("peft_method") or "lora")
+                elif not value:
+                    sections["peft"]["method"] = "none"
+            elif target == "<use>":
+                sections[section]["<use>"] = bool(value)
+            elif target == "<type>":
+                sections[section]["<type>"] = value
+            else:
+                sections[section][target] = value
+        elif key == "task_type":
+            out["task"] = value
+        elif key in TOP_LEVEL:
+            out[key] = value
+        else:
+            ta_names = ta_names if ta_names is not None else training_argument_names()
+            if key in ta_names:
+                sections.setdefault("training", {})[key] = value
+            else:
+                raise ConfigError(f"Unknown key '{key}'", field=key,
+                                  suggestions=suggest(key, TOP_LEVEL | set(LEGACY_KEYS) | ta_names) or [
+                                      f"top-level keys are: {', '.join(sorted(TOP_LEVEL))}"])
+    q = sections.get("quantization", {})
+    use, qtype = q.pop("<use>", None), q.pop("<type>", None)
+    if use or (use is None and qtype):
+        qtype = str(qtype or "nf4").lower()
+        if qtype in ("8bit", "int8"):
+            q["load_in_8bit"] = True
+        elif qtype in ("4bit", "nf4", "fp4", "int4"):
+            q["load_in_4bit"] = True
+            q["quant_type"] = "fp4" if qtype == "fp4" else "nf4"
+        else:
+            raise ConfigError(f"Unknown quantization_type '{qtype}'", field="quantization_type",
+                              suggestions=["use one of: 4bit, nf4, fp4, 8bit"])
+    if "training" in sections:
+        sections["training"] = _normalise_training(sections["training"])
+    out.update(sections)
+    return out
+
+
+def _normalise_training(training: dict[str, Any]) -> dict[str, Any]:
+    result = {}
+    names = None
+    for key, value in training.items():
+        key = RENAMED_TRAINING_KEYS.get(key, key)
+        if key in DROPPED_TRAINING_KEYS:
+            continue
+        if key == "group_by_length":
+            if value:
+                result["train_sampling_strategy"] = "group_by_length"
+            else:
+                result.setdefault("train_sampling_strategy", "random")
+            continue
+        if key not in TrainingSpec.model_fields:
+            names = names if names is not None else training_argument_names()
+            if key not in names:
+                raise ConfigError(f"Unknown training key '{key}'", field=f"training.{key}",
+                                  suggestions=suggest(key, names | set(TrainingSpec.model_fields)) or [
+                                      "training accepts transformers TrainingArguments names"])
+        result[key] = value
+    return result
+
+
+def _backend_from_flags(d: dict[str, Any]) -> None:
+    acc, lit = d.pop("use_accelerate", None), d.pop("use_lightning", None)
+    if acc is None and lit is None:
+        return
+    flagged = {(False, False): "hf", (True, False): "accelerate", (False, True): "lightning",
+               (True, True): "lightning+accelerate"}[(bool(acc), bool(lit))]
+    if "backend" in d and d["backend"] != flagged:
+        raise ConfigError(f"backend '{d['backend']}' contradicts use_accelerate={acc}, use_lightning={lit}",
+                          field="backend", suggestions=["set either `backend:` or the two flags, not both"])
+    d["backend"] = flagged
+
+
+def _check_section_keys(d: dict[str, Any]) -> None:
+    for name, section in d.items():
+        model = SECTIONS.get(name)
+        if model is None or model.model_config.get("extra") == "allow" or not isinstance(section, dict):
+            continue
+        for key in section:
+            if key not in model.model_fields:
+                raise ConfigError(f"Unknown key '{name}.{key}'", field=f"{name}.{key}",
+                                  suggestions=suggest(key, set(model.model_fields)) or [
+                                      f"'{name}' accepts: {', '.join(model.model_fields)}"])
+    mlflow = d.get("tracking", {}).get("mlflow") if isinstance(d.get("tracking"), dict) else None
+    if isinstance(mlflow, dict):
+        for key in mlflow:
+            if key not in MlflowSpec.model_fields:
+                raise ConfigError(f"Unknown key 'tracking.mlflow.{key}'", field=f"tracking.mlflow.{key}",
+                                  suggestions=suggest(key, set(MlflowSpec.model_fields)))
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def set_override(d: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (3e-5, true, [a, b])."""
+    if "=" not in assignment:
+        raise ConfigError(f"Override '{assignment}' is not of the form key=value", field=assignment,
+                          suggestions=["e.g. --set training.learning_rate=3e-5"])
+    path, _, text = assignment.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"Override '{assignment}' has an empty key", suggestions=["e.g. --set data.max_length=128"])
+    node = d
+    for k in keys[:-1]:
+        if isinstance(node.get(k), str) and k in ("model", "tokenizer"):
+            node[k] = {"name_or_path": node[k]}
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Cannot set '{path}': '{k}' is not a section", field=path)
+    node[keys[-1]] = value
+
+
+def read_specs_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Specs file not found: {p}", file=str(p),
+                          suggestions=["check the path", "`tunepipe init TASK` writes a starter file"])
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else None
+        raise ConfigError(f"Invalid YAML: {e.problem}", file=str(p), line=line,
+                          suggestions=["check indentation and `key: value` syntax on that line"]) from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"Invalid JSON: {e.msg}", file=str(p), line=e.lineno,
+                          suggestions=["check commas and quotes on that line"]) from e
+    if not isinstance(data, dict):
+        raise ConfigError("Specs file must hold a mapping of keys to values", file=str(p),
+                          suggestions=["start with `task: token_classification`"])
+    return data
+
+
+def load_specs(source: "Specs | dict[str, Any] | str | Path", overrides: list[str] | None = None,
+               **extra: Any) -> Specs:
+    """Resolve ``source`` (+ overrides + keyword extras) into validated :class:`Specs`, task defaults included."""
+    if isinstance(source, Specs):
+        if not overrides and not extra:
+            return source
+        raw: dict[str, Any] = source.model_dump(mode="python")
+    elif isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        raw = read_specs_file(source)
+    raw.update({k: v for k, v in extra.items() if v is not None})
+    for item in overrides or []:
+        set_override(raw, item)
+    d = _apply_legacy(raw)
+    _backend_from_flags(d)
+    if "task" not in d or not d["task"]:
+        raise ConfigError("The specs do not say which task to run", field="task",
+                          suggestions=["add `task: token_classification` (see `tunepipe tasks`)"])
+    from .tasks import get_task
+    task = get_task(str(d["task"]))
+    d["task"] = task.name
+    _check_section_keys(d)
+    d = deep_merge(task.default_specs(), d)
+    d.setdefault("output_dir", f"runs/{task.name}")
+    try:
+        return Specs.model_validate(d)
+    except PydanticValidationError as e:
+        errs = e.errors()
+        first = errs[0]
+        field = ".".join(str(p) for p in first["loc"])
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in errs]
+        raise ConfigError("Invalid specs: " + "; ".join(lines), field=field,
+                          suggestions=[f"fix the value of '{field}'"]) from None

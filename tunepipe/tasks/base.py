@@ -1,0 +1,117 @@
+"""The Task interface: everything that differs between tasks lives behind it, so backends stay task-agnostic.
+
+A Task instance is bound to one run's specs and, once the data is seen, to its label set. ``preprocess`` is a
+pure batched function of (batch, tokenizer), so it serves ``Dataset.map``, streaming and per-rank shards alike.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, ClassVar, Sequence
+
+from ..errors import ValidationError
+
+WORD_RE = re.compile(r"\w+(?:[-'’.]\w+)*|[^\w\s]")
+
+
+def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Whitespace/punctuation word split that remembers character offsets (for entity spans)."""
+    words, spans = [], []
+    for m in WORD_RE.finditer(text):
+        words.append(m.group())
+        spans.append((m.start(), m.end()))
+    return words, spans
+
+
+class Task:
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    auto_model_class: ClassVar[str]
+    generative: ClassVar[bool] = False  # True: backends evaluate with generate() (Seq2Seq trainer)
+    defaults: ClassVar[dict[str, Any]] = {}
+    example_data: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, specs):
+        self.specs = specs
+        self.labels: list[str] | None = specs.data.labels
+
+    # ---- specs -------------------------------------------------------------------------------------------
+    @classmethod
+    def default_specs(cls) -> dict[str, Any]:
+        import copy
+        return copy.deepcopy(cls.defaults)
+
+    def column(self, role: str) -> str:
+        """Column name for a role ('text', 'label', 'text_pair'), from specs or the task default."""
+        value = getattr(self.specs.data, f"{role}_column", None)
+        return value or self.defaults.get("data", {}).get(f"{role}_column") or role
+
+    def required_columns(self) -> list[str]:
+        return [self.column("text")]
+
+    # ---- data --------------------------------------------------------------------------------------------
+    def validate_record(self, record: dict[str, Any], split: str) -> str | None:
+        """Return why a record is unusable, or None. Called for every record before tokenizing."""
+        for col in self.required_columns():
+            value = record.get(col)
+            if value is None or (isinstance(value, (str, list)) and len(value) == 0):
+                return f"column '{col}' is empty"
+        return None
+
+    def infer_labels(self, train_records: Sequence[dict[str, Any]]) -> list[str] | None:
+        return None
+
+    def preprocess(self, batch: dict[str, list], tokenizer) -> dict[str, list]:
+        raise NotImplementedError
+
+    def collator(self, tokenizer) -> Callable:
+        from transformers import DataCollatorWithPadding
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+
+    # ---- model -------------------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        if not self.labels:
+            return {}
+        return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
+                "label2id": {label: i for i, label in enumerate(self.labels)}}
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def preprocess_logits_for_metrics(self, logits, labels):
+        """Reduce logits per batch (argmax) so evaluation memory does not grow with the eval set."""
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return logits.argmax(dim=-1)
+
+    def compute_metrics(self, eval_pred) -> dict[str, float]:
+        return {}
+
+    def metric_table(self, metrics: dict[str, float]) -> list[tuple[str, float]]:
+        return [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
+
+    # ---- inference ---------------------------------------------------------------------------------------
+    def predict(self, model, tokenizer, inputs: Sequence[Any], batch_size: int = 32) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def label_error(self, label: Any, split: str) -> ValidationError:
+        return ValidationError(f"Label '{label}' in the {split} data is not among the training labels {self.labels}",
+                               suggestions=["add it to data.labels, or fix the record"])
+
+
+def run_batches(model, encode: Callable[[list], dict], items: Sequence[Any], batch_size: int,
+                length: Callable[[Any], int]) -> list[Any]:
+    """Forward ``items`` in length-sorted batches; return per-item (encoding, logits row) in input order."""
+    import torch
+
+    order = sorted(range(len(items)), key=lambda i: length(items[i]))
+    out: list[Any] = [None] * len(items)
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = encode([items[i] for i in idx])
+            tensors = {k: v.to(device) for k, v in enc.items() if hasattr(v, "to")}
+            logits = model(**tensors).logits.float().cpu()
+            for row, i in enumerate(idx):
+                out[i] = (enc, row, logits[row])
+    return out

@@ -1,0 +1,181 @@
+"""Token classification (NER, POS, chunking): word-level BIO tags aligned to sub-tokens; seqeval metrics."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .base import Task, run_batches, split_words
+
+
+def _entity_type(tag: str) -> str:
+    return tag[2:] if tag[:2] in ("B-", "I-", "E-", "S-") else tag
+
+
+def b_to_i(tag: str) -> str:
+    return "I-" + tag[2:] if tag.startswith("B-") else tag
+
+
+def tag_sort_key(tag: str) -> tuple:
+    return (tag != "O", _entity_type(tag), tag[:2] != "B-", tag)
+
+
+def spans_from_tags(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(type, first word, last word + 1) for each entity; an I- without a matching opener starts a new one."""
+    spans: list[tuple[str, int, int]] = []
+    current: list | None = None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        kind = _entity_type(tag)
+        continues = tag.startswith("I-") and current is not None and current[0] == kind
+        if current is not None and not continues:
+            spans.append((current[0], current[1], i))
+            current = None
+        if tag != "O" and not continues:
+            current = [kind, i]
+    return spans
+
+
+class TokenClassificationTask(Task):
+    name = "token_classification"
+    aliases = ("ner",)
+    description = "Tag each word (NER, POS): CoNLL columns or records with tokens + tags; seqeval entity F1"
+    auto_model_class = "AutoModelForTokenClassification"
+    defaults = {
+        "data": {"text_column": "tokens", "label_column": "ner_tags", "max_length": 256},
+        "training": {"per_device_train_batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 3,
+                     "metric_for_best_model": "f1"},
+    }
+    example_data = {"tokens": ["Ada", "Lovelace", "lived", "in", "London", "."],
+                    "ner_tags": ["B-PER", "I-PER", "O", "O", "B-LOC", "O"]}
+
+    def required_columns(self) -> list[str]:
+        return [self.column("text"), self.column("label")]
+
+    def _name(self, value: Any) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not self.specs.data.labels:
+                raise ValueError("integer tags need data.labels (tag names in id order)")
+            return self.specs.data.labels[value]
+        return str(value)
+
+    def validate_record(self, record: dict[str, Any], split: str) -> str | None:
+        tokens, tags = record.get(self.column("text")), record.get(self.column("label"))
+        if not (tags is None and split == "test") and not isinstance(tags, list):
+            return f"column '{self.column('label')}' must be a list of tags, got {type(tags).__name__}"
+        if not isinstance(tokens, list) or not tokens:
+            return f"column '{self.column('text')}' must be a non-empty list of words"
+        if not all(isinstance(t, str) for t in tokens):
+            return f"column '{self.column('text')}' must hold strings only"
+        if tags is None:
+            return None
+        if len(tags) != len(tokens):
+            return f"{len(tokens)} tokens but {len(tags)} tags"
+        for tag in tags:
+            try:
+                name = self._name(tag)
+            except (ValueError, IndexError):
+                return f"tag {tag!r} is an integer with no name: set data.labels to the tag names in id order"
+            if self.labels is not None and name not in self.labels:
+                return f"unknown label '{name}' (known: {', '.join(self.labels)})"
+        return None
+
+    def infer_labels(self, train_records) -> list[str]:
+        col = self.column("label")
+        seen = {self._name(t) for r in train_records for t in (r.get(col) or [])}
+        # label_all_tokens maps B-X to I-X on continuation pieces, so I-X must exist as a class.
+        seen |= {b_to_i(t) for t in seen}
+        return sorted(seen | {"O"}, key=tag_sort_key)
+
+    def preprocess(self, batch, tokenizer):
+        words_col, tags_col = self.column("text"), self.column("label")
+        enc = tokenizer(batch[words_col], is_split_into_words=True, truncation=True,
+                        max_length=self.specs.data.max_length)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        if tags_col not in batch or batch[tags_col][0] is None:
+            return enc
+        label2id = {t: i for i, t in enumerate(self.labels)}
+        all_labels = []
+        for i, tags in enumerate(batch[tags_col]):
+            previous, row = None, []
+            for word in enc.word_ids(i):
+                if word is None:
+                    row.append(-100)
+                elif word != previous:
+                    row.append(label2id[self._name(tags[word])])
+                else:
+                    row.append(label2id[b_to_i(self._name(tags[word]))] if self.specs.data.label_all_tokens else -100)
+                previous = word
+            all_labels.append(row)
+        enc["labels"] = all_labels
+        return enc
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorForTokenClassification
+        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8)
+
+    def _decode(self, predictions, label_ids):
+        names = self.labels
+        y_true, y_pred = [], []
+        for pred_row, label_row in zip(predictions, label_ids):
+            keep = [(p, t) for p, t in zip(pred_row, label_row) if t != -100]
+            y_true.append([names[t] for _, t in keep])
+            y_pred.append([names[p] for p, _ in keep])
+        return y_true, y_pred
+
+    def compute_metrics(self, eval_pred) -> dict[str, float]:
+        predictions, label_ids = eval_pred.predictions, eval_pred.label_ids
+        return entity_metrics(*self._decode(predictions, label_ids))
+
+    def metric_table(self, metrics):
+        return [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
+
+    def predict(self, model, tokenizer, inputs, batch_size: int = 32):
+        """Each input is raw text or a list of words; returns word tags and entity spans with char offsets."""
+        items = []
+        for x in inputs:
+            if isinstance(x, str):
+                words, spans = split_words(x)
+                text = x
+            else:
+                words, spans, pos = list(x), [], 0
+                for w in words:
+                    spans.append((pos, pos + len(w)))
+                    pos += len(w) + 1
+                text = " ".join(words)
+            items.append((text, words, spans))
+        id2label = {int(k): v for k, v in model.config.id2label.items()}
+
+        def encode(batch):
+            return tokenizer([words or [""] for _, words, _ in batch], is_split_into_words=True, truncation=True,
+                             max_length=self.specs.data.max_length, padding=True, return_tensors="pt")
+
+        results = []
+        for (text, words, spans), (enc, row, logits) in zip(items, run_batches(
+                model, encode, items, batch_size, length=lambda it: len(it[1]))):
+            probs = logits.softmax(-1)
+            tags, scores, previous = ["O"] * len(words), [0.0] * len(words), None
+            for pos, word in enumerate(enc.word_ids(row)):
+                if word is not None and word != previous and word < len(words):
+                    best = int(probs[pos].argmax())
+                    tags[word], scores[word] = id2label[best], float(probs[pos, best])
+                previous = word
+            entities = []
+            for kind, first, last in spans_from_tags(tags):
+                start, end = spans[first][0], spans[last - 1][1]
+                entities.append({"label": kind, "start": start, "end": end, "text": text[start:end],
+                                 "score": sum(scores[first:last]) / (last - first)})
+            results.append({"tokens": words, "tags": tags, "entities": entities})
+        return results
+
+
+def entity_metrics(y_true: list[list[str]], y_pred: list[list[str]]) -> dict[str, float]:
+    """seqeval entity-level precision/recall/F1 (overall and per type) plus token accuracy."""
+    from seqeval.metrics import accuracy_score, classification_report
+
+    report = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
+    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
+    out = {"precision": float(micro["precision"]), "recall": float(micro["recall"]),
+           "f1": float(micro["f1-score"]), "accuracy": float(accuracy_score(y_true, y_pred))}
+    for kind, row in report.items():
+        if kind not in ("micro avg", "macro avg", "weighted avg"):
+            out[f"{kind}_f1"] = float(row["f1-score"])
+            out[f"{kind}_support"] = int(row["support"])
+    return out
