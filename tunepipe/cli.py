@@ -120,7 +120,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _read_inputs(text: str) -> list:
+def _read_inputs(text: str, task) -> list:
     path = Path(text)
     if not (path.suffix in (".jsonl", ".txt") and path.is_file()):
         return [text]
@@ -130,7 +130,7 @@ def _read_inputs(text: str) -> list:
         read_text(path, records, "text")
     else:
         read_jsonl(path, records)
-    return [r.get("tokens") or r.get("text") for r in records.rows]
+    return [task.input_from_record(r) if path.suffix == ".jsonl" else r["text"] for r in records.rows]
 
 
 def cmd_predict(args) -> int:
@@ -152,7 +152,7 @@ def cmd_predict(args) -> int:
             raise TaskTypeError("Cannot tell the model's task", suggestions=["pass --task"])
         pipe = FineTunePipeLine({"task": task, "output_dir": str(model_dir.parent)})
     pipe.load_trained(model_dir)
-    results = pipe.predict(_read_inputs(args.input), batch_size=args.batch_size)
+    results = pipe.predict(_read_inputs(args.input, pipe.task), batch_size=args.batch_size)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         for r in results:
@@ -165,12 +165,13 @@ def cmd_predict(args) -> int:
 
 def cmd_tasks(args) -> int:
     import yaml
-    from .tasks import PLANNED, get_task, task_names
+    from .tasks import get_task, planned_task_names, task_names
     for name in task_names():
         cls = get_task(name)
         print(f"{name}  ({cls.description})")
         print("  " + yaml.safe_dump(cls.default_specs(), sort_keys=False).replace("\n", "\n  ").rstrip())
-    print(f"planned, not in this version: {', '.join(PLANNED)}")
+    if planned_task_names():
+        print(f"planned, not in this version: {', '.join(planned_task_names())}")
     return 0
 
 

@@ -40,12 +40,15 @@ def resolve_model_path(name: str | None) -> str | None:
 
 
 def task_from_model_dir(path: str | Path) -> str | None:
-    """Guess the task of a saved model from its config's architecture name."""
+    """The task of a saved model: tunepipe records it in config.json; else guess from the architecture."""
     import json
     config = Path(path) / "config.json"
     if not config.is_file():
         return None
-    for arch in json.loads(config.read_text()).get("architectures") or []:
+    data = json.loads(config.read_text())
+    if data.get("tunepipe_task"):
+        return data["tunepipe_task"]
+    for arch in data.get("architectures") or []:
         for suffix, task in ARCHITECTURE_TASKS.items():
             if arch.endswith(suffix):
                 return task

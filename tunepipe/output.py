@@ -57,10 +57,9 @@ def write_json(path: Path, data: Any) -> None:
     atomic_text(path, json.dumps(data, indent=2, sort_keys=False, default=float) + "\n")
 
 
-def model_card(specs, metrics: dict[str, Any], base_model: str, n_train: int) -> str:
+def model_card(specs, task_obj, metrics: dict[str, Any], base_model: str, n_train: int) -> str:
     task = specs.task
-    auto_cls = {"token_classification": "AutoModelForTokenClassification",
-                "text_classification": "AutoModelForSequenceClassification"}.get(task, "AutoModel")
+    auto_cls = task_obj.auto_model_class
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in (metrics.get("validation") or {}).items() if not k.endswith("_support"))
     train_src = specs.to_dict()["data"]["train"]

@@ -147,13 +147,13 @@ class FineTunePipeLine:
         self.evaluate()
         return self.model, self.tokenizer
 
-    def predict(self, inputs, batch_size: int = 32) -> list[dict[str, Any]] | dict[str, Any]:
+    def predict(self, inputs, batch_size: int = 32, **kwargs) -> list[dict[str, Any]] | dict[str, Any]:
         """Task post-processed predictions for one input or a list (the trained model, or output_dir/model)."""
         single = isinstance(inputs, str)  # a list is always a batch (pre-split words: a list of lists)
         items = [inputs] if single else list(inputs)
         if self.model is None:
             self.load_trained()
-        results = self.task.predict(self.model, self.tokenizer, items, batch_size=batch_size)
+        results = self.task.predict(self.model, self.tokenizer, items, batch_size=batch_size, **kwargs)
         return results[0] if single else results
 
     def load_trained(self, model_dir: str | Path | None = None):
@@ -167,7 +167,7 @@ class FineTunePipeLine:
         auto_cls = getattr(transformers, self.task.auto_model_class)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         self.model = auto_cls.from_pretrained(path)
-        self.task.labels = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
+        self.task.on_model_loaded(self.model)
         return self.model, self.tokenizer
 
     # ---- output ------------------------------------------------------------------------------------------
@@ -176,6 +176,7 @@ class FineTunePipeLine:
         target = self.output_dir / "model"
 
         def write(tmp: Path) -> None:
+            self.model.config.tunepipe_task = self.task.name  # lets `tunepipe predict` find the task
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
 
@@ -188,7 +189,7 @@ class FineTunePipeLine:
         from .output import atomic_text, model_card
         n_train = len(self.datasets["train"]) if "train" in self.datasets else 0
         base = self.specs.model.name_or_path or f"from_config({(self.specs.model.from_config or {}).get('model_type')})"
-        atomic_text(self.output_dir / "README.md", model_card(self.specs, self.metrics, base, n_train))
+        atomic_text(self.output_dir / "README.md", model_card(self.specs, self.task, self.metrics, base, n_train))
 
 
 def run_from_specs(source, overrides: Sequence[str] | None = None) -> FineTunePipeLine:

@@ -28,6 +28,7 @@ class Task:
     description: ClassVar[str] = ""
     auto_model_class: ClassVar[str]
     generative: ClassVar[bool] = False  # True: backends evaluate with generate() (Seq2Seq trainer)
+    uses_labels: ClassVar[bool] = False  # True: a label set is inferred from data and stored in the model config
     defaults: ClassVar[dict[str, Any]] = {}
     example_data: ClassVar[dict[str, Any]] = {}
 
@@ -61,6 +62,16 @@ class Task:
     def infer_labels(self, train_records: Sequence[dict[str, Any]]) -> list[str] | None:
         return None
 
+    def input_from_record(self, record: dict[str, Any]) -> Any:
+        """What ``predict`` takes, from one record of an input file (jsonl)."""
+        return record.get(self.column("text"))
+
+    def on_model_loaded(self, model) -> None:
+        """A saved model was loaded for prediction/evaluation: adopt its label set."""
+        id2label = getattr(model.config, "id2label", None)
+        if self.uses_labels and id2label:
+            self.labels = [id2label[i] for i in range(len(id2label))]
+
     def preprocess(self, batch: dict[str, list], tokenizer) -> dict[str, list]:
         raise NotImplementedError
 
@@ -89,7 +100,7 @@ class Task:
         return [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
 
     # ---- inference ---------------------------------------------------------------------------------------
-    def predict(self, model, tokenizer, inputs: Sequence[Any], batch_size: int = 32) -> list[dict[str, Any]]:
+    def predict(self, model, tokenizer, inputs: Sequence[Any], batch_size: int = 32, **kwargs) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def label_error(self, label: Any, split: str) -> ValidationError:

@@ -12,6 +12,7 @@ class TextClassificationTask(Task):
     name = "text_classification"
     aliases = ("classification",)
     description = "Label a text or a text pair (sentiment, topic, NLI); single- or multi-label"
+    uses_labels = True
     auto_model_class = "AutoModelForSequenceClassification"
     defaults = {
         "data": {"text_column": "text", "label_column": "label", "max_length": 256},

@@ -37,6 +37,7 @@ class TokenClassificationTask(Task):
     name = "token_classification"
     aliases = ("ner",)
     description = "Tag each word (NER, POS): CoNLL columns or records with tokens + tags; seqeval entity F1"
+    uses_labels = True
     auto_model_class = "AutoModelForTokenClassification"
     defaults = {
         "data": {"text_column": "tokens", "label_column": "ner_tags", "max_length": 256},
