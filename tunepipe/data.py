@@ -301,9 +301,12 @@ class DatasetModules:
                 continue
             with ErrorHandler.guard(f"building the {split} dataset"):
                 ds = datasets.Dataset.from_list(records.rows)
+            fn = self.task.preprocess if split == "train" else self.task.preprocess_eval
             with ErrorHandler.guard(f"tokenizing the {split} data"):
-                prepared[split] = ds.map(self.task.preprocess, batched=True, fn_kwargs={"tokenizer": tokenizer},
+                prepared[split] = ds.map(fn, batched=True, fn_kwargs={"tokenizer": tokenizer},
                                          remove_columns=ds.column_names, desc=f"tokenizing {split}")
+            if split != "train":
+                self.task.bind_eval_data(split, records.rows, prepared[split])
         return prepared
 
 

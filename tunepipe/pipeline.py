@@ -130,8 +130,10 @@ class FineTunePipeLine:
             ds = self.datasets.get(split)
             if ds is None or "labels" not in ds.column_names:
                 continue
+            self.task.eval_split = split
             with ErrorHandler.guard(f"evaluating on {split}"):
                 self.metrics[split] = self.trainer.run_evaluation(ds, split=split)
+            self.task.eval_split = "validation"
         if getattr(self, "train_result", None) is not None:
             self.metrics["train"] = self.train_result.train_metrics
         if self.trainer.is_main_process:

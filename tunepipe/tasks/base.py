@@ -35,6 +35,8 @@ class Task:
     def __init__(self, specs):
         self.specs = specs
         self.labels: list[str] | None = specs.data.labels
+        self.eval_data: dict[str, Any] = {}
+        self.eval_split = "validation"
 
     # ---- specs -------------------------------------------------------------------------------------------
     @classmethod
@@ -74,6 +76,19 @@ class Task:
 
     def preprocess(self, batch: dict[str, list], tokenizer) -> dict[str, list]:
         raise NotImplementedError
+
+    def preprocess_eval(self, batch: dict[str, list], tokenizer) -> dict[str, list]:
+        """Tokenize validation/test data; override when evaluation needs extra columns (QA offsets)."""
+        return self.preprocess(batch, tokenizer)
+
+    def bind_eval_data(self, split: str, records: list[dict[str, Any]], features) -> None:
+        """Called once per validation/test split after tokenizing, for tasks whose metrics map features back to
+        examples (QA). ``self.eval_split`` names the split being evaluated when compute_metrics runs."""
+        self.eval_data[split] = (records, features)
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Settings for model.generate() in evaluation/prediction of generative tasks (from specs.generation)."""
+        return self.specs.generation.model_dump() if self.generative else {}
 
     def collator(self, tokenizer) -> Callable:
         from transformers import DataCollatorWithPadding

@@ -79,6 +79,6 @@ class NLPSeq2SeqTrainer(_TaskTrainerMixin, Seq2SeqTrainer):
         return None  # generated ids are already reduced
 
     def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:
-        gen = self.specs.generation.model_dump()
+        gen = self.task.generation_kwargs()
         metrics = self.evaluate(eval_dataset=dataset, metric_key_prefix=split, **gen)
         return strip_prefix(metrics, f"{split}_")
