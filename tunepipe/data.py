@@ -85,6 +85,8 @@ def read_json(path: Path, out: Records) -> None:
         return read_jsonl(path, out)  # many .json files are JSON Lines
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
+    if isinstance(data, list) and data and all(isinstance(a, dict) and "paragraphs" in a for a in data):
+        data = list(_flatten_squad(data))
     if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
         keys = list(data)
         data = [dict(zip(keys, values)) for values in zip(*data.values())]
@@ -95,6 +97,22 @@ def read_json(path: Path, out: Records) -> None:
         if not isinstance(row, dict):
             raise DatasetLoadError(f"Record {i} is not an object", file=str(path), line=i)
         out.add(row, (str(path), i))
+
+
+def _flatten_squad(articles: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The official SQuAD JSON nests questions in paragraphs in articles: one record per question, in the
+    Hugging Face `squad` layout (answers as {text: [...], answer_start: [...]})."""
+    for article in articles:
+        for paragraph in article.get("paragraphs") or []:
+            for qa in paragraph.get("qas") or []:
+                answers = [a for a in qa.get("answers") or [] if isinstance(a, dict)]
+                row = {"id": qa.get("id"), "title": article.get("title", ""), "context": paragraph.get("context"),
+                       "question": qa.get("question"),
+                       "answers": {"text": [a.get("text") for a in answers],
+                                   "answer_start": [a.get("answer_start") for a in answers]}}
+                if "is_impossible" in qa:
+                    row["is_impossible"] = qa["is_impossible"]
+                yield row
 
 
 def read_delimited(path: Path, out: Records, delimiter: str) -> None:

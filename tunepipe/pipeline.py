@@ -128,7 +128,7 @@ class FineTunePipeLine:
             self.setup()
         for split in splits:
             ds = self.datasets.get(split)
-            if ds is None or "labels" not in ds.column_names:
+            if ds is None or not self.task.can_evaluate(ds):
                 continue
             self.task.eval_split = split
             with ErrorHandler.guard(f"evaluating on {split}"):
@@ -151,7 +151,8 @@ class FineTunePipeLine:
 
     def predict(self, inputs, batch_size: int = 32, **kwargs) -> list[dict[str, Any]] | dict[str, Any]:
         """Task post-processed predictions for one input or a list (the trained model, or output_dir/model)."""
-        single = isinstance(inputs, str)  # a list is always a batch (pre-split words: a list of lists)
+        # a list is always a batch (pre-split words: a list of lists); a dict is one record (QA: question+context)
+        single = isinstance(inputs, (str, dict))
         items = [inputs] if single else list(inputs)
         if self.model is None:
             self.load_trained()

@@ -61,6 +61,12 @@ class DataSpec(_Section):
     validation_split: float | None = Field(None, gt=0, lt=1, description="carve validation out of train")
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
+    # extractive question answering (the names of transformers' run_qa.py)
+    version_2_with_negative: bool = Field(False, description="QA: SQuAD v2.0, some questions have no answer")
+    null_score_diff_threshold: float = Field(0.0, description="QA v2: answer nothing when null score - best span "
+                                                               "score exceeds this")
+    n_best_size: int | None = Field(None, gt=0, description="QA: start/end candidates kept per window")
+    max_answer_length: int | None = Field(None, gt=0, description="QA: longest answer, in tokens")
 
 
 class TrainingSpec(BaseModel):

@@ -29,6 +29,9 @@ class Task:
     auto_model_class: ClassVar[str]
     generative: ClassVar[bool] = False  # True: backends evaluate with generate() (Seq2Seq trainer)
     uses_labels: ClassVar[bool] = False  # True: a label set is inferred from data and stored in the model config
+    # True: compute_metrics maps predictions back to features by position (QA), so evaluation batches must keep
+    # the dataset order (transformers 5 otherwise length-groups and shuffles them under group_by_length).
+    ordered_eval: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     example_data: ClassVar[dict[str, Any]] = {}
 
@@ -80,6 +83,10 @@ class Task:
     def preprocess_eval(self, batch: dict[str, list], tokenizer) -> dict[str, list]:
         """Tokenize validation/test data; override when evaluation needs extra columns (QA offsets)."""
         return self.preprocess(batch, tokenizer)
+
+    def can_evaluate(self, dataset) -> bool:
+        """Whether a tokenized validation/test split carries what compute_metrics needs (else it is skipped)."""
+        return "labels" in dataset.column_names
 
     def bind_eval_data(self, split: str, records: list[dict[str, Any]], features) -> None:
         """Called once per validation/test split after tokenizing, for tasks whose metrics map features back to

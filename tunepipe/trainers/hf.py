@@ -43,6 +43,14 @@ class _TaskTrainerMixin:
     def logits_reducer(self, task):
         return task.preprocess_logits_for_metrics
 
+    def _get_eval_sampler(self, eval_dataset):
+        # transformers 5 length-groups (and shuffles) evaluation under group_by_length; tasks whose metrics map
+        # predictions back to features by position (Task.ordered_eval) need the dataset order.
+        if getattr(self.task, "ordered_eval", False) and eval_dataset is not None:
+            from torch.utils.data import SequentialSampler
+            return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+        return super()._get_eval_sampler(eval_dataset)
+
     # The backend contract used by FineTunePipeLine.
     def run_training(self) -> TrainResult:
         output = self.train(resume_from_checkpoint=self.specs.training.resume_from_checkpoint)
