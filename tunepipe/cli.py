@@ -112,9 +112,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     pipe = _pipeline(args)
-    pipe.setup()
-    pipe.load_trained(args.model)
-    pipe.trainer.model = pipe.model.to(pipe.trainer.args.device)
+    pipe.setup(trained_dir=args.model or pipe.output_dir / "model")
     pipe.evaluate()
     _print_metrics(pipe)
     return 0

@@ -90,8 +90,9 @@ class FineTunePipeLine:
             raise ConfigError("quantized loading is not available in this version yet", field="quantization",
                               suggestions=["remove the quantization section"])
 
-    def setup(self) -> "FineTunePipeLine":
-        """Steps 1-4: data (validated first), tokenizer, model, tokenized datasets, trainer."""
+    def setup(self, trained_dir: str | Path | None = None) -> "FineTunePipeLine":
+        """Steps 1-4: data (validated first), tokenizer, model, tokenized datasets, trainer.
+        With ``trained_dir`` the model and tokenizer come from a finished run (for evaluation)."""
         from .data import DatasetModules
         from .models import ModelModules, TokenizerModules
         from .output import ensure_writable
@@ -102,11 +103,14 @@ class FineTunePipeLine:
         self.data = DatasetModules(self.specs, self.task)
         self.data.load()
         ensure_writable(self.output_dir)
-        self.tokenizer = TokenizerModules(self.specs).load(self.task)
         with ErrorHandler.guard("setting the seed"):
             from transformers import set_seed
             set_seed(self.specs.training.seed)
-        self.model = ModelModules(self.specs).load(self.task, self.tokenizer)
+        if trained_dir is not None:
+            self.load_trained(trained_dir)
+        else:
+            self.tokenizer = TokenizerModules(self.specs).load(self.task)
+            self.model = ModelModules(self.specs).load(self.task, self.tokenizer)
         self.datasets = self.data.prepare(self.tokenizer)
         self.trainer = trainer_cls(self.task, self.specs, self.model, self.tokenizer, self.datasets, self.output_dir)
         return self
