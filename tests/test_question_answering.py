@@ -457,3 +457,18 @@ def test_cli_v2_train_predict_with_nested_official_json(tmp_path, tiny_specs):
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     task = QuestionAnsweringTask(load_specs(out / "specs.yaml"))
     _same_predictions(task.predict(model, tokenizer, inputs), cli_preds)
+
+
+def test_example_yaml_tasks_listing_and_init(tmp_path, capsys):
+    from pathlib import Path
+    from tunepipe.cli import main
+    example = load_specs(Path(__file__).resolve().parents[1] / "examples" / "question_answering.yaml")
+    assert example.task == "question_answering" and example.data.max_length == 384 and example.data.stride == 128
+    assert main(["tasks"]) == 0
+    listing = capsys.readouterr().out
+    assert "question_answering" in listing and "max_answer_length: 30" in listing
+    target = tmp_path / "qa.yaml"
+    assert main(["init", "qa", "-o", str(target)]) == 0
+    specs = load_specs(target)
+    assert specs.task == "question_answering" and specs.data.text_pair_column == "context"
+    assert specs.data.n_best_size == 20 and specs.training.metric_for_best_model == "f1"

@@ -77,6 +77,8 @@ class TokenizerModules:
 
     def source(self) -> str:
         name = self.specs.tokenizer.name_or_path or self.specs.model.name_or_path
+        if name is None and self.specs.model.encoder_decoder:
+            name = encoder_decoder_sides(self.specs.model.encoder_decoder)[0]  # the encoder reads the source text
         if name is None:
             raise ConfigError("No tokenizer: a model built from_config needs tokenizer.name_or_path",
                               field="tokenizer.name_or_path",
@@ -110,9 +112,18 @@ class ModelModules:
         self.specs = specs
 
     def load(self, task, tokenizer=None):
+        model = self._load(task, tokenizer)
+        configure = getattr(task, "configure_model", None)  # settings the saved model must carry (generation)
+        if configure is not None:
+            configure(model, tokenizer)
+        return model
+
+    def _load(self, task, tokenizer=None):
         import transformers
         auto_cls = getattr(transformers, task.auto_model_class)
         spec = self.specs.model
+        if spec.encoder_decoder:
+            return self._encoder_decoder(task, tokenizer)
         if spec.from_config:
             return self._from_config(auto_cls, task, tokenizer)
         if not spec.name_or_path:
@@ -150,3 +161,42 @@ class ModelModules:
             raise ConfigError(f"Cannot build a '{model_type}' model from model.from_config: "
                               f"{str(e).splitlines()[0]}", field="model.from_config",
                               suggestions=["check the config keys against the transformers *Config class"]) from None
+
+    def _encoder_decoder(self, task, tokenizer):
+        """A seq2seq model warm-started from pretrained encoders (bert2bert): cross-attention is new, the rest is
+        pretrained. The decoder starts from [CLS] (or <s>) and stops at [SEP] (or </s>), as the tokenizer marks text."""
+        if not task.generative:
+            raise TaskTypeError(f"model.encoder_decoder builds a sequence-to-sequence model; task '{task.name}' "
+                                "is not one", field="model.encoder_decoder",
+                                suggestions=["use model.name_or_path for this task",
+                                             "or task: translation / summarization / text_generation"])
+        import transformers
+        encoder, decoder = (resolve_model_path(p) for p in encoder_decoder_sides(self.specs.model.encoder_decoder))
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the expected "cross-attention newly initialised" table
+        try:
+            model = transformers.EncoderDecoderModel.from_encoder_decoder_pretrained(encoder, decoder)
+        except Exception as e:  # noqa: BLE001
+            raise _load_error(e, f"{encoder} + {decoder}", "encoder-decoder") from None
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        if tokenizer is not None:
+            start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+            end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+            for target in (model.config, model.generation_config):
+                target.decoder_start_token_id = start
+                target.eos_token_id = end
+                target.pad_token_id = tokenizer.pad_token_id
+        return model
+
+
+def encoder_decoder_sides(value) -> tuple[str, str]:
+    """``model.encoder_decoder`` as (encoder, decoder): one name for both sides, or {encoder: .., decoder: ..}."""
+    if isinstance(value, str):
+        return value, value
+    unknown = set(value) - {"encoder", "decoder"}
+    if unknown or "encoder" not in value:
+        raise ConfigError(f"model.encoder_decoder takes 'encoder' and 'decoder', got {sorted(value)}",
+                          field="model.encoder_decoder", suggestions=["e.g. encoder_decoder: minilm",
+                                                                      "or {encoder: minilm, decoder: minilm}"])
+    return value["encoder"], value.get("decoder", value["encoder"])

@@ -30,6 +30,9 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     name_or_path: str | None = Field(None, description="local directory, hub id, or 'minilm' (the bundled encoder)")
     from_config: dict[str, Any] | None = Field(None, description="build a fresh model: {model_type: bert, ...}")
+    encoder_decoder: str | dict[str, str] | None = Field(
+        None, description="seq2seq warm-started from pretrained encoders: 'minilm' (both sides) or "
+                          "{encoder: ..., decoder: ...}")
     revision: str | None = None
     trust_remote_code: bool = False
 
@@ -67,6 +70,17 @@ class DataSpec(_Section):
                                                                "score exceeds this")
     n_best_size: int | None = Field(None, gt=0, description="QA: start/end candidates kept per window")
     max_answer_length: int | None = Field(None, gt=0, description="QA: longest answer, in tokens")
+    # sequence to sequence (the names of transformers' run_translation.py / run_summarization.py)
+    source_column: str | None = Field(None, description="seq2seq: input text column")
+    target_column: str | None = Field(None, description="seq2seq: output text column")
+    references_column: str | None = Field(None, description="seq2seq: optional list of reference texts per "
+                                                             "record, all used by BLEU/ROUGE")
+    source_lang: str | None = Field(None, description="translation: source key in a {'translation': {lang: text}} "
+                                                      "record (or a column of that name)")
+    target_lang: str | None = Field(None, description="translation: target key, like source_lang")
+    source_prefix: str | None = Field(None, description="seq2seq: text put before every source (T5 style)")
+    max_target_length: int | None = Field(None, gt=0, description="seq2seq: target tokens kept for training")
+
 
 
 class TrainingSpec(BaseModel):
@@ -137,6 +151,11 @@ class GenerationSpec(_Section):
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     do_sample: bool = False
+    min_new_tokens: int | None = Field(None, ge=0)
+    early_stopping: bool | None = Field(None, description="beam search: stop when num_beams candidates are done")
+    temperature: float | None = Field(None, gt=0, description="sampling only")
+    top_k: int | None = Field(None, ge=0, description="sampling only")
+    top_p: float | None = Field(None, gt=0, le=1, description="sampling only")
 
 
 class Specs(_Section):

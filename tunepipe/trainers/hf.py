@@ -86,7 +86,18 @@ class NLPSeq2SeqTrainer(_TaskTrainerMixin, Seq2SeqTrainer):
     def logits_reducer(self, task):
         return None  # generated ids are already reduced
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        # The evaluations Trainer runs during training call evaluate() without generation arguments, and
+        # Seq2SeqTrainer would then generate with the model's generation_config (20 tokens by default).
+        gen_kwargs = {**self.task.generation_kwargs(), **gen_kwargs}
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                                **gen_kwargs)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test", **gen_kwargs):
+        gen_kwargs = {**self.task.generation_kwargs(), **gen_kwargs}
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                               **gen_kwargs)
+
     def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:
-        gen = self.task.generation_kwargs()
-        metrics = self.evaluate(eval_dataset=dataset, metric_key_prefix=split, **gen)
+        metrics = self.evaluate(eval_dataset=dataset, metric_key_prefix=split)
         return strip_prefix(metrics, f"{split}_")
