@@ -158,6 +158,24 @@ class GenerationSpec(_Section):
     top_p: float | None = Field(None, gt=0, le=1, description="sampling only")
 
 
+class DistributedSpec(_Section):
+    """Multi-process settings, passed to each engine's own machinery (see docs/backends.md). The HF and Accelerate
+    backends take the process count from their launcher (torchrun / accelerate launch); Lightning launches its own
+    processes from ``devices`` / ``num_nodes`` / ``strategy``."""
+
+    strategy: str = Field("auto", description="Lightning strategy: auto | ddp | ddp_spawn | fsdp | deepspeed")
+    devices: int | str | list[int] = Field("auto", description="Lightning: devices (processes) per machine")
+    num_nodes: int = Field(1, gt=0, description="Lightning: number of machines")
+    accelerator: str = Field("auto", description="Lightning: auto | cpu | gpu")
+    process_group_backend: str | None = Field(None, description="gloo (CPU) | nccl (CUDA); default: the engine's")
+    find_unused_parameters: bool = Field(False, description="DDP: parameters without gradients in some steps")
+    deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed JSON config (path or mapping), "
+                                                                     "given to every engine as is")
+    fsdp: dict[str, Any] | None = Field(None, description="FSDP settings in the engine's own names "
+                                                          "(TrainingArguments fsdp/fsdp_config, Accelerate "
+                                                          "FullyShardedDataParallelPlugin, Lightning FSDPStrategy)")
+
+
 class Specs(_Section):
     task: str
     output_dir: str = "runs/tunepipe"
@@ -169,6 +187,7 @@ class Specs(_Section):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     backend: Literal[BACKENDS] = "hf"  # type: ignore[valid-type]
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,7 +216,7 @@ def _data_for_dump(data: DataSpec) -> dict[str, Any]:
 
 SECTIONS = {"model": ModelSpec, "tokenizer": TokenizerSpec, "data": DataSpec, "training": TrainingSpec,
             "peft": PeftSpec, "quantization": QuantizationSpec, "tracking": TrackingSpec,
-            "generation": GenerationSpec}
+            "generation": GenerationSpec, "distributed": DistributedSpec}
 
 # Flat keys of the original design -> (section, key). Values may need translating (see _apply_legacy).
 LEGACY_KEYS: dict[str, tuple[str, str]] = {

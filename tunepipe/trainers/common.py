@@ -62,6 +62,20 @@ def training_arguments(specs, output_dir: Path, has_eval: bool, cls=None, **extr
     """TrainingArguments (or a subclass) from specs.training, with tunepipe's safe defaults applied."""
     from transformers import TrainingArguments
     cls = cls or TrainingArguments
+    values = training_values(specs, has_eval, cls)
+    values.update(extra)
+    try:
+        return cls(output_dir=str(output_dir), **values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"transformers rejected the training settings: {str(e).splitlines()[0]}",
+                          field="training", suggestions=["check the training section against TrainingArguments"]) from None
+
+
+def training_values(specs, has_eval: bool, cls=None) -> dict[str, Any]:
+    """specs.training as TrainingArguments keyword values, with tunepipe's rules (precision, eval/save coupling,
+    distributed pass-through) applied. Shared by every backend so they read the same settings."""
+    from transformers import TrainingArguments
+    cls = cls or TrainingArguments
     values = specs.training.model_dump()
     for key in NOT_TRAINING_ARGUMENTS:
         values.pop(key, None)
@@ -76,12 +90,12 @@ def training_arguments(specs, output_dir: Path, has_eval: bool, cls=None, **extr
         values["save_strategy"] = values["eval_strategy"]
     values.setdefault("report_to", "none")
     values.setdefault("push_to_hub", False)
-    values.update(extra)
-    try:
-        return cls(output_dir=str(output_dir), **values)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"transformers rejected the training settings: {str(e).splitlines()[0]}",
-                          field="training", suggestions=["check the training section against TrainingArguments"]) from None
+    distributed = getattr(specs, "distributed", None)
+    if distributed is not None:
+        from .distributed import hf_training_values
+        for key, value in hf_training_values(distributed).items():
+            values.setdefault(key, value)
+    return values
 
 
 def _has_gpu() -> bool:
@@ -119,3 +133,474 @@ class JsonlLogWriter:
 
 def strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in metrics.items()}
+
+
+# ---- settings shared by the hand-written loops (Accelerate, Lightning) -------------------------------------------
+class TrainingSettings:
+    """TrainingArguments' values (its defaults + specs.training) without building TrainingArguments, whose
+    constructor sets up torch.distributed and would fight Lightning's launcher. The transformers helpers that read
+    ``args`` (optimizer choice, warmup, DefaultFlowCallback, ProgressCallback) accept this object unchanged."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.__dict__.update(values)
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        from transformers import TrainingArguments
+        return TrainingArguments.get_warmup_steps(self, num_training_steps)
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.per_device_train_batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_") and k != "device"}
+
+
+def training_settings(specs, output_dir: Path, has_eval: bool) -> TrainingSettings:
+    import dataclasses
+
+    from transformers import TrainingArguments
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainingArguments):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            values[f.name] = f.default_factory()  # type: ignore[misc]
+    values.update(training_values(specs, has_eval))
+    values["output_dir"] = str(output_dir)
+    # the normalisations TrainingArguments.__post_init__ would make
+    for key in ("eval_strategy", "save_strategy", "logging_strategy", "lr_scheduler_type", "optim"):
+        values[key] = str(getattr(values[key], "value", values[key]))
+    if values["eval_strategy"] == "steps" and not values.get("eval_steps"):
+        values["eval_steps"] = values["logging_steps"]
+    if values.get("load_best_model_at_end") and values.get("metric_for_best_model") is None:
+        values["metric_for_best_model"] = "loss"
+    if values.get("greater_is_better") is None and values.get("metric_for_best_model"):
+        values["greater_is_better"] = not values["metric_for_best_model"].endswith("loss")
+    values["lr_scheduler_kwargs"] = values.get("lr_scheduler_kwargs") or {}
+    values.setdefault("process_index", 0)
+    values.setdefault("world_size", 1)
+    values["device"] = None
+    return TrainingSettings(values)
+
+
+# ---- optimizer and scheduler: one factory for every backend ------------------------------------------------------
+def decay_parameter_names(model) -> list[str]:
+    """Same rule as transformers' Trainer: no weight decay on biases and norm layers."""
+    from torch import nn
+    from transformers.trainer_pt_utils import get_parameter_names
+    forbidden = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    return get_parameter_names(model, [nn.LayerNorm], forbidden)
+
+
+def create_optimizer(model, args):
+    """The Trainer's optimizer for ``args.optim`` (fused AdamW by default on torch >= 2.8) with its weight-decay
+    parameter groups; transformers' own selection code, so every backend steps identically."""
+    from transformers import Trainer
+    decay = set(decay_parameter_names(model))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if n in decay], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if kwargs.get("fused"):
+        kwargs = {**kwargs, "fused": fused_adamw_supported(params)}
+    return optimizer_cls(groups, **kwargs)
+
+
+def fused_adamw_supported(named_params) -> bool:
+    import torch
+    devices = {p.device.type for _, p in named_params}
+    dtypes = {p.dtype for _, p in named_params}
+    return devices <= {"cpu", "cuda", "xpu", "mps"} and dtypes <= {torch.float32, torch.float16, torch.bfloat16}
+
+
+def create_scheduler(optimizer, args, num_training_steps: int):
+    from transformers import get_scheduler
+    return get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
+                         num_warmup_steps=args.get_warmup_steps(num_training_steps),
+                         num_training_steps=num_training_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+
+
+def prepare_model_for_training(model, args) -> None:
+    """Activation checkpointing as the Trainer enables it (non-reentrant: works with LoRA)."""
+    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
+        kwargs = dict(getattr(args, "activation_checkpointing_kwargs", None)
+                      or getattr(args, "gradient_checkpointing_kwargs", None) or {"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+
+# ---- data: the Trainer's sampling, column filtering and schedule -------------------------------------------------
+class EpochSeededLengthGroupedSampler:
+    """transformers' LengthGroupedSampler, re-seeded with ``seed + epoch`` at every pass. The Trainer's training
+    sampler draws from the global RNG instead; this gives the same first epoch and, unlike the global RNG (which
+    dropout advances differently on each rank), the same permutation on every rank in every epoch."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+        self.seed, self.epoch = seed, 0
+        self.sampler = LengthGroupedSampler(batch_size, lengths=lengths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        import torch
+        self.sampler.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from self.sampler
+        self.epoch += 1
+
+
+def train_sampler(dataset, args, tokenizer=None):
+    """Sampler per ``training.train_sampling_strategy`` (group_by_length | random | sequential), seeded from
+    ``data_seed`` or ``seed`` like the Trainer's. Iterated identically on every rank; sharding happens after."""
+    from accelerate.data_loader import SeedableRandomSampler
+    from torch.utils.data import SequentialSampler
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    strategy = args.train_sampling_strategy
+    if strategy == "sequential":
+        return SequentialSampler(dataset)
+    if strategy == "group_by_length":
+        column = args.length_column_name
+        if column in dataset.column_names:
+            lengths = list(dataset[column])
+        else:
+            name = tokenizer.model_input_names[0] if tokenizer is not None else "input_ids"
+            lengths = [len(x) for x in dataset[name]]
+        return EpochSeededLengthGroupedSampler(args.train_batch_size * args.gradient_accumulation_steps, lengths, seed)
+    if strategy not in ("random",):
+        import warnings
+        warnings.warn(f"train_sampling_strategy '{strategy}' is not supported by this backend: random is used",
+                      stacklevel=2)
+    return SeedableRandomSampler(data_source=dataset, data_seed=seed)
+
+
+def eval_order(dataset) -> list[int]:
+    """Longest first (less padding, early OOM), stable; predictions are put back in dataset order afterwards."""
+    if "length" in dataset.column_names:
+        lengths = dataset["length"]
+        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return list(range(len(dataset)))
+
+
+def model_columns(model) -> list[str]:
+    """Columns the model's forward accepts (the Trainer drops the others, e.g. ``length``)."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = list(inspect.signature(base.forward).parameters)
+    return names + ["label", "label_ids"] + label_names(model)
+
+
+def keep_model_columns(dataset, model):
+    keep = set(model_columns(model))
+    unused = [c for c in dataset.column_names if c not in keep]
+    return dataset.remove_columns(unused) if unused else dataset
+
+
+def label_names(model) -> list[str]:
+    from transformers.utils import find_labels
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return find_labels(base.__class__)
+
+
+class DictCollator:
+    """The task's collator, returning a plain dict (Lightning rebuilds Mapping types when moving batches)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        return dict(self.collator(features))
+
+
+@dataclass
+class Schedule:
+    max_steps: int
+    num_epochs: int
+    steps_in_epoch: int  # batches per epoch on one rank
+    updates_per_epoch: int
+
+
+def training_schedule(batches_per_epoch: int, args) -> Schedule:
+    """Optimizer steps and epochs exactly as transformers' Trainer derives them (set_initial_training_values)."""
+    import math
+    ga = args.gradient_accumulation_steps
+    updates = max(batches_per_epoch // ga + int(batches_per_epoch % ga > 0), 1)
+    if args.max_steps > 0:
+        max_steps = args.max_steps
+        epochs = max_steps // updates + int(max_steps % updates > 0)
+    else:
+        max_steps = math.ceil(args.num_train_epochs * updates)
+        epochs = math.ceil(args.num_train_epochs)
+    return Schedule(max_steps, epochs, batches_per_epoch, updates)
+
+
+class FlopCounter:
+    """The Trainer's estimate: 6 x input tokens x non-embedding parameters per forward+backward."""
+
+    def __init__(self, model):
+        self.name = getattr(model, "main_input_name", "input_ids")
+        self.params = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else 0
+        self.total = 0.0
+
+    def add(self, batch: dict[str, Any]) -> None:
+        if self.name in batch:
+            self.total += 6 * batch[self.name].numel() * self.params
+
+
+# ---- evaluation: per-batch reduction, Trainer-style padding/concatenation ----------------------------------------
+def prediction_step(model, batch: dict[str, Any], task, names: list[str], generator=None):
+    """(loss, predictions, labels) of one evaluation batch. Predictions are reduced per batch
+    (``task.preprocess_logits_for_metrics``, tuples allowed) or, for generative tasks, the ids from
+    ``generate(**task.generation_kwargs())``."""
+    import torch
+    has_labels = bool(names) and all(batch.get(k) is not None for k in names)
+    labels = None
+    if has_labels:
+        labels = tuple(batch[k] for k in names)
+        labels = labels[0] if len(labels) == 1 else labels
+    with torch.no_grad():
+        outputs = model(**batch)
+        loss = outputs["loss"].detach().float() if has_labels and "loss" in outputs else None
+        if task.generative:
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+            preds = (generator or model).generate(**inputs, **task.generation_kwargs())
+        else:
+            config = getattr(generator or model, "config", None)
+            ignore = set(getattr(config, "keys_to_ignore_at_inference", []) or []) | {"loss"}
+            logits = tuple(v for k, v in outputs.items() if k not in ignore)
+            logits = logits[0] if len(logits) == 1 else logits
+            preds = task.preprocess_logits_for_metrics(logits, labels)
+    return loss, preds, labels
+
+
+class EvalCollector:
+    """Collects per-batch (loss, predictions, labels) like the Trainer's evaluation loop: nested tuples padded and
+    concatenated (predictions with ``pred_pad``, labels with -100), then ``task.compute_metrics``."""
+
+    def __init__(self, pred_pad: int = -100):
+        from transformers.trainer_pt_utils import EvalLoopContainer
+        self.losses = EvalLoopContainer(padding_index=-100)
+        self.preds = EvalLoopContainer(padding_index=pred_pad)
+        self.labels = EvalLoopContainer(padding_index=-100)
+
+    def add(self, losses=None, preds=None, labels=None) -> None:
+        """``losses``: one value per example (the batch loss repeated, as the Trainer does)."""
+        if losses is not None:
+            self.losses.add(losses)
+        if preds is not None:
+            self.preds.add(preds)
+        if labels is not None:
+            self.labels.add(labels)
+        for c in (self.losses, self.preds, self.labels):
+            c.to_cpu_and_numpy()  # keep device memory flat
+
+    def arrays(self):
+        return self.losses.get_arrays(), self.preds.get_arrays(), self.labels.get_arrays()
+
+
+def reorder(arrays, order: list[int]):
+    """Put rows gathered in ``order`` back into dataset order (nested tuples allowed)."""
+    import numpy as np
+    if arrays is None:
+        return None
+    if isinstance(arrays, (list, tuple)):
+        return type(arrays)(reorder(a, order) for a in arrays)
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[np.asarray(order)] = np.arange(len(order))
+    return arrays[: len(order)][inverse]
+
+
+def evaluation_metrics(task, losses, preds, labels, runtime: float, num_samples: int, num_steps: int) -> dict:
+    """The Trainer's metric set, without the split prefix: loss, task metrics, runtime, throughput."""
+    from transformers import EvalPrediction
+    metrics: dict[str, Any] = {}
+    if preds is not None and labels is not None:  # the Trainer's condition for compute_metrics
+        metrics.update(task.compute_metrics(EvalPrediction(predictions=preds, label_ids=labels)) or {})
+    if losses is not None and len(losses):
+        metrics["loss"] = float(losses.mean())
+    metrics["runtime"] = round(runtime, 4)
+    metrics["samples_per_second"] = round(num_samples / runtime, 3) if runtime else 0.0
+    metrics["steps_per_second"] = round(num_steps / runtime, 3) if runtime else 0.0
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+
+
+# ---- callbacks and logs: transformers' callback protocol, driven by every backend --------------------------------
+def callback_handler(args, model, tokenizer, callbacks, writer: JsonlLogWriter):
+    """transformers' CallbackHandler with the Trainer's default callbacks (flow, progress/printer) and the
+    train_log.jsonl writer: one implementation of 'when to log/evaluate/save' and of the log format."""
+    from transformers.trainer_callback import (CallbackHandler, DefaultFlowCallback, PrinterCallback,
+                                               ProgressCallback)
+
+    from .hf import _JsonlLogCallback
+    progress = PrinterCallback if args.disable_tqdm else ProgressCallback
+    return CallbackHandler([DefaultFlowCallback, progress, _JsonlLogCallback(writer)] + list(callbacks or []),
+                           model, tokenizer, None, None)
+
+
+def new_state(args, schedule: Schedule, is_world_zero: bool, is_local_zero: bool):
+    from transformers import TrainerState
+    state = TrainerState(max_steps=schedule.max_steps, num_train_epochs=schedule.num_epochs,
+                         train_batch_size=args.train_batch_size, is_world_process_zero=is_world_zero,
+                         is_local_process_zero=is_local_zero)
+    state.compute_steps(args, schedule.max_steps)
+    return state
+
+
+def log_metrics(handler, args, state, control, logs: dict[str, float]):
+    """The Trainer's ``log``: add epoch, append to log_history, call on_log."""
+    if state.epoch is not None:
+        logs = {**logs, "epoch": state.epoch}
+    state.log_history.append({**logs, "step": state.global_step})
+    return handler.on_log(args, state, control, logs)
+
+
+def speed_metrics(prefix: str, start: float, num_samples: int, num_steps: int) -> dict[str, float]:
+    from transformers.trainer_utils import speed_metrics as hf_speed_metrics
+    return hf_speed_metrics(prefix, start, num_samples=num_samples, num_steps=num_steps)
+
+
+class LoopBookkeeping:
+    """What the hand-written loops do after each optimizer step, as transformers' Trainer does it: log (loss
+    averaged over ranks and steps, grad_norm, learning_rate), evaluate, keep the best metric, save checkpoints.
+    A backend provides: args, state, control, handler, tokenizer, eval_dataset, is_main_process, and the methods
+    _mean_over_ranks(tensor), _barrier(), _evaluate(dataset, split), _checkpoint_objects()."""
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, learning_rate, total_loss: float, last_logged: int):
+        args, state = self.args, self.state
+        if self.control.should_log and state.global_step > last_logged:
+            loss = self._mean_over_ranks(tr_loss)
+            tr_loss -= tr_loss
+            logs = {"loss": loss / (state.global_step - last_logged)}
+            if grad_norm is not None:
+                logs["grad_norm"] = grad_norm.item() if hasattr(grad_norm, "item") else float(grad_norm)
+            if learning_rate is not None:
+                logs["learning_rate"] = learning_rate
+            total_loss += loss
+            last_logged = state.global_step
+            self.control = log_metrics(self.handler, args, state, self.control, logs)
+        metrics = None
+        if self.control.should_evaluate:
+            metrics = self._evaluate(self.eval_dataset, "eval")
+        new_best = metrics is not None and self._is_new_best(metrics)
+        if args.save_strategy == "best":
+            self.control.should_save = new_best
+        if self.control.should_save:
+            self._save(new_best)
+            self.control = self.handler.on_save(args, state, self.control)
+        return total_loss, last_logged
+
+    def _is_new_best(self, metrics: dict[str, float]) -> bool:
+        name = self.args.metric_for_best_model
+        if not name:
+            return False
+        value = metrics.get(name if name.startswith("eval_") else f"eval_{name}")
+        best = self.state.best_metric
+        if value is None or not (best is None or (value > best if self.args.greater_is_better else value < best)):
+            return False
+        self.state.best_metric = value
+        return True
+
+    def _save(self, new_best: bool) -> None:
+        self._barrier()
+        if self.is_main_process:
+            model, optimizer, scheduler = self._checkpoint_objects()
+            path = save_checkpoint(Path(self.args.output_dir), model, optimizer, scheduler, self.state, self.tokenizer)
+            if new_best:
+                self.state.best_model_checkpoint = str(path)
+            best = self.state.best_model_checkpoint
+            rotate_checkpoints(Path(self.args.output_dir), self.args.save_total_limit, keep=best and Path(best))
+        self._barrier()
+
+
+# ---- checkpoints in the HF layout (one place, so a CheckpointManager can take over) ------------------------------
+def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state, tokenizer=None) -> Path:
+    """<output_dir>/step-N: save_pretrained model (adapter only for PEFT) + optimizer/scheduler/RNG state +
+    trainer_state.json, written to a temp dir and renamed (never half-written)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from ..output import atomic_dir
+    target = Path(output_dir) / f"step-{state.global_step}"
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.random.get_rng_state_all()
+        torch.save(rng, tmp / "rng_state.pth")
+        state.save_to_json(str(tmp / "trainer_state.json"))
+
+    atomic_dir(target, write)
+    return target
+
+
+def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path | None = None) -> None:
+    import shutil
+    if not limit or limit <= 0:
+        return
+    found = sorted((p for p in Path(output_dir).glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    removable = [p for p in found if keep is None or p.resolve() != Path(keep).resolve()]
+    while len(found) > limit and removable:
+        victim = removable.pop(0)
+        found.remove(victim)
+        shutil.rmtree(victim, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler):
+    """Restore weights, optimizer, scheduler and RNG from save_checkpoint's layout; returns the TrainerState."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import TrainerState
+
+    from ..errors import CheckpointError
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"{path} is not a tunepipe checkpoint (no trainer_state.json)",
+                              field="training.resume_from_checkpoint",
+                              suggestions=["point it at <output_dir>/checkpoints/step-N"])
+    load_model_weights(path, model)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / "rng_state.pth", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.random.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.random.set_rng_state_all(rng["cuda"])
+    return TrainerState.load_from_json(str(path / "trainer_state.json"))
+
+
+def load_model_weights(path: Path, model) -> None:
+    """Load the weights saved by save_pretrained in ``path`` into ``model`` (full model or PEFT adapter)."""
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+        set_peft_model_state_dict(model, load_peft_weights(str(path)))
+        return
+    from transformers.modeling_utils import load_sharded_checkpoint
+    files = list(Path(path).glob("model*.safetensors"))
+    if (Path(path) / "model.safetensors.index.json").is_file():
+        load_sharded_checkpoint(model, str(path))
+    else:
+        from safetensors.torch import load_file
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        model.load_state_dict(state, strict=False)
