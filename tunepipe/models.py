@@ -82,12 +82,13 @@ class TokenizerModules:
         if name is None:
             raise ConfigError("No tokenizer: a model built from_config needs tokenizer.name_or_path",
                               field="tokenizer.name_or_path",
-                              suggestions=["point tokenizer.name_or_path at a tokenizer directory or 'minilm'"])
+                              suggestions=["point tokenizer.name_or_path at a tokenizer directory or 'minilm'",
+                                           "or train one on the training text: tokenizer: {train: {type: wordpiece}}"])
         return resolve_model_path(name)
 
     def load(self, task=None):
         from transformers import AutoTokenizer
-        name = self.source()
+        name = self.train(task) if self.specs.tokenizer.train else self.source()
         kwargs: dict[str, Any] = {"use_fast": self.specs.tokenizer.use_fast,
                                   "trust_remote_code": self.specs.model.trust_remote_code}
         if self.specs.model.revision and not self.specs.tokenizer.name_or_path:
@@ -105,6 +106,52 @@ class TokenizerModules:
         if self.specs.tokenizer.padding_side:
             tokenizer.padding_side = self.specs.tokenizer.padding_side
         return tokenizer
+
+    def train(self, task=None) -> str:
+        """Train a tokenizer on the training text (``tokenizer.train``), for a model built from config; returns the
+        directory it was saved to, so it is loaded exactly as plain transformers will reload it."""
+        import inspect
+        import tempfile
+
+        from .data import DatasetModules
+        from .specs import suggest
+        from .tiny import TOKENIZER_TRAINERS
+        options = dict(self.specs.tokenizer.train or {})
+        kind = str(options.pop("type", "wordpiece")).lower()
+        if kind not in TOKENIZER_TRAINERS:
+            raise ConfigError(f"Unknown tokenizer.train.type '{kind}'", field="tokenizer.train.type",
+                              suggestions=[f"use one of: {', '.join(TOKENIZER_TRAINERS)} (wordpiece for BERT-style "
+                                           "encoders, bpe for GPT-2/LLaMA-style decoders)"])
+        if self.specs.tokenizer.name_or_path:
+            raise ConfigError("tokenizer.train and tokenizer.name_or_path are both set", field="tokenizer.train",
+                              suggestions=["keep one: train a new tokenizer, or load an existing one"])
+        if self.specs.model.name_or_path and not self.specs.model.from_config:
+            raise ConfigError("A pretrained model keeps its own tokenizer: a newly trained one would not match its "
+                              "embeddings", field="tokenizer.train",
+                              suggestions=["remove tokenizer.train", "or build the model with model.from_config"])
+        trainer = TOKENIZER_TRAINERS[kind]
+        allowed = set(inspect.signature(trainer).parameters) - {"texts", "out_dir"}
+        for key in options:
+            if key not in allowed:
+                raise ConfigError(f"Unknown key 'tokenizer.train.{key}' for type '{kind}'",
+                                  field=f"tokenizer.train.{key}",
+                                  suggestions=suggest(key, allowed) or [f"'{kind}' accepts: {', '.join(sorted(allowed))}"])
+        options.setdefault("vocab_size", 8000)
+        if task is None:
+            from .tasks import get_task
+            task = get_task(self.specs.task)(self.specs)
+        rows = DatasetModules(self.specs, task).load()["train"].rows
+        texts_of = getattr(task, "tokenizer_training_texts", None)
+        texts = texts_of(rows) if texts_of else [
+            " ".join(v) if isinstance(v, list) else v for v in (r.get(task.column("text")) for r in rows)
+            if isinstance(v, (str, list))]
+        if not texts:
+            raise ConfigError("No training text to train the tokenizer on", field="tokenizer.train",
+                              suggestions=["check data.train and data.text_column"])
+        self._workdir = tempfile.TemporaryDirectory(prefix="tunepipe-tokenizer-")  # removed with this object
+        with ErrorHandler.guard("training the tokenizer"):
+            trainer(texts, self._workdir.name, **options)
+        return self._workdir.name
 
 
 class ModelModules:
@@ -153,6 +200,9 @@ class ModelModules:
             cfg.setdefault("vocab_size", len(tokenizer))
             if tokenizer.pad_token_id is not None:
                 cfg.setdefault("pad_token_id", tokenizer.pad_token_id)
+            for special in ("bos_token_id", "eos_token_id"):  # else GPT-2's 50256 in a small vocabulary
+                if getattr(tokenizer, special, None) is not None:
+                    cfg.setdefault(special, getattr(tokenizer, special))
         cfg.update(task.model_kwargs())
         try:
             config = AutoConfig.for_model(model_type, **cfg)

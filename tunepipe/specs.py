@@ -60,6 +60,9 @@ class DataSpec(_Section):
     stride: int | None = Field(None, ge=0)
     chunk_size: int | None = Field(None, gt=0)
     mlm_probability: float | None = Field(None, gt=0, lt=1)
+    packing: bool | None = Field(None, description="MLM/causal LM: concatenate texts and cut full blocks of "
+                                                    "chunk_size tokens (false: one example per text/line)")
+    whole_word_mask: bool = Field(False, description="MLM: mask every piece of a chosen word together")
     label_all_tokens: bool = False
     validation_split: float | None = Field(None, gt=0, lt=1, description="carve validation out of train")
     max_train_samples: int | None = Field(None, gt=0)

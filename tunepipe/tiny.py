@@ -49,3 +49,34 @@ def train_unigram_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_siz
     fast.save_pretrained(str(out_dir))
     return fast
 
+
+
+def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2000, min_frequency: int = 2):
+    """A GPT-2-style byte-level BPE tokenizer (no unknown characters) saved in save_pretrained layout.
+
+    Distinct <s>/</s>/<pad>/<mask> tokens: causal LMs get an eos to stop on and a pad that is not the eos; masked
+    LMs get a mask token. No template adds them: causal-LM preprocessing appends the eos itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<unk>", "<pad>", "<mask>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", model_max_length=1024,
+                                   model_input_names=["input_ids", "attention_mask"])  # GPT-2 would embed type ids
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+TOKENIZER_TRAINERS = {"wordpiece": train_wordpiece_tokenizer, "bpe": train_bpe_tokenizer}
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], out_dir: str | Path, **options):
+    """Train a tokenizer of ``kind`` ('wordpiece' for BERT-style encoders, 'bpe' for GPT-2/LLaMA-style decoders)."""
+    return TOKENIZER_TRAINERS[kind](texts, out_dir, **options)
