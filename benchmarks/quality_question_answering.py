@@ -140,7 +140,8 @@ def plain_run_qa(model_dir, train, val, args, out):
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    start_logits, end_logits = trainer.predict(val_features.remove_columns(["example_id", "offset_mapping"])).predictions
+    inputs = val_features.remove_columns(["example_id", "offset_mapping"])
+    start_logits, end_logits = trainer.predict(inputs).predictions
     answers = postprocess_qa_predictions(val, val_features, (start_logits, end_logits))
     return {**official_squad_v1(val, answers), "train_seconds": seconds, "train_cpu_seconds": cpu_seconds,
             "train_features": len(train_features), "loadavg_after": os.getloadavg()}

@@ -315,8 +315,9 @@ def test_nested_official_squad_json_is_flattened(tmp_path):
 def test_misplaced_answer_is_reported_with_file_and_line(tmp_path):
     from tunepipe.data import DatasetModules
     from tunepipe.errors import ValidationError
-    rows = [{"question": "Who ?", "context": "Lena moved to Cork .", "answers": {"text": ["Lena"], "answer_start": [0]}},
-            {"question": "Where ?", "context": "Lena moved to Cork .", "answers": {"text": ["Cork"], "answer_start": [3]}}]
+    context = "Lena moved to Cork ."
+    rows = [{"question": "Who ?", "context": context, "answers": {"text": ["Lena"], "answer_start": [0]}},
+            {"question": "Where ?", "context": context, "answers": {"text": ["Cork"], "answer_start": [3]}}]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     specs = load_specs({"task": "qa", "model": "m", "data": {"train": str(path)}})
     with pytest.raises(ValidationError) as err:
@@ -329,7 +330,8 @@ def test_stride_must_be_below_max_length(tokenizer_dir):
     from tunepipe.errors import ConfigError
     with pytest.raises(ConfigError) as err:
         make_task(max_length=32, stride=32).preprocess(
-            {"question": ["Who ?"], "context": ["Lena ."], "answers": [None]}, AutoTokenizer.from_pretrained(tokenizer_dir))
+            {"question": ["Who ?"], "context": ["Lena ."], "answers": [None]},
+            AutoTokenizer.from_pretrained(tokenizer_dir))
     assert err.value.field == "data.stride"
 
 

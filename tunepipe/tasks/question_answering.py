@@ -61,7 +61,8 @@ def tokenize_windows(tokenizer, questions: Sequence[str], contexts: Sequence[str
         raise ValidationError(f"Cannot cut question/context windows of {max_length} tokens with stride {stride}: "
                               f"{str(e).splitlines()[0]}", field="data.stride",
                               suggestions=["raise data.max_length or lower data.stride",
-                                           "a question longer than max_length - stride cannot fit: shorten it"]) from None
+                                           "a question longer than max_length - stride cannot fit: shorten it"]
+                              ) from None
     return enc, 0 if context_first else 1
 
 
@@ -135,7 +136,7 @@ def best_answers(contexts: Sequence[str], feature_example: Sequence[int], featur
         pool = [c[0] for c in spans] + ([null_score] if version_2_with_negative and null_score is not None else [])
         probs = _softmax(pool)
         if spans:
-            best_score, start, end = spans[0]
+            _, start, end = spans[0]
             result = {"answer": context[start:end], "start": start, "end": end, "score": probs[0],
                       "no_answer": False}
         else:
@@ -205,7 +206,8 @@ class QuestionAnsweringTask(Task):
         return tokenize_windows(tokenizer, questions, contexts, max_length, stride)
 
     def _post(self, contexts, feature_example, offsets, starts, ends, null_indices, **overrides):
-        settings = {"n_best_size": self._setting("n_best_size"), "max_answer_length": self._setting("max_answer_length"),
+        settings = {"n_best_size": self._setting("n_best_size"),
+                    "max_answer_length": self._setting("max_answer_length"),
                     "version_2_with_negative": self.version_2,
                     "null_score_diff_threshold": self.specs.data.null_score_diff_threshold}
         settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -279,7 +281,8 @@ class QuestionAnsweringTask(Task):
             if a in batch:
                 positions.append(self._label_positions(enc, i, context_id, batch[a][sample], tokenizer))
         enc.pop("overflow_to_sample_mapping")
-        enc["offset_mapping"], enc["window"], enc["example_id"], enc["null_index"] = offsets, windows, example_ids, nulls
+        enc["offset_mapping"], enc["window"] = offsets, windows
+        enc["example_id"], enc["null_index"] = example_ids, nulls
         if a in batch:
             enc["start_positions"] = [p[0] for p in positions]
             enc["end_positions"] = [p[1] for p in positions]
