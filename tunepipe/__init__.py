@@ -14,6 +14,8 @@ _EXPORTS = {
     "DatasetModules": "data",
     "ModelModules": "models", "TokenizerModules": "models",
     "NLPTrainer": "trainers.hf", "NLPSeq2SeqTrainer": "trainers.hf",
+    "AcceleratedNLPTrainer": "trainers.accelerated", "AcceleratedNLPSeq2SeqTrainer": "trainers.accelerated",
+    "NLPTrainerWithLightning": "trainers.lightning", "NLPSeq2SeqTrainerWithLightning": "trainers.lightning",
     "ErrorHandler": "errors", "TunepipeError": "errors",
     "get_task": "tasks",
 }

@@ -232,6 +232,8 @@ class _AcceleratedTrainer(LoopBookkeeping):
         logged = {f"{prefix}_{k}": v for k, v in metrics.items()}
         self.control = log_metrics(self.handler, self.args, self.state, self.control, dict(logged))
         self.control = self.handler.on_evaluate(self.args, self.state, self.control, metrics=logged)
+        if self.state.epoch is not None:  # the Trainer's evaluate() returns the epoch too
+            metrics["epoch"] = logged["epoch"] = self.state.epoch
         return logged if prefixed else metrics
 
 

@@ -151,7 +151,8 @@ class TaskModule(pl.LightningModule):
         owner = self._owner
         if batch_idx % owner.args.gradient_accumulation_steps == 0:
             owner.control = owner.handler.on_step_begin(owner.args, owner.state, owner.control)
-        device_type = batch["input_ids"].device.type if "input_ids" in batch else "cpu"
+        owner.batch_device = next(v.device for v in batch.values() if hasattr(v, "device"))
+        device_type = owner.batch_device.type
         owner.autocast_in_step = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         loss = self.model(**batch)["loss"]
         step_loss = loss.detach() / owner.args.gradient_accumulation_steps
@@ -272,7 +273,7 @@ class _LightningTrainer(LoopBookkeeping):
         self.module = TaskModule(self, model)
         self._pl: pl.Trainer | None = None
         self.sampler = self.schedule = self.optimizer = self.lr_scheduler = None
-        self.tr_loss = self.grad_norm = self.learning_rate = self.autocast_in_step = None
+        self.tr_loss = self.grad_norm = self.learning_rate = self.autocast_in_step = self.batch_device = None
         self.total_loss, self.last_logged, self.flops = 0.0, 0, FlopCounter(model)
         self.last_metrics: dict[str, Any] = {}
         self.train_metrics: dict[str, Any] = {}
@@ -435,7 +436,7 @@ class _LightningTrainer(LoopBookkeeping):
                 module.validation_step(batch, i)
         module.on_validation_epoch_end()
         module.train(was_training)
-        return {f"eval_{k}": v for k, v in self.last_metrics.items()}
+        return {f"eval_{k}": v for k, v in self.last_metrics.items() if k != "epoch"}
 
     def finish_evaluation(self, results: list[tuple], trainer: pl.Trainer) -> None:
         """Gather every rank's (index, loss, preds, labels) batches, drop the rows repeated to even out the last
@@ -462,6 +463,8 @@ class _LightningTrainer(LoopBookkeeping):
         self.state.is_world_process_zero = trainer.is_global_zero
         self.control = log_metrics(self.handler, self.args, self.state, self.control, dict(logged))
         self.control = self.handler.on_evaluate(self.args, self.state, self.control, metrics=logged)
+        if self.state.epoch is not None:  # the Trainer's evaluate() returns the epoch too
+            metrics["epoch"] = self.state.epoch
         self.last_metrics = metrics
 
     def _pred_pad(self) -> int:

@@ -1,0 +1,172 @@
+"""The backend contract: the four backends (hf, accelerate, lightning, lightning+accelerate) train the same tiny
+model on the same data to the same per-step losses, return the same result type, write the same output directory
+and log the same metric names; the combined mode really autocasts through Accelerate."""
+import json
+import random
+
+import pytest
+import torch
+
+from tunepipe.pipeline import FineTunePipeLine
+
+BACKENDS = ["hf", "accelerate", "lightning", "lightning+accelerate"]
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+STEPS = 20
+EQUAL = {"training": {"max_steps": STEPS, "logging_steps": 1, "bf16": False, "eval_strategy": "no",
+                      "train_sampling_strategy": "random", "learning_rate": 1e-3, "warmup_steps": 2}}
+
+
+def _train(specs: dict):
+    pipe = FineTunePipeLine(specs)
+    pipe.setup()
+    result = pipe.trainer.run_training()
+    return pipe, result
+
+
+def _curve(result, key="loss"):
+    return [e[key] for e in result.log_history if key in e and "train_runtime" not in e]
+
+
+def _assert_same_curves(reference, other, backend):
+    for key in ("loss", "grad_norm", "learning_rate"):
+        ref, got = _curve(reference, key), _curve(other, key)
+        assert len(ref) == len(got) == STEPS, (backend, key, len(ref), len(got))
+        assert got == pytest.approx(ref, rel=1e-4), f"{backend}: {key} differs from the hf backend"
+    assert _curve(reference)[0] != pytest.approx(_curve(reference)[-1], rel=1e-2)  # it actually trained
+
+
+def ner_specs(tiny_specs, ner_data, backend, tmp_path):
+    specs = tiny_specs("token_classification", ner_data, **EQUAL, backend=backend)
+    specs["model"]["from_config"].update(NO_DROPOUT)
+    specs["output_dir"] = str(tmp_path / backend)
+    return specs
+
+
+def test_equivalence_token_classification(tiny_specs, ner_data, tmp_path):
+    """fp32, one process, dropout off, seeded sampling: 20 steps give the hf backend's losses on every backend."""
+    _, reference = _train(ner_specs(tiny_specs, ner_data, "hf", tmp_path))
+    for backend in BACKENDS[1:]:
+        _, result = _train(ner_specs(tiny_specs, ner_data, backend, tmp_path))
+        _assert_same_curves(reference, result, backend)
+
+
+# ---- seq2seq: the translation task on a tiny T5, generation in evaluation ---------------------------------------
+EN = "man woman dog cat red blue big small runs sits eats sleeps the a on under park house".split()
+TINY_T5 = {"model_type": "t5", "d_model": 32, "d_ff": 64, "num_layers": 2, "num_heads": 2, "d_kv": 16,
+           "dropout_rate": 0.0}
+
+
+@pytest.fixture(scope="module")
+def mt_files(tmp_path_factory):
+    rng = random.Random(0)
+    d = tmp_path_factory.mktemp("mt")
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            words = [rng.choice(EN) for _ in range(rng.randint(3, 8))]
+            out.append({"translation": {"en": " ".join(words), "de": " ".join(w[::-1] + "en" for w in words)}})
+        return out
+
+    files = {}
+    for split, n in (("train", 64), ("validation", 12)):
+        files[split] = d / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in rows(n)), encoding="utf-8")
+    from tunepipe.tiny import train_unigram_tokenizer
+    texts = [r["translation"][k] for r in map(json.loads, open(files["train"])) for k in ("en", "de")]
+    train_unigram_tokenizer(texts * 3, d / "tok", vocab_size=150)
+    return {"train": str(files["train"]), "validation": str(files["validation"]), "tokenizer": str(d / "tok")}
+
+
+def t5_specs(mt_files, backend, tmp_path):
+    return {"task": "translation", "output_dir": str(tmp_path / backend), "backend": backend,
+            "model": {"from_config": dict(TINY_T5)}, "tokenizer": {"name_or_path": mt_files["tokenizer"]},
+            "data": {"train": mt_files["train"], "validation": mt_files["validation"], "source_lang": "en",
+                     "target_lang": "de"},
+            "training": {**EQUAL["training"], "per_device_train_batch_size": 8, "learning_rate": 3e-3,
+                         "save_strategy": "no", "disable_tqdm": True, "dataloader_pin_memory": False},
+            "generation": {"max_new_tokens": 12, "num_beams": 1}}
+
+
+def test_equivalence_seq2seq_with_generation(mt_files, tmp_path):
+    """Same for the seq2seq trainers; then evaluation through generate() gives the same BLEU everywhere."""
+    pipe, reference = _train(t5_specs(mt_files, "hf", tmp_path))
+    ref_metrics = pipe.trainer.run_evaluation(pipe.datasets["validation"], "validation")
+    for backend in BACKENDS[1:]:
+        pipe, result = _train(t5_specs(mt_files, backend, tmp_path))
+        assert "Seq2Seq" in type(pipe.trainer).__name__
+        _assert_same_curves(reference, result, backend)
+        metrics = pipe.trainer.run_evaluation(pipe.datasets["validation"], "validation")
+        assert metrics["bleu"] == pytest.approx(ref_metrics["bleu"], abs=1e-6), backend
+        assert metrics["gen_len"] == pytest.approx(ref_metrics["gen_len"]), backend
+        assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-4), backend
+
+
+# ---- same result type, output directory, metric names --------------------------------------------------------
+def test_same_outputs_and_metric_names(tiny_specs, ner_data, tmp_path):
+    from tunepipe.trainers.common import TrainResult
+    layouts, log_keys, metric_keys = {}, {}, {}
+    for backend in BACKENDS:
+        specs = tiny_specs("token_classification", ner_data, backend=backend,
+                           training={"max_steps": 4, "logging_steps": 2, "save_strategy": "steps", "save_steps": 2,
+                                     "eval_strategy": "steps", "eval_steps": 4, "save_total_limit": 1})
+        specs["output_dir"] = str(tmp_path / backend.replace("+", "_"))
+        pipe = FineTunePipeLine(specs)
+        pipe.run()
+        out = pipe.output_dir
+        assert isinstance(pipe.train_result, TrainResult) and pipe.train_result.global_step == 4
+        # checkpoints: the hf backend names them checkpoint-N (transformers), the others step-N
+        layouts[backend] = sorted(str(p.relative_to(out)) for p in out.rglob("*") if "checkpoints" not in p.parts)
+        checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+        assert checkpoints == (["checkpoint-4"] if backend == "hf" else ["step-4"]), checkpoints  # limit 1
+        saved = sorted(p.name for p in (out / "checkpoints" / checkpoints[0]).iterdir())
+        assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                "trainer_state.json"} <= set(saved), saved
+        records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        log_keys[backend] = [sorted(set(r) - {"time"}) for r in records if "loss" in r]
+        metric_keys[backend] = sorted(pipe.metrics["validation"])
+    for backend in BACKENDS[1:]:
+        assert layouts[backend] == layouts["hf"], backend
+        assert log_keys[backend] == log_keys["hf"] == [["epoch", "grad_norm", "learning_rate", "loss", "step"]] * 2
+        assert metric_keys[backend] == metric_keys["hf"], backend
+
+
+def test_select_trainer_per_backend_and_flags(tiny_specs, ner_data):
+    from tunepipe.tasks import get_task
+    from tunepipe.trainers import select_trainer
+    expected = {"hf": ("NLPTrainer", "NLPSeq2SeqTrainer"),
+                "accelerate": ("AcceleratedNLPTrainer", "AcceleratedNLPSeq2SeqTrainer"),
+                "lightning": ("NLPTrainerWithLightning", "NLPSeq2SeqTrainerWithLightning"),
+                "lightning+accelerate": ("NLPTrainerWithLightning", "NLPSeq2SeqTrainerWithLightning")}
+    for backend, (encoder, generative) in expected.items():
+        assert select_trainer(get_task("token_classification"), backend).__name__ == encoder
+        assert select_trainer(get_task("translation"), backend).__name__ == generative
+    import tunepipe
+    for name in ("AcceleratedNLPTrainer", "AcceleratedNLPSeq2SeqTrainer", "NLPTrainerWithLightning",
+                 "NLPSeq2SeqTrainerWithLightning"):
+        assert getattr(tunepipe, name).__name__ == name
+    pipe = FineTunePipeLine(tiny_specs("token_classification", ner_data), use_lightning=True, use_accelerate=True)
+    assert pipe.specs.backend == "lightning+accelerate"
+
+
+# ---- combined mode: who does what --------------------------------------------------------------------------------
+def test_combined_mode_autocasts_through_accelerate(tiny_specs, ner_data, tmp_path):
+    """lightning+accelerate: Lightning runs the loop with an AcceleratePrecision plugin; inside training_step the
+    autocast dtype is the Accelerator's (bf16 here), and batches sit on the Accelerator's device."""
+    from tunepipe.trainers.lightning import AcceleratePrecision
+    seen = {}
+    for backend, bf16 in (("lightning+accelerate", True), ("lightning+accelerate", False), ("lightning", True)):
+        specs = tiny_specs("token_classification", ner_data, backend=backend,
+                           training={"max_steps": 2, "bf16": bf16, "eval_strategy": "no"})
+        specs["output_dir"] = str(tmp_path / f"{backend}-{bf16}".replace("+", "_"))
+        pipe, _ = _train(specs)
+        plugin = pipe.trainer.lightning_trainer().precision_plugin
+        seen[(backend, bf16)] = (type(plugin).__name__, pipe.trainer.autocast_in_step)
+        if isinstance(plugin, AcceleratePrecision):
+            assert plugin.accelerator.mixed_precision == ("bf16" if bf16 else "no")
+            assert pipe.trainer.batch_device == plugin.accelerator.device
+    assert seen[("lightning+accelerate", True)] == ("AcceleratePrecision", (True, torch.bfloat16))
+    assert seen[("lightning+accelerate", False)][0] == "AcceleratePrecision"
+    assert seen[("lightning+accelerate", False)][1][0] is False
+    # plain Lightning mode: Lightning's own mixed-precision plugin does the autocast
+    assert seen[("lightning", True)] == ("MixedPrecision", (True, torch.bfloat16))
