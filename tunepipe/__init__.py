@@ -18,6 +18,7 @@ _EXPORTS = {
     "NLPTrainerWithLightning": "trainers.lightning", "NLPSeq2SeqTrainerWithLightning": "trainers.lightning",
     "ErrorHandler": "errors", "TunepipeError": "errors",
     "get_task": "tasks",
+    "QuantizationManager": "quantization", "TypeUtils": "type_utils", "merge_and_unload": "merge",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -19,6 +19,7 @@ DESCRIPTION = """Fine-tune Hugging Face NLP models end to end from one specs fil
   tunepipe evaluate ner.yaml            evaluate output_dir/model on the validation/test data
   tunepipe predict --model runs/ner --input "Ada Lovelace lived in London"
   tunepipe tasks                        list tasks and their default specs
+  tunepipe merge runs/ner-lora          merge a PEFT adapter into its base (a full model in runs/ner-lora/merged)
 """
 
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p = sub.add_parser("demo", help="fine-tune the bundled MiniLM on a generated NER set (offline, < 3 min)")
     p.add_argument("--output-dir", default="runs/demo")
+    p = sub.add_parser("merge", help="merge a PEFT run's adapter into its (full-precision) base: a full model")
+    p.add_argument("output_dir", help="the output_dir of a run trained with a peft section (or its adapter dir)")
+    p.add_argument("--to", dest="target", help="directory to write (default: <output_dir>/merged)")
     return parser
 
 
@@ -106,7 +110,7 @@ def cmd_train(args) -> int:
     _say(f"training {pipe.specs.task} on the {pipe.specs.backend} backend -> {pipe.output_dir}")
     pipe.run()
     _print_metrics(pipe)
-    _say(f"model saved to {pipe.output_dir / 'model'}")
+    _say(f"model saved to {pipe.output_dir / ('adapter' if pipe.specs.peft.method != 'none' or pipe.specs.peft.config else 'model')}")
     return 0
 
 
@@ -137,14 +141,18 @@ def cmd_predict(args) -> int:
     from .pipeline import FineTunePipeLine
     root = Path(args.model)
     model_dir = root / "model" if (root / "model" / "config.json").is_file() else root
-    if not (model_dir / "config.json").is_file():
+    if not (root / "model" / "config.json").is_file() and (root / "adapter" / "adapter_config.json").is_file():
+        model_dir = root / "adapter"  # a PEFT run: base model + adapter
+    if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
         raise ModelNotFoundError(f"No model found in {root}", file=str(root),
                                  suggestions=["pass a tunepipe output_dir or a directory with config.json"])
     specs_file = model_dir.parent / "specs.yaml"
     if specs_file.is_file():
         pipe = FineTunePipeLine(str(specs_file), overrides=[f"output_dir={model_dir.parent}"])
     else:
-        task = args.task or task_from_model_dir(model_dir)
+        from .peft_support import is_adapter_dir, read_adapter_info
+        task = args.task or task_from_model_dir(model_dir) or (
+            read_adapter_info(model_dir).get("task") if is_adapter_dir(model_dir) else None)
         if not task:
             from .errors import TaskTypeError
             raise TaskTypeError("Cannot tell the model's task", suggestions=["pass --task"])
@@ -224,8 +232,15 @@ def _print_metrics(pipe) -> None:
             print(f"  {key:<24} {value:.4f}" if isinstance(value, float) else f"  {key:<24} {value}")
 
 
+def cmd_merge(args) -> int:
+    from .merge import merge_and_unload
+    target = merge_and_unload(args.output_dir, args.target)
+    _say(f"merged model saved to {target} (loads with plain transformers from_pretrained)")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "tasks": cmd_tasks,
-            "init": cmd_init, "demo": cmd_demo}
+            "init": cmd_init, "demo": cmd_demo, "merge": cmd_merge}
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -163,7 +163,8 @@ class ModelModules:
         configure = getattr(task, "configure_model", None)  # settings the saved model must carry (generation)
         if configure is not None:
             configure(model, tokenizer)
-        return model
+        from .peft_support import finish_model  # quantization prep, checkpointing, PEFT wrapping
+        return finish_model(model, self.specs, task, tokenizer)
 
     def _load(self, task, tokenizer=None):
         import transformers
@@ -179,8 +180,11 @@ class ModelModules:
                                            "or model.from_config for a fresh model"])
         name = resolve_model_path(spec.name_or_path)
         try:
+            from .quantization import QuantizationManager
+            quantized = QuantizationManager(self.specs).load_kwargs(
+                auto_cls, name, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **task.model_kwargs())
             model = auto_cls.from_pretrained(name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                                             **task.model_kwargs())
+                                             **task.model_kwargs(), **quantized)
         except Exception as e:  # noqa: BLE001
             if "size mismatch" in str(e):
                 raise TaskTypeError(f"The head of '{name}' has a different number of labels than the data "

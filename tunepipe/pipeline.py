@@ -82,13 +82,11 @@ class FineTunePipeLine:
 
     # ---- steps -------------------------------------------------------------------------------------------
     def _check_supported(self) -> None:
-        if self.specs.peft.method != "none":
-            raise ConfigError(f"peft.method '{self.specs.peft.method}' is not available in this version yet",
-                              field="peft.method", suggestions=["remove the peft section (full fine-tuning)"])
-        q = self.specs.quantization
-        if q.load_in_4bit or q.load_in_8bit:
-            raise ConfigError("quantized loading is not available in this version yet", field="quantization",
-                              suggestions=["remove the quantization section"])
+        """Refuse PEFT / quantization combinations this task, model or device cannot run, before loading data."""
+        from .peft_support import check_peft_specs, skeleton_for_specs
+        from .quantization import QuantizationManager
+        QuantizationManager(self.specs).check_supported()
+        check_peft_specs(self.specs, self.task, skeleton=skeleton_for_specs(self.specs, self.task))
 
     def setup(self, trained_dir: str | Path | None = None) -> "FineTunePipeLine":
         """Steps 1-4: data (validated first), tokenizer, model, tokenized datasets, trainer.
@@ -111,6 +109,8 @@ class FineTunePipeLine:
         else:
             self.tokenizer = TokenizerModules(self.specs).load(self.task)
             self.model = ModelModules(self.specs).load(self.task, self.tokenizer)
+            from .type_utils import TypeUtils
+            self.memory_estimate = TypeUtils.check_memory(self.model, self.specs)  # warns before an OOM
         self.datasets = self.data.prepare(self.tokenizer)
         self.trainer = trainer_cls(self.task, self.specs, self.model, self.tokenizer, self.datasets, self.output_dir)
         return self
@@ -160,13 +160,22 @@ class FineTunePipeLine:
         items = [inputs] if single else list(inputs)
         if self.model is None:
             self.load_trained()
-        results = self.task.predict(self.model, self.tokenizer, items, batch_size=batch_size, **kwargs)
+        from .type_utils import TypeUtils
+        with TypeUtils.plain_forward(self.model):  # full precision, as the saved model will be reloaded
+            results = self.task.predict(self.model, self.tokenizer, items, batch_size=batch_size, **kwargs)
         return results[0] if single else results
 
     def load_trained(self, model_dir: str | Path | None = None):
         """Load the saved model of this run (output_dir/model) for prediction or evaluation."""
         import transformers
-        path = Path(model_dir or self.output_dir / "model")
+
+        from .peft_support import is_adapter_dir, load_adapter, peft_enabled
+        path = Path(model_dir or self.output_dir / ("adapter" if peft_enabled(self.specs) else "model"))
+        if is_adapter_dir(path):  # PEFT run: base model (quantized as trained) + adapter
+            with ErrorHandler.guard(f"loading the adapter in {path}"):
+                self.model, self.tokenizer = load_adapter(path, self.task.auto_model_class)
+            self.task.on_model_loaded(self.model)
+            return self.model, self.tokenizer
         if not (path / "config.json").is_file():
             from .errors import ModelNotFoundError
             raise ModelNotFoundError(f"No trained model in {path}", file=str(path),
@@ -180,6 +189,13 @@ class FineTunePipeLine:
     # ---- output ------------------------------------------------------------------------------------------
     def save(self) -> Path:
         from .output import atomic_dir, atomic_text
+        from .peft_support import is_peft_model, save_adapter
+        if is_peft_model(self.model):  # adapter only (+ base reference); `tunepipe merge` exports a full model
+            target = self.output_dir / "adapter"
+            with ErrorHandler.guard(f"saving the adapter to {target}"):
+                save_adapter(self.model, self.tokenizer, target, self.specs, self.task)
+                atomic_text(self.output_dir / "specs.yaml", self.specs.to_yaml())
+            return target
         target = self.output_dir / "model"
 
         def write(tmp: Path) -> None:
@@ -196,7 +212,11 @@ class FineTunePipeLine:
         from .output import atomic_text, model_card
         n_train = len(self.datasets["train"]) if "train" in self.datasets else 0
         base = self.specs.model.name_or_path or f"from_config({(self.specs.model.from_config or {}).get('model_type')})"
-        atomic_text(self.output_dir / "README.md", model_card(self.specs, self.task, self.metrics, base, n_train))
+        card = model_card(self.specs, self.task, self.metrics, base, n_train)
+        from .peft_support import adapter_card_section, peft_enabled
+        if peft_enabled(self.specs):
+            card += adapter_card_section(self.output_dir, self.task, self.specs)
+        atomic_text(self.output_dir / "README.md", card)
 
 
 def run_from_specs(source, overrides: Sequence[str] | None = None) -> FineTunePipeLine:

@@ -28,6 +28,7 @@ class Task:
     description: ClassVar[str] = ""
     auto_model_class: ClassVar[str]
     generative: ClassVar[bool] = False  # True: backends evaluate with generate() (Seq2Seq trainer)
+    peft_task_type: ClassVar[str | None] = None  # peft TaskType name (TOKEN_CLS, SEQ_CLS, ...): saves the head
     uses_labels: ClassVar[bool] = False  # True: a label set is inferred from data and stored in the model config
     # True: compute_metrics maps predictions back to features by position (QA), so evaluation batches must keep
     # the dataset order (transformers 5 otherwise length-groups and shuffles them under group_by_length).

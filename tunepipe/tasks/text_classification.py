@@ -14,6 +14,7 @@ class TextClassificationTask(Task):
     description = "Label a text or a text pair (sentiment, topic, NLI); single- or multi-label"
     uses_labels = True
     auto_model_class = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
     defaults = {
         "data": {"text_column": "text", "label_column": "label", "max_length": 256},
         "training": {"per_device_train_batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 3,

@@ -39,6 +39,7 @@ class TokenClassificationTask(Task):
     description = "Tag each word (NER, POS): CoNLL columns or records with tokens + tags; seqeval entity F1"
     uses_labels = True
     auto_model_class = "AutoModelForTokenClassification"
+    peft_task_type = "TOKEN_CLS"
     defaults = {
         "data": {"text_column": "tokens", "label_column": "ner_tags", "max_length": 256},
         "training": {"per_device_train_batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 3,

@@ -1,0 +1,59 @@
+"""Export a PEFT run as one full model: the adapter merged into its base, in plain ``save_pretrained`` layout.
+
+A quantized base is never merged into: the base is reloaded in full precision and the adapter merged there, so the
+export is an ordinary fp32 model. Prompt/prefix tuning adds virtual tokens, not weights, so it cannot be merged.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ConfigError, ErrorHandler, ModelNotFoundError
+
+
+def find_adapter(path: str | Path) -> Path:
+    """The adapter directory of a run directory (``<output_dir>/adapter``) or the adapter directory itself."""
+    from .peft_support import is_adapter_dir
+    path = Path(path)
+    for candidate in (path / "adapter", path):
+        if is_adapter_dir(candidate):
+            return candidate
+    raise ModelNotFoundError(f"No PEFT adapter in {path}", file=str(path),
+                             suggestions=["pass the output_dir of a run trained with a peft section",
+                                          "a full fine-tuning run already has a full model in <output_dir>/model"])
+
+
+def merge_and_unload(output_dir: str | Path, target: str | Path | None = None) -> Path:
+    """Merge the run's adapter into its full-precision base and save model + tokenizer to ``target``
+    (default ``<output_dir>/merged``) atomically; returns the directory written."""
+    from .output import atomic_dir
+    from .peft_support import MERGEABLE_METHODS, load_adapter, read_adapter_info
+    adapter = find_adapter(output_dir)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    peft_type = str(cfg.get("peft_type", "")).lower()
+    if peft_type in ("prompt_tuning", "p_tuning", "prefix_tuning") or cfg.get("num_virtual_tokens"):
+        raise ConfigError(f"A {peft_type} adapter cannot be merged: it adds virtual tokens to the input, not "
+                          "weights to the model", field="peft.method", file=str(adapter),
+                          suggestions=["use the adapter as it is: `tunepipe predict --model "
+                                       f"{Path(output_dir)}` or PeftModel.from_pretrained(base, '{adapter}')",
+                                       f"or retrain with one of {', '.join(MERGEABLE_METHODS)} to get a mergeable "
+                                       "adapter"])
+    info = read_adapter_info(adapter)
+    root = adapter.parent if adapter.name == "adapter" else adapter
+    target = Path(target) if target else root / "merged"
+    with ErrorHandler.guard(f"merging the adapter in {adapter}"):
+        model, tokenizer = load_adapter(adapter, full_precision=True)
+        try:
+            merged = model.merge_and_unload()
+        except (ValueError, AttributeError, NotImplementedError) as e:
+            raise ConfigError(f"peft cannot merge this {peft_type} adapter: {str(e).splitlines()[0]}",
+                              file=str(adapter), suggestions=["use the adapter unmerged with PeftModel"]) from None
+        if info.get("task"):
+            merged.config.tunepipe_task = info["task"]  # lets `tunepipe predict` find the task
+
+        def write(tmp: Path) -> None:
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+        atomic_dir(target, write)
+    return target

@@ -1,0 +1,435 @@
+"""PEFT for every task: build the peft config from ``specs.peft``, wrap the model, save and reload adapters.
+
+Three rules keep a reloaded adapter predicting exactly what the trained one did:
+- the task head (``classifier``, ``score``, ``qa_outputs``, a random MLM transform, resized embeddings) is found
+  from the model's structure and listed in ``modules_to_save``, so it is trained and saved with the adapter;
+- the base is referenced, never guessed: a pretrained base by its path/hub id, a base built ``from_config`` by a
+  full-precision copy written to ``<output_dir>/base_model/`` (its initial weights are what LoRA was added to);
+- a quantized base is reloaded with the same bitsandbytes settings, recorded in ``tunepipe_adapter.json``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ModelNotFoundError
+
+ADAPTER_INFO = "tunepipe_adapter.json"
+BASE_MODEL_DIR = "base_model"
+PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
+MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3")
+# Fallback when a Task does not declare ``peft_task_type``: peft's task type from the model class it uses.
+_TASK_TYPE_BY_AUTO_CLASS = {"AutoModelForTokenClassification": "TOKEN_CLS",
+                            "AutoModelForSequenceClassification": "SEQ_CLS",
+                            "AutoModelForQuestionAnswering": "QUESTION_ANS",
+                            "AutoModelForSeq2SeqLM": "SEQ_2_SEQ_LM", "AutoModelForCausalLM": "CAUSAL_LM"}
+_AUTO_CLASS_BY_TASK_TYPE = {v: k for k, v in _TASK_TYPE_BY_AUTO_CLASS.items()}
+# Outputs aligned with input positions: prepended virtual tokens shift them, and peft does not realign labels.
+_POSITIONAL_TASK_TYPES = ("TOKEN_CLS", "QUESTION_ANS")
+
+
+def peft_enabled(specs) -> bool:
+    return specs.peft.method != "none" or bool(specs.peft.config)
+
+
+def peft_method(specs) -> str:
+    """The method name, for raw configs too (``lora`` for a raw LORA config, else the peft type in lower case)."""
+    if specs.peft.config:
+        ptype = str(specs.peft.config.get("peft_type", "")).lower()
+        return {"lora": "dora" if specs.peft.config.get("use_dora") else "lora"}.get(ptype, ptype)
+    return specs.peft.method
+
+
+def peft_task_type(task) -> str | None:
+    value = getattr(task, "peft_task_type", None)
+    return value if value is not None else _TASK_TYPE_BY_AUTO_CLASS.get(task.auto_model_class)
+
+
+# ---- model structure --------------------------------------------------------------------------------------------
+def model_skeleton(auto_cls, config):
+    """The model on the meta device: its module names, at no memory or time cost."""
+    import torch
+    with torch.device("meta"):
+        return auto_cls.from_config(config)
+
+
+def skeleton_for_specs(specs, task):
+    """A meta-device skeleton of the model the specs describe, for early checks; None when PEFT is off or the
+    config cannot be read yet (the real load then reports the problem)."""
+    if not peft_enabled(specs) or getattr(specs.model, "encoder_decoder", None):
+        return None
+    try:
+        import transformers
+
+        from .models import resolve_model_path
+        auto_cls = getattr(transformers, task.auto_model_class)
+        if specs.model.from_config:
+            cfg = dict(specs.model.from_config)
+            config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        else:
+            config = transformers.AutoConfig.from_pretrained(resolve_model_path(specs.model.name_or_path),
+                                                             revision=specs.model.revision,
+                                                             trust_remote_code=specs.model.trust_remote_code)
+        return model_skeleton(auto_cls, config)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def head_modules(model) -> list[str]:
+    """Modules outside the pretrained backbone (the task head), minus weights tied to the embeddings.
+
+    A head that contains tied weights (BERT's MLM head: transform + tied decoder) is split into its untied parts.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    if backbone is None or backbone is model:
+        return []
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = {id(p) for p in model.get_input_embeddings().parameters()}
+    if out_emb is not None:
+        tied |= {id(p) for p in out_emb.parameters()}
+
+    def visit(name: str, module) -> list[str]:
+        params = list(module.parameters())
+        if not params or module is out_emb:
+            return []
+        if not any(id(p) in tied for p in params):
+            return [name]
+        return [n for child_name, child in module.named_children() for n in visit(f"{name}.{child_name}", child)]
+
+    return [n for name, child in model.named_children() if name != prefix for n in visit(name, child)]
+
+
+def linear_module_names(model, exclude: list[str] = ()) -> list[str]:
+    """Full names of the Linear (and GPT-2 Conv1D) layers outside ``exclude`` and the output embeddings."""
+    import torch
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D") or module is out_emb:
+            continue
+        if any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
+        names.append(name)
+    return names
+
+
+def backbone_target_regex(model) -> str:
+    """All linear layers of the backbone as one regex (layer numbers generalised): the QLoRA recipe's targets."""
+    names = linear_module_names(model, head_modules(model))
+    if not names:
+        raise ConfigError(f"{type(model).__name__} has no linear layers to put LoRA on", field="peft.target_modules",
+                          suggestions=["set peft.target_modules to module names of this model"])
+    patterns = {r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in n.split(".")) for n in names}
+    return "^(?:" + "|".join(sorted(patterns)) + ")$"
+
+
+# ---- early checks -----------------------------------------------------------------------------------------------
+def check_peft_specs(specs, task, skeleton=None) -> None:
+    """Refuse, before data or weights are loaded, what peft cannot do for this task/model."""
+    if not peft_enabled(specs):
+        return
+    method, task_type = peft_method(specs), peft_task_type(task)
+    if specs.peft.config is not None:
+        _raw_config(specs, task_type)
+    if method in ("prompt_tuning", "p_tuning") or (method == "prefix_tuning" and task_type is None):
+        if task_type is None or task_type in _POSITIONAL_TASK_TYPES:
+            raise ConfigError(
+                f"peft.method '{method}' does not work for {task.name}: peft prepends virtual tokens but does not "
+                f"realign per-token labels/positions" if task_type else
+                f"peft.method '{method}' needs a peft task type, and {task.name} has none",
+                field="peft.method", suggestions=[f"use lora, dora or ia3 for {task.name}"])
+    if skeleton is None:
+        return
+    if method == "prefix_tuning" and task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and not _accepts_past(skeleton):
+        raise ConfigError(f"prefix_tuning needs a model that takes past_key_values; {type(skeleton).__name__} "
+                          "does not (transformers 5 classification models never do)", field="peft.method",
+                          suggestions=["use prompt_tuning or p_tuning (virtual tokens in the input) or lora",
+                                       "prefix tuning works for causal LM and seq2seq models"])
+    targets = specs.peft.target_modules
+    if targets and method not in PROMPT_METHODS and targets != "all-linear":
+        names = [n for n, _ in skeleton.named_modules()]
+        wanted = [targets] if isinstance(targets, str) else targets
+        matches = [n for n in names if any(
+            (re.fullmatch(t, n) if isinstance(targets, str) else (n == t or n.endswith("." + t))) for t in wanted)]
+        if not matches:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(skeleton, head_modules(skeleton))})
+            raise ConfigError(f"peft.target_modules {targets!r} matches no module of {type(skeleton).__name__}",
+                              field="peft.target_modules",
+                              suggestions=[f"linear layers of this model: {', '.join(leaves)}",
+                                           "or leave target_modules unset to adapt every backbone linear layer"])
+
+
+def _accepts_past(model) -> bool:
+    import inspect
+    if "past_key_values" in inspect.signature(model.forward).parameters:
+        return True
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return backbone is not None and "past_key_values" in inspect.signature(backbone.forward).parameters
+
+
+def _raw_config(specs, task_type: str | None):
+    from peft import get_peft_config
+    raw = dict(specs.peft.config)
+    if "peft_type" not in raw:
+        raise ConfigError("peft.config needs a 'peft_type' (e.g. LORA, IA3, LOHA)", field="peft.config.peft_type",
+                          suggestions=["add `peft_type: LORA`, or use peft.method instead"])
+    raw["peft_type"] = str(raw["peft_type"]).upper()
+    if task_type and "task_type" not in raw:
+        raw["task_type"] = task_type  # without it peft would not save the task head
+    try:
+        return get_peft_config(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"peft rejected peft.config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                          field="peft.config", suggestions=["check the keys against the peft *Config class"]) from None
+
+
+# ---- building -------------------------------------------------------------------------------------------------
+def build_peft_config(specs, task, model):
+    """The peft config for ``specs.peft`` on ``model`` (task type, targets and head filled in)."""
+    import peft
+    task_type = peft_task_type(task)
+    if specs.peft.config is not None:
+        return _raw_config(specs, task_type)
+    p, method = specs.peft, specs.peft.method
+    heads = head_modules(model)
+    modules_to_save = p.modules_to_save if p.modules_to_save is not None else heads + _resized_embeddings(model)
+    common = {"task_type": task_type, "modules_to_save": modules_to_save or None}
+    if method in ("lora", "qlora", "dora"):
+        targets = p.target_modules if p.target_modules is not None else backbone_target_regex(model)
+        return peft.LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, bias=p.bias,
+                               target_modules=targets, use_dora=method == "dora", **common)
+    if method == "ia3":
+        extra = {"target_modules": p.target_modules, "feedforward_modules": []} if p.target_modules else {}
+        return peft.IA3Config(**extra, **common)
+    if method == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, **common)
+    if method == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, **common)
+    if method == "p_tuning":
+        return peft.PromptEncoderConfig(num_virtual_tokens=p.num_virtual_tokens, **common)
+    raise ConfigError(f"Unknown peft.method '{method}'", field="peft.method")
+
+
+def _resized_embeddings(model) -> list[str]:
+    """Embedding (and untied LM head) names when the vocabulary was resized away from the base checkpoint's."""
+    base = getattr(model.config, "_name_or_path", "") or ""
+    if not base or not (Path(base) / "config.json").is_file():
+        return []
+    saved = json.loads((Path(base) / "config.json").read_text()).get("vocab_size")
+    emb = model.get_input_embeddings()
+    if saved is None or emb.num_embeddings == saved:
+        return []
+    names = [n for n, m in model.named_modules() if m is emb]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not emb.weight:
+        names += [n for n, m in model.named_modules() if m is out]
+    return names
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing with input gradients on (what frozen-base PEFT training needs)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def finish_model(model, specs, task, tokenizer=None):
+    """Called by ModelModules.load on the freshly loaded model: quantize a from_config base, prepare a quantized
+    base for training, turn on checkpointing, and wrap with peft."""
+    from .quantization import QuantizationManager
+    qm = QuantizationManager(specs)
+    if peft_enabled(specs) and specs.model.from_config:
+        model = _persist_from_config_base(model, specs, task, qm)
+    if qm.enabled:
+        QuantizationManager.fix_cpu_layers(model)
+        QuantizationManager.check_peft_compatible(model, peft_method(specs))
+        model = qm.prepare_for_training(model)
+    if specs.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if not peft_enabled(specs):
+        return model
+    from peft import get_peft_model
+    check_peft_specs(specs, task, skeleton=model)
+    config = build_peft_config(specs, task, model)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError(f"peft could not apply {peft_method(specs)}: {str(e).splitlines()[0]}", field="peft",
+                          suggestions=["set peft.target_modules to this model's layer names",
+                                       "or pass a complete peft.config"]) from None
+
+
+def _persist_from_config_base(model, specs, task, qm):
+    """A from_config base has no checkpoint: write its initial full-precision weights as the adapter's base."""
+    import transformers
+
+    from .output import atomic_dir
+    target = Path(specs.output_dir).resolve() / BASE_MODEL_DIR
+    atomic_dir(target, lambda tmp: model.save_pretrained(tmp))
+    if qm.enabled:
+        auto_cls = getattr(transformers, task.auto_model_class)
+        model = qm.load(auto_cls, str(target))
+    model.config._name_or_path = str(target)
+    model.name_or_path = str(target)
+    return model
+
+
+# ---- saving and loading ---------------------------------------------------------------------------------------
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights counted as the parameters they hold."""
+    from .type_utils import parameter_count
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(parameter_count(p) for p in model.parameters())
+
+
+def save_adapter(model, tokenizer, target: str | Path, specs, task) -> Path:
+    """Adapter-only ``save_pretrained`` layout + tokenizer + ``tunepipe_adapter.json`` (base reference), atomically."""
+    from .output import atomic_dir
+    from .quantization import QuantizationManager
+    target = Path(target)
+    base = model.peft_config["default"].base_model_name_or_path or _base_name(model)
+    base_dir = Path(specs.output_dir).resolve() / BASE_MODEL_DIR
+    vocab = model.get_input_embeddings().num_embeddings
+    info = {
+        "task": task.name, "auto_model_class": task.auto_model_class, "peft_method": peft_method(specs),
+        "base_model": base,
+        "base_model_relative": f"../{BASE_MODEL_DIR}" if base and Path(base).resolve() == base_dir else None,
+        "revision": specs.model.revision, "trust_remote_code": specs.model.trust_remote_code,
+        "model_kwargs": _jsonable(task.model_kwargs()),
+        "vocab_size": vocab, "quantization": QuantizationManager(specs).describe(),
+    }
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    atomic_dir(target, write)
+    return target
+
+
+def _base_name(model) -> str | None:
+    base = model.get_base_model()
+    return getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None) or None
+
+
+def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = dict(kwargs)
+    if "id2label" in out:
+        out["id2label"] = {str(k): v for k, v in out["id2label"].items()}
+    return out
+
+
+def read_adapter_info(path: str | Path) -> dict[str, Any]:
+    """tunepipe's record next to the adapter; for a plain peft adapter, what adapter_config.json tells."""
+    path = Path(path)
+    if (path / ADAPTER_INFO).is_file():
+        return json.loads((path / ADAPTER_INFO).read_text())
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    return {"base_model": cfg.get("base_model_name_or_path"),
+            "auto_model_class": _AUTO_CLASS_BY_TASK_TYPE.get(cfg.get("task_type") or ""), "model_kwargs": {}}
+
+
+def resolve_base(path: str | Path, info: dict[str, Any]) -> str:
+    """The base model for an adapter: the copy next to it (from_config runs), else the recorded path or hub id."""
+    rel = info.get("base_model_relative")
+    if rel and (Path(path) / rel / "config.json").is_file():
+        return str((Path(path) / rel).resolve())
+    base = info.get("base_model")
+    if not base:
+        raise ModelNotFoundError(f"The adapter in {path} does not name its base model", file=str(path),
+                                 suggestions=["set base_model_name_or_path in adapter_config.json"])
+    return base
+
+
+def load_adapter(path: str | Path, auto_model_class: str | None = None, full_precision: bool = False):
+    """(PeftModel, tokenizer) for an adapter directory, on its base loaded as it was trained (quantized or not),
+    or in full precision (``full_precision=True``, for merging)."""
+    import transformers
+    from peft import PeftModel
+
+    from .quantization import QuantizationManager
+    path = Path(path)
+    if not is_adapter_dir(path):
+        raise ModelNotFoundError(f"No adapter in {path}", file=str(path),
+                                 suggestions=["run `tunepipe train` with a peft section first"])
+    info = read_adapter_info(path)
+    cls_name = auto_model_class or info.get("auto_model_class")
+    if not cls_name:
+        raise ModelNotFoundError(f"Cannot tell which model class the adapter in {path} needs", file=str(path),
+                                 suggestions=["pass the task (tunepipe predict --task ...)"])
+    auto_cls = getattr(transformers, cls_name)
+    base = resolve_base(path, info)
+    kwargs = dict(info.get("model_kwargs") or {})
+    if "id2label" in kwargs:
+        kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
+    kwargs.update({k: info[k] for k in ("revision", "trust_remote_code") if info.get(k)})
+    qm = QuantizationManager.from_info(info.get("quantization"))
+    try:
+        if qm.enabled and not full_precision:
+            model = qm.load(auto_cls, base, **kwargs)
+        else:
+            model = auto_cls.from_pretrained(base, **kwargs)
+    except OSError as e:
+        raise ModelNotFoundError(f"Cannot load the adapter's base model '{base}': {str(e).splitlines()[0]}",
+                                 field="base_model", file=str(path / ADAPTER_INFO),
+                                 suggestions=["make the base model available at that path/hub id"]) from None
+    vocab = info.get("vocab_size")
+    if vocab and model.get_input_embeddings().num_embeddings != vocab:
+        model.resize_token_embeddings(vocab)
+    model = PeftModel.from_pretrained(model, str(path))
+    model.eval()
+    return model, _load_tokenizer(path, base)
+
+
+def _load_tokenizer(adapter: Path, base: str):
+    """The tokenizer saved with the adapter, else the base model's, else None (an adapter saved without one)."""
+    import transformers
+    for source in (adapter, base):
+        if (Path(source) / "tokenizer_config.json").is_file() or not Path(source).exists():
+            try:
+                return transformers.AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def adapter_card_section(output_dir: Path, task, specs) -> str:
+    """How to load the adapter, for the model card."""
+    auto_cls = task.auto_model_class
+    adapter = Path(output_dir) / "adapter"
+    info = read_adapter_info(adapter) if is_adapter_dir(adapter) else {}
+    base = resolve_base(adapter, info) if info else "<base model>"
+    labels = ", num_labels=..., id2label=..., label2id=... (see tunepipe_adapter.json)" if task.uses_labels else ""
+    return f"""
+## PEFT adapter ({peft_method(specs)})
+The run saved an adapter only (`adapter/`), not a full model. Base model: `{base}`.
+```python
+from peft import PeftModel
+from transformers import AutoTokenizer, {auto_cls}
+base = {auto_cls}.from_pretrained("{base}"{labels})
+model = PeftModel.from_pretrained(base, "{adapter}")
+tokenizer = AutoTokenizer.from_pretrained("{adapter}")
+```
+`tunepipe merge {output_dir}` writes a merged full model to `{Path(output_dir) / 'merged'}`.
+"""
