@@ -90,6 +90,11 @@ class MaskingCollator:
             return self.padder([{k: f[k] for k in MODEL_INPUTS if k in f} for f in features])
         keep = MODEL_INPUTS + ("special_tokens_mask", "offset_mapping")
         features = [{k: f[k] for k in keep if k in f} for f in features]
+        if self.masker.whole_word_mask and "offset_mapping" not in features[0]:
+            raise ConfigError("Whole-word masking needs the offset_mapping column, and it was removed before "
+                              "collation", field="training.remove_unused_columns",
+                              suggestions=["keep training.remove_unused_columns: false (the task default)",
+                                           "or set data.whole_word_mask: false"])
         if "offset_mapping" in features[0]:  # the tokenizer's pad() leaves offsets ragged: pad them here
             width = max(len(f["input_ids"]) for f in features)
             if self.pad_to_multiple_of:
