@@ -192,6 +192,11 @@ def test_user_errors_are_explained(tmp_path):
                           "tokenizer": {"train": {"type": "wordpiece", "vocab_sise": 10}},
                           "output_dir": str(tmp_path / "o")}).setup()
     assert e.value.field == "tokenizer.train.vocab_sise" and "did you mean 'vocab_size'?" in e.value.suggestions
+    with pytest.raises(ConfigError) as e:  # default max_length 512 > the model's 128 positions
+        FineTunePipeLine({"task": "causal_lm", "model": {"from_config": TINY_GPT2}, "data": {"train": color_records(8)},
+                          "tokenizer": {"train": {"type": "bpe", "vocab_size": 270}},
+                          "output_dir": str(tmp_path / "o")}).setup()
+    assert e.value.field == "data.max_length" and "128 positions" in str(e.value)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"question": "a"}) + "\n")
     with pytest.raises(ValidationError) as e:
@@ -309,6 +314,12 @@ def test_cli_trains_and_predicts_both_tasks(tmp_path):
         result = run_cli("train", str(cfg))
         assert result.returncode == 0, result.stderr[-2000:]
         assert "perplexity" in result.stdout
+    trained = json.loads((tmp_path / "mlm" / "metrics.json").read_text())["validation"]["perplexity"]
+    result = run_cli("evaluate", str(mlm_cfg))
+    assert result.returncode == 0, result.stderr[-2000:]
+    # the saved model on the same fixed evaluation masks
+    assert json.loads((tmp_path / "mlm" / "metrics.json").read_text())["validation"]["perplexity"] == pytest.approx(
+        trained, rel=1e-3)
 
     inputs = tmp_path / "mlm_in.jsonl"
     inputs.write_text(json.dumps({"text": "the [MASK] sat on the mat"}) + "\n")

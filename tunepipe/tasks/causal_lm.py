@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from ..errors import ValidationError
 from .base import Task
-from .masked_lm import check_block_size, group_texts, perplexity_metrics, token_nll
+from .masked_lm import check_block_size, check_positions, group_texts, perplexity_metrics, token_nll
 
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 INSTRUCTION_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -149,6 +149,14 @@ class CausalLMTask(Task):
     def collator(self, tokenizer):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id(tokenizer)
         return CausalLMCollator(pad if pad is not None else 0)
+
+    def configure_model(self, model, tokenizer) -> None:
+        packing = bool(self.specs.data.packing)
+        check_positions(model, self.block_size() if packing else (self.specs.data.max_length or 512),
+                        "data.chunk_size" if packing and self.specs.data.chunk_size else "data.max_length")
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and generation.pad_token_id is None and tokenizer is not None:
+            generation.pad_token_id = tokenizer.pad_token_id  # plain generate() then needs no pad warning
 
     def model_kwargs(self) -> dict[str, Any]:
         # an encoder checkpoint (BERT, MiniLM) loaded for causal LM must attend only to the left

@@ -68,6 +68,16 @@ def check_block_size(size: int, tokenizer, field: str) -> None:
                           field=field, suggestions=[f"set {field} to {limit} or less"])
 
 
+def check_positions(model, size: int, field: str) -> None:
+    """Blocks longer than the model's position table fail deep inside the forward pass: say so before training."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and size > limit:
+        raise ConfigError(f"Blocks of {size} tokens are longer than the model's {limit} positions", field=field,
+                          suggestions=[f"set {field} to {limit} or less",
+                                       "or build the model with more positions (max_position_embeddings)"])
+
+
 # ---- collation -----------------------------------------------------------------------------------------------
 class MaskingCollator:
     """Training batches get fresh masks from a seeded generator; evaluation examples arrive already masked (they
@@ -143,6 +153,9 @@ class MaskedLMTask(Task):
 
     def tokenizer_training_texts(self, records: Sequence[dict[str, Any]]) -> list[str]:
         return [r[self.column("text")] for r in records if isinstance(r.get(self.column("text")), str)]
+
+    def configure_model(self, model, tokenizer) -> None:
+        check_positions(model, self.block_size(), "data.chunk_size" if self.packing else "data.max_length")
 
     def _check_tokenizer(self, tokenizer) -> None:
         if tokenizer.mask_token is None:
