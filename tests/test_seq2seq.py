@@ -317,3 +317,21 @@ def test_minilm_bert2bert_learns_to_copy(tmp_path):
     losses = [r["loss"] for r in pipe.train_result.log_history if "loss" in r]
     assert losses[-1] < losses[0] and not math.isnan(losses[-1])
     assert pipe.metrics["validation"]["gen_len"] > 0
+
+
+def test_tasks_listing_init_and_an_encoder_only_model(tmp_path, capsys, mt_data, tiny_bert_dir):
+    from tunepipe import FineTunePipeLine
+    from tunepipe.cli import main
+    from tunepipe.errors import TaskTypeError
+    assert main(["tasks"]) == 0
+    listing = capsys.readouterr().out
+    assert all(t in listing for t in ("translation", "summarization", "text_generation", "max_new_tokens"))
+    target = tmp_path / "summarization.yaml"
+    assert main(["init", "summarization", "-o", str(target)]) == 0
+    specs = load_specs(target)
+    assert specs.task == "summarization" and specs.generation.num_beams == 4
+    assert specs.training.metric_for_best_model == "rougeL"
+    with pytest.raises(TaskTypeError) as err:  # an encoder alone cannot generate: say how to warm-start one
+        FineTunePipeLine({"task": "translation", "model": tiny_bert_dir, "output_dir": str(tmp_path / "r"),
+                          "data": {**mt_data, "source_lang": "en", "target_lang": "de"}}).setup()
+    assert any("encoder_decoder" in s for s in err.value.suggestions)

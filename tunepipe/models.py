@@ -191,6 +191,12 @@ class ModelModules:
                                     f"({len(task.labels or [])})", field="model.name_or_path",
                                     suggestions=["start from the base model instead of a fine-tuned one",
                                                  "or set data.labels to the model's labels"]) from None
+            if task.auto_model_class == "AutoModelForSeq2SeqLM" and "Unrecognized configuration class" in str(e):
+                raise TaskTypeError(f"'{spec.name_or_path}' is not a sequence-to-sequence model",
+                                    field="model.name_or_path",
+                                    suggestions=[f"warm-start one from it: model: {{encoder_decoder: "
+                                                 f"{spec.name_or_path}}}", "or use a T5/BART-style checkpoint"]
+                                    ) from None
             raise _load_error(e, name, "model") from None
         return model
 

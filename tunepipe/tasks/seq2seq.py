@@ -25,6 +25,8 @@ class Seq2SeqTask(Task):
     generative = True
     auto_model_class = "AutoModelForSeq2SeqLM"
     output_key = "generated_text"
+    # what a starter specs file should load: the only pretrained seq2seq available offline (bert2bert from MiniLM)
+    starter_model = {"encoder_decoder": "minilm"}
 
     def __init__(self, specs):
         super().__init__(specs)
@@ -271,7 +273,7 @@ class TranslationTask(Seq2SeqTask):
         "training": {**_TRAINING, "metric_for_best_model": "bleu"},
         "generation": {"max_new_tokens": 128, "num_beams": 4},
     }
-    example_data = {"translation": {"en": "A man rides a bike.", "de": "Ein Mann fährt Fahrrad."}}
+    example_data = {"source": "A man rides a bike.", "target": "Ein Mann fährt Fahrrad."}
 
     def score(self, predictions, references):
         return bleu_chrf(predictions, references)
