@@ -27,30 +27,6 @@ def train_wordpiece_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_s
     return fast
 
 
-def train_unigram_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2000):
-    """A T5-style Unigram tokenizer (Metaspace) for encoder-decoders built from config.
-
-    Ids follow T5's config defaults (<pad>=0 is also the decoder start, </s>=1, <unk>=2), and every encoded text
-    ends with </s>, so seq2seq targets teach the decoder where to stop."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "</s>", "<unk>"]
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.train_from_iterator(list(texts), trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                                 unk_token="<unk>"))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
-    tok.decoder = decoders.Metaspace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=512)
-    fast.save_pretrained(str(out_dir))
-    return fast
-
-
-
 def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2000, min_frequency: int = 2):
     """A GPT-2-style byte-level BPE tokenizer (no unknown characters) saved in save_pretrained layout.
 
@@ -80,3 +56,29 @@ TOKENIZER_TRAINERS = {"wordpiece": train_wordpiece_tokenizer, "bpe": train_bpe_t
 def train_tokenizer(kind: str, texts: Iterable[str], out_dir: str | Path, **options):
     """Train a tokenizer of ``kind`` ('wordpiece' for BERT-style encoders, 'bpe' for GPT-2/LLaMA-style decoders)."""
     return TOKENIZER_TRAINERS[kind](texts, out_dir, **options)
+
+
+def train_unigram_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2000):
+    """A T5-style Unigram tokenizer (Metaspace) for encoder-decoders built from config.
+
+    Ids follow T5's config defaults (<pad>=0 is also the decoder start, </s>=1, <unk>=2), and every encoded text
+    ends with </s>, so seq2seq targets teach the decoder where to stop."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(list(texts), trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                 unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    tok.decoder = decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+TOKENIZER_TRAINERS["unigram"] = train_unigram_tokenizer
