@@ -19,6 +19,7 @@ _EXPORTS = {
     "ErrorHandler": "errors", "TunepipeError": "errors",
     "get_task": "tasks",
     "QuantizationManager": "quantization", "TypeUtils": "type_utils", "merge_and_unload": "merge",
+    "InferencePipeLine": "inference", "MultiAdapterManager": "adapters",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -18,6 +18,7 @@ DESCRIPTION = """Fine-tune Hugging Face NLP models end to end from one specs fil
   tunepipe train ner.yaml --set training.learning_rate=3e-5
   tunepipe evaluate ner.yaml            evaluate output_dir/model on the validation/test data
   tunepipe predict --model runs/ner --input "Ada Lovelace lived in London"
+  tunepipe serve --model minilm --adapter ner=runs/ner-lora --adapter sst=runs/sst-lora
   tunepipe tasks                        list tasks and their default specs
   tunepipe merge runs/ner-lora          merge a PEFT adapter into its base (a full model in runs/ner-lora/merged)
 """
@@ -30,6 +31,18 @@ def _add_specs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
     p.add_argument("--backend", choices=["hf", "accelerate", "lightning", "lightning+accelerate"],
                    help="training backend (default: from specs, else hf)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a tunepipe output_dir, a saved model or adapter directory, "
+                                                  "or a base model (with --adapter)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a PEFT adapter on the model, by name (repeatable)")
+    p.add_argument("--task", help="task of the model (default: from specs.yaml or the model config)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", help="float32 (default), bfloat16, auto (bf16 where fast) or int8 (CPU)")
+    p.add_argument("--max-adapters", type=int, default=8, help="adapters kept in memory (least recently used go)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_specs_args(p)
     p.add_argument("--model", help="model directory (default: <output_dir>/model)")
     p = sub.add_parser("predict", help="predict with a trained model (text or a JSON Lines file)")
-    p.add_argument("--model", required=True, help="a tunepipe output_dir or a saved model directory")
-    p.add_argument("--input", required=True, help="a text, or a .jsonl/.txt file of inputs")
+    _add_model_args(p)
+    p.add_argument("--input", required=True, help="a text, or a .jsonl/.txt file of inputs (a jsonl record may name "
+                                                  "its adapter in an 'adapter' field)")
     p.add_argument("--output", help="write JSON Lines here (default: stdout)")
-    p.add_argument("--task", help="task of the model (default: from specs.yaml or the model config)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--use", metavar="NAME", help="adapter for inputs that name none (default: the only adapter given)")
+    p = sub.add_parser("serve", help="serve predictions over HTTP: /v1/predict, /v1/adapters, /health, /docs")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=64, help="most inputs in one request")
+    p.add_argument("--max-input-chars", type=int, default=20_000, help="longest input, in characters")
+    p.add_argument("--no-adapter-loading", action="store_true", help="refuse POST /v1/adapters (fixed adapter set)")
     sub.add_parser("tasks", help="list tasks and their default specs")
     p = sub.add_parser("init", help="write a commented starter specs file for a task")
     p.add_argument("task")
@@ -122,50 +142,83 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _read_inputs(text: str, task) -> list:
+def _adapter_args(values: list[str]) -> dict[str, str]:
+    from .errors import ConfigError
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--adapter expects NAME=DIR, got '{value}'", field="--adapter",
+                              suggestions=["e.g. --adapter ner=runs/ner-lora"])
+        if name in out:
+            raise ConfigError(f"Two adapters named '{name}'", field="--adapter", suggestions=["give each a name"])
+        out[name.strip()] = path.strip()
+    return out
+
+
+def _inference_pipeline(args):
+    from .inference import InferencePipeLine
+    return InferencePipeLine(args.task, args.model, adapter_config=_adapter_args(args.adapter) or None,
+                             device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                             max_adapters_in_memory=args.max_adapters)
+
+
+def _input_records(text: str) -> tuple[list, bool]:
+    """(records or texts, whether they came from a file)."""
     path = Path(text)
     if not (path.suffix in (".jsonl", ".txt") and path.is_file()):
-        return [text]
+        return [text], False
     from .data import Records, read_jsonl, read_text
     records = Records()
     if path.suffix == ".txt":
         read_text(path, records, "text")
-    else:
-        read_jsonl(path, records)
-    return [task.input_from_record(r) if path.suffix == ".jsonl" else r["text"] for r in records.rows]
+        return [r["text"] for r in records.rows], True
+    read_jsonl(path, records)
+    return list(records.rows), True
 
 
 def cmd_predict(args) -> int:
-    from .errors import ModelNotFoundError
-    from .models import task_from_model_dir
-    from .pipeline import FineTunePipeLine
-    root = Path(args.model)
-    model_dir = root / "model" if (root / "model" / "config.json").is_file() else root
-    if not (root / "model" / "config.json").is_file() and (root / "adapter" / "adapter_config.json").is_file():
-        model_dir = root / "adapter"  # a PEFT run: base model + adapter
-    if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
-        raise ModelNotFoundError(f"No model found in {root}", file=str(root),
-                                 suggestions=["pass a tunepipe output_dir or a directory with config.json"])
-    specs_file = model_dir.parent / "specs.yaml"
-    if specs_file.is_file():
-        pipe = FineTunePipeLine(str(specs_file), overrides=[f"output_dir={model_dir.parent}"])
-    else:
-        from .peft_support import is_adapter_dir, read_adapter_info
-        task = args.task or task_from_model_dir(model_dir) or (
-            read_adapter_info(model_dir).get("task") if is_adapter_dir(model_dir) else None)
-        if not task:
-            from .errors import TaskTypeError
-            raise TaskTypeError("Cannot tell the model's task", suggestions=["pass --task"])
-        pipe = FineTunePipeLine({"task": task, "output_dir": str(model_dir.parent)})
-    pipe.load_trained(model_dir)
-    results = pipe.predict(_read_inputs(args.input, pipe.task), batch_size=args.batch_size)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    from .errors import ConfigError
+    pipe = _inference_pipeline(args)
+    names = [a["name"] for a in pipe.adapters.list_adapters()] if pipe.adapters else []
+    if args.use and args.use not in names:
+        raise ConfigError(f"--use {args.use}: no such adapter", field="--use",
+                          suggestions=[f"adapters given: {', '.join(names) or 'none'}"])
+    default = args.use or pipe.default_adapter or (names[0] if len(names) == 1 else None)
+    rows, from_file = _input_records(args.input)
+    adapters = [r.get("adapter") or default if isinstance(r, dict) else default for r in rows]
+    inputs = [pipe.input_from_record(r, a) if isinstance(r, dict) else r for r, a in zip(rows, adapters)]
+    target = Path(args.output) if args.output else None
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target else None
+    out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
+    chunk = max(1, args.batch_size * 8)
     try:
-        for r in results:
-            out.write(json.dumps(r, ensure_ascii=False) + "\n")
-    finally:
-        if args.output:
+        from tqdm import tqdm
+        with tqdm(total=len(inputs), unit="input", disable=not from_file, file=sys.stderr) as bar:
+            for start in range(0, len(inputs), chunk):
+                part = inputs[start:start + chunk]
+                for result in pipe.predict_grouped(part, adapters[start:start + chunk]):
+                    out.write(json.dumps(result, ensure_ascii=False) + "\n")
+                bar.update(len(part))
+        if tmp:
             out.close()
+            os.replace(tmp, target)
+    finally:
+        if tmp:
+            out.close()
+            tmp.unlink(missing_ok=True)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import Limits, serve
+    pipe = _inference_pipeline(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        _say(f"warning: binding {args.host}: the API has no authentication; anyone who can reach it can use it")
+    _say(f"serving {pipe.task_name or 'adapters'} from {args.model} on http://{args.host}:{args.port} "
+         f"(API docs at /docs)")
+    serve(pipe, args.host, args.port, Limits(max_batch=args.max_batch, max_input_chars=args.max_input_chars),
+          allow_adapter_loading=not args.no_adapter_loading)
     return 0
 
 
@@ -240,7 +293,7 @@ def cmd_merge(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "tasks": cmd_tasks,
-            "init": cmd_init, "demo": cmd_demo, "merge": cmd_merge}
+            "init": cmd_init, "demo": cmd_demo, "merge": cmd_merge, "serve": cmd_serve}
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

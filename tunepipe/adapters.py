@@ -1,0 +1,458 @@
+"""MultiAdapterManager: one base model in memory, many PEFT adapters, switched per request.
+
+How adapters share the base. peft keeps many adapters in one ``PeftModel`` only when they need the same model class,
+the same head shape and the same peft method: a NER head (9 labels) and a sentiment head (2 labels) cannot both live
+in one ``modules_to_save`` wrapper (peft copies the original head per adapter, and the shapes differ). So adapters
+are grouped by (model class, head settings, peft type); each group is one ``PeftModel`` with its own head, and every
+group's model gets the *same* backbone module (``model.<base_model_prefix>``), loaded once. peft injects the
+adapter layers of all groups into that shared backbone, one ``ModuleDict`` entry per adapter name.
+
+Why switching is checked. ``set_adapter`` on one group only touches that group's tuner type, and leaves layers of
+other groups (or a prompt-learning group) in whatever state the last request left; a switch that "succeeds" while
+another adapter still computes is the classic silent failure. Every request therefore sets the active adapter on
+*every* adapter layer and head wrapper of the model it runs (layers without that adapter become inactive), then
+verifies the state, and raises if anything disagrees.
+
+Adapters trained on a quantized base (QLoRA) run here on the full-precision shared base, as after merging; load one
+alone with ``InferencePipeLine(checkpoint=<adapter dir>)`` to run it on its quantized base.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import ConfigError, ModelNotFoundError, TaskTypeError, TunepipeError, ValidationError
+
+log = logging.getLogger("tunepipe")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_TASK_BY_PEFT_TYPE = {"TOKEN_CLS": "token_classification", "SEQ_CLS": "text_classification",
+                      "QUESTION_ANS": "question_answering", "CAUSAL_LM": "causal_lm",
+                      "SEQ_2_SEQ_LM": "text_generation"}
+
+
+class AdapterNotFoundError(TunepipeError):
+    code = "ADAPTER_NOT_FOUND"
+
+
+class AdapterSwitchError(TunepipeError):
+    code = "ADAPTER_SWITCH_ERROR"
+
+
+@dataclass
+class _Adapter:
+    name: str
+    path: Path
+    task_name: str
+    auto_model_class: str
+    model_kwargs: dict[str, Any]
+    peft_type: str
+    base_model: str | None
+    vocab_size: int | None
+    loaded: bool = False
+    load_count: int = 0
+    loaded_at: float | None = None
+    last_used: float | None = None
+    group: tuple | None = None
+    task: Any = None
+    tokenizer: Any = None
+
+
+@dataclass
+class _Group:
+    key: tuple
+    model: Any
+    adapters: list[str] = field(default_factory=list)
+
+
+def local_adapter_dir(path: str | Path) -> Path:
+    """An adapter directory (or a run's ``adapter/``); a hub id is downloaded where there is a network."""
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        if (p / "adapter" / "adapter_config.json").is_file():
+            p = p / "adapter"
+        if not (p / "adapter_config.json").is_file():
+            raise ModelNotFoundError(f"No PEFT adapter in {p}", file=str(p),
+                                     suggestions=["pass a directory with adapter_config.json, or a run's output_dir"])
+        return p
+    if str(path).startswith((".", "/", "~")) or p.exists() or str(path).count("/") != 1:
+        raise ModelNotFoundError(f"Adapter directory not found: {path}", file=str(path),
+                                 suggestions=["check the path", "or pass a hub id like 'user/adapter'"])
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(path)))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, ...
+        raise ModelNotFoundError(f"Cannot fetch adapter '{path}' from the hub: {str(e).splitlines()[0]}",
+                                 file=str(path), suggestions=["no network? download it and pass the directory"]
+                                 ) from None
+
+
+class MultiAdapterManager:
+    """Register adapters by name, load each once, switch per request, evict the least recently used.
+
+    ``base_model``: a model directory, 'minilm' or a hub id (default: the first adapter's recorded base).
+    ``task_type``: the task of the base model itself (for requests with no adapter).
+    """
+
+    def __init__(self, base_model: str | None = None, task_type: str | None = None, base_run_dir: Path | None = None,
+                 max_adapters_in_memory: int = 8, device: str | None = None, dtype: Any = None):
+        from .inference import canonical_task, default_device, resolve_dtype
+        from .models import resolve_model_path
+        if max_adapters_in_memory < 1:
+            raise ConfigError("max_adapters_in_memory must be at least 1", field="max_adapters_in_memory")
+        self.base = resolve_model_path(base_model) if base_model else None
+        self.task_type = canonical_task(task_type)
+        self.base_run_dir = base_run_dir
+        self.max_adapters_in_memory = max_adapters_in_memory
+        self.device = device or default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        if self.dtype == "int8":
+            raise ConfigError("int8 quantization applies to one merged model, not to a base shared by adapters",
+                              field="dtype", suggestions=["merge the adapter (tunepipe merge) and serve the merged "
+                                                          "model with dtype int8", "or use dtype bfloat16"])
+        self.total_loads = 0
+        self.active: str | None = None
+        self._adapters: dict[str, _Adapter] = {}
+        self._groups: dict[tuple, _Group] = {}
+        self._backbone = None
+        self._base_task = self._base_tokenizer = None
+        self._lock = threading.RLock()
+
+    # ---- registry ------------------------------------------------------------------------------------------
+    def register_adapter(self, name: str, path: str | Path, task: str | None = None) -> dict[str, Any]:
+        """Record an adapter under ``name`` (not loaded yet: ``load_adapter`` or the first request loads it)."""
+        from .inference import canonical_task
+        from .peft_support import read_adapter_info, resolve_base
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ConfigError(f"Invalid adapter name {name!r}", field="adapter",
+                              suggestions=["use letters, digits, '_', '-', '.' (up to 64 characters)"])
+        with self._lock:
+            if name in self._adapters:
+                raise ConfigError(f"An adapter named '{name}' is already registered", field="adapter",
+                                  suggestions=["choose another name", f"or unregister '{name}' first"])
+            directory = local_adapter_dir(path)
+            info = read_adapter_info(directory)
+            config = json.loads((directory / "adapter_config.json").read_text())
+            task_name = canonical_task(task or info.get("task") or _TASK_BY_PEFT_TYPE.get(config.get("task_type"))
+                                       or self.task_type)
+            if not task_name:
+                raise TaskTypeError(f"Cannot tell the task of the adapter in {directory}", field="task",
+                                    suggestions=["pass task= when registering it"])
+            from .tasks import get_task
+            kwargs = dict(info.get("model_kwargs") or {})
+            if "id2label" in kwargs:
+                kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
+            try:
+                recorded_base = resolve_base(directory, info)
+            except ModelNotFoundError:
+                recorded_base = None
+            if self.base is None:
+                if recorded_base is None:
+                    raise ModelNotFoundError(f"No base model given and the adapter in {directory} names none",
+                                             suggestions=["pass base_model"])
+                self.base = recorded_base
+            elif recorded_base and not _same_model(recorded_base, self.base):
+                warnings.warn(f"Adapter '{name}' was trained on {recorded_base}; it runs here on {self.base}",
+                              stacklevel=2)
+            self._adapters[name] = _Adapter(
+                name=name, path=directory, task_name=task_name,
+                auto_model_class=info.get("auto_model_class") or get_task(task_name).auto_model_class,
+                model_kwargs=kwargs, peft_type=str(config.get("peft_type", "")).upper(),
+                base_model=recorded_base, vocab_size=info.get("vocab_size"))
+            return self._describe(self._adapters[name])
+
+    def unregister_adapter(self, name: str) -> None:
+        with self._lock:
+            record = self._get(name)
+            if record.loaded:
+                self.unload_adapter(name)
+            del self._adapters[name]
+
+    def list_adapters(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [self._describe(a) for a in sorted(self._adapters.values(), key=lambda a: a.name)]
+
+    def task_name(self, name: str) -> str:
+        return self._get(name).task_name
+
+    @property
+    def load_counts(self) -> dict[str, int]:
+        return {name: a.load_count for name, a in self._adapters.items()}
+
+    def _describe(self, a: _Adapter) -> dict[str, Any]:
+        return {"name": a.name, "path": str(a.path), "task": a.task_name, "peft_type": a.peft_type,
+                "loaded": a.loaded, "active": self.active == a.name and a.loaded, "load_count": a.load_count,
+                "loaded_at": a.loaded_at, "last_used": a.last_used, "base_model": a.base_model}
+
+    def _get(self, name: str) -> _Adapter:
+        if name not in self._adapters:
+            known = ", ".join(sorted(self._adapters)) or "none"
+            raise AdapterNotFoundError(f"No adapter named '{name}'", field="adapter",
+                                       suggestions=[f"registered adapters: {known}"])
+        return self._adapters[name]
+
+    # ---- loading and eviction ------------------------------------------------------------------------------
+    def load_adapter(self, name: str) -> None:
+        """Load ``name`` into memory (once; a loaded adapter is not loaded again), evicting the least recently
+        used adapter when ``max_adapters_in_memory`` are loaded."""
+        from peft import PeftModel
+
+        from .inference import make_task, place
+        with self._lock:
+            record = self._get(name)
+            if record.loaded:
+                return
+            self._make_room(keep=name)
+            group = self._group_for(record.auto_model_class, record.model_kwargs, record.peft_type)
+            vocab = self._backbone.get_input_embeddings().num_embeddings if self._backbone is not None else None
+            if record.vocab_size and vocab and record.vocab_size != vocab:
+                self._drop_if_empty(group)
+                raise ConfigError(f"Adapter '{name}' was trained with a resized vocabulary ({record.vocab_size} "
+                                  f"tokens, base {vocab}); it cannot share the base", field="adapter",
+                                  suggestions=[f"load it alone: InferencePipeLine(checkpoint='{record.path}')"])
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if isinstance(group.model, PeftModel):
+                        group.model.set_adapter(group.adapters[0], inference_mode=True)  # peft state: own adapter
+                        group.model.load_adapter(str(record.path), adapter_name=name, is_trainable=False)
+                    else:
+                        group.model = PeftModel.from_pretrained(group.model, str(record.path), adapter_name=name,
+                                                                is_trainable=False)
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
+                self._drop_if_empty(group)
+                raise ConfigError(f"peft cannot load adapter '{name}' on {self.base}: {str(e).splitlines()[0]}",
+                                  field="adapter", file=str(record.path),
+                                  suggestions=["check that the adapter was trained on this base model"]) from None
+            group.model = place(group.model, self.device, self.dtype).eval()
+            group.adapters.append(name)
+            run_dir = record.path.parent if record.path.name == "adapter" else None
+            record.task = make_task(record.task_name, run_dir)
+            record.task.on_model_loaded(group.model)
+            from .peft_support import _load_tokenizer
+            record.tokenizer = _load_tokenizer(record.path, self.base) or self._tokenizer_of_base()
+            record.loaded, record.group = True, group.key
+            record.load_count += 1
+            self.total_loads += 1
+            record.loaded_at = time.time()
+            log.info("loaded adapter %s (%s) from %s", name, record.task_name, record.path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Free an adapter's weights; it stays registered and is loaded again on its next use."""
+        with self._lock:
+            record = self._get(name)
+            if not record.loaded:
+                return
+            group = self._groups[record.group]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                group.model.set_adapter(name, inference_mode=True)
+                group.model.delete_adapter(name)
+            group.adapters.remove(name)
+            if group.adapters:
+                group.model.set_adapter(group.adapters[0], inference_mode=True)
+            self._drop_if_empty(group)
+            record.loaded, record.group, record.task, record.tokenizer = False, None, None, None
+            if self.active == name:
+                self.active = None
+
+    def _make_room(self, keep: str) -> None:
+        loaded = [a for a in self._adapters.values() if a.loaded and a.name != keep]
+        while len(loaded) >= self.max_adapters_in_memory:
+            oldest = min(loaded, key=lambda a: (a.last_used or a.loaded_at or 0.0))
+            log.info("evicting adapter %s (least recently used)", oldest.name)
+            self.unload_adapter(oldest.name)
+            loaded.remove(oldest)
+
+    def _drop_if_empty(self, group: _Group) -> None:
+        from peft import PeftModel
+        if not group.adapters and isinstance(group.model, PeftModel):
+            self._groups.pop(group.key, None)  # its head goes; the shared backbone stays
+
+    def _group_for(self, auto_model_class: str, model_kwargs: dict[str, Any], family: str | None) -> _Group:
+        """The model that holds adapters of this class/head/peft type, its backbone shared with every group."""
+        import transformers
+
+        from .errors import ErrorHandler
+        from .inference import place
+        key = (auto_model_class, json.dumps(model_kwargs, sort_keys=True, default=str), family)
+        if key in self._groups:
+            return self._groups[key]
+        if self.base is None:
+            raise ModelNotFoundError("No base model", suggestions=["pass base_model or register an adapter first"])
+        kwargs = dict(model_kwargs)
+        if "num_labels" in kwargs:
+            kwargs["ignore_mismatched_sizes"] = True  # a base with a head of another size: the adapter brings its own
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the "newly initialised head" report: the adapter replaces it
+        try:
+            with ErrorHandler.guard(f"loading the base model {self.base}"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = getattr(transformers, auto_model_class).from_pretrained(self.base, **kwargs)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        self._share_backbone(model)
+        group = _Group(key, place(model, self.device, self.dtype).eval())
+        self._groups[key] = group
+        return group
+
+    def _share_backbone(self, model) -> None:
+        prefix = getattr(model, "base_model_prefix", "")
+        backbone = getattr(model, prefix, None) if prefix else None
+        if backbone is None or backbone is model:
+            raise ConfigError(f"{type(model).__name__} has no separate backbone to share between adapters",
+                              suggestions=["load each adapter alone with InferencePipeLine(checkpoint=<adapter>)"])
+        if self._backbone is None:
+            self._backbone = backbone
+            return
+        if type(backbone) is not type(self._backbone):
+            raise ConfigError(f"Backbones differ ({type(backbone).__name__} vs {type(self._backbone).__name__})",
+                              suggestions=["register adapters of one base model per manager"])
+        for child_name, child in backbone.named_children():  # e.g. the pooler a token-level model left out
+            if getattr(self._backbone, child_name, None) is None:
+                setattr(self._backbone, child_name, child)
+        setattr(model, prefix, self._backbone)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+
+    def _tokenizer_of_base(self):
+        if self._base_tokenizer is None:
+            from .inference import load_tokenizer
+            self._base_tokenizer = load_tokenizer(self.base)
+        return self._base_tokenizer
+
+    # ---- switching -----------------------------------------------------------------------------------------
+    def set_adapter(self, name: str | None, task: str | None = None):
+        """Make ``name`` the only adapter computing (None: the base model, adapters off) and verify it; loads the
+        adapter if needed. Returns (model, tokenizer, task) to predict with."""
+        from .inference import canonical_task, make_task
+        with self._lock:
+            if name is None:
+                task_name = canonical_task(task) or self.task_type
+                if not task_name:
+                    raise TaskTypeError("The base model has no task of its own", field="task",
+                                        suggestions=["name an adapter", "or pass the base model's task_type"])
+                from .tasks import get_task
+                group = self._group_for(get_task(task_name).auto_model_class, {}, None)
+                if self._base_task is None or self._base_task.name != task_name:
+                    base_dir = self.base if Path(self.base).is_dir() else None
+                    self._base_task = make_task(task_name, self.base_run_dir, base_dir)
+                    self._base_task.on_model_loaded(group.model)
+                self._switch(group, None)
+                self.active = None
+                return group.model, self._tokenizer_of_base(), self._base_task
+            record = self._get(name)
+            if task is not None and canonical_task(task) != record.task_name:
+                raise TaskTypeError(f"Adapter '{name}' is a {record.task_name} adapter, not {task}", field="task")
+            self.load_adapter(name)
+            group = self._groups[record.group]
+            self._switch(group, name)
+            self.active = name
+            record.last_used = time.time()
+            return group.model, record.tokenizer, record.task
+
+    def _switch(self, group: _Group, name: str | None) -> None:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import AuxiliaryTrainingWrapper
+        target = [name] if name else []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if name is not None and isinstance(group.model, PeftModel):
+                group.model.set_adapter(name, inference_mode=True)
+            for module in group.model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    if module.active_adapters != target:
+                        module.set_adapter(target, inference_mode=True)  # without `name`: computes nothing
+                    if module.disable_adapters:
+                        module.enable_adapters(True)
+                elif isinstance(module, AuxiliaryTrainingWrapper):
+                    want = target if name in module._adapters else []
+                    if module.active_adapters != want:
+                        module.set_adapter(want, inference_mode=True)
+        self._verify(group, name)
+
+    @staticmethod
+    def _verify(group: _Group, name: str | None) -> None:
+        """Raise unless exactly ``name`` computes in every adapter layer and head wrapper of the group's model."""
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import AuxiliaryTrainingWrapper
+        target = [name] if name else []
+        wrong, found = [], False
+        for module_name, module in group.model.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                if list(module.active_adapters) != target or module.merged or module.disable_adapters:
+                    wrong.append(module_name)
+                found = found or (name is not None and name in module._all_available_adapter_names())
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                want = target if name in module._adapters else []
+                if list(module.active_adapters) != want:
+                    wrong.append(module_name)
+                found = found or name in module._adapters
+        if name is not None and isinstance(group.model, PeftModel):
+            if group.model.active_adapter != name:
+                wrong.append("PeftModel.active_adapter")
+            found = found or name in getattr(group.model, "prompt_encoder", {})
+        if name is not None and not found:
+            wrong.append(f"no weights of '{name}' in the model")
+        if wrong:
+            raise AdapterSwitchError(f"Switching to {name or 'the base model'} did not take effect in: "
+                                     f"{', '.join(wrong[:5])}" + (" ..." if len(wrong) > 5 else ""),
+                                     suggestions=["this is a bug: please report it with the adapter configs"])
+
+    # ---- predicting and exporting --------------------------------------------------------------------------
+    def predict(self, inputs: Sequence[Any], adapter: str | None = None, batch_size: int = 32,
+                task: str | None = None, **kwargs) -> list[Any]:
+        """The task's structured results for a list of inputs, with ``adapter`` (None: the base model)."""
+        from .inference import check_predict_kwargs, prepare_inputs
+        with self._lock:
+            model, tokenizer, task_obj = self.set_adapter(adapter, task)
+            check_predict_kwargs(task_obj, kwargs)
+            items = prepare_inputs(task_obj, list(inputs))
+            return task_obj.predict(model, tokenizer, items, batch_size=batch_size, **kwargs)
+
+    def predict_grouped(self, inputs: Sequence[Any], adapters: Sequence[str | None], batch_size: int = 32,
+                        **kwargs) -> list[Any]:
+        """One adapter name per input; each adapter's inputs run as one batched call; results in input order."""
+        with self._lock:
+            return group_by_adapter(inputs, adapters, lambda items, name: self.predict(
+                items, adapter=name, batch_size=batch_size, **kwargs))
+
+    def merge_adapter(self, name: str, target: str | Path | None = None) -> Path:
+        """Write ``name`` merged into its full-precision base as a standalone model (tunepipe.merge); returns the
+        directory (default: the run's ``merged/``, or ``<adapter dir>-merged``)."""
+        from .merge import merge_and_unload
+        record = self._get(name)
+        if target is None and record.path.name != "adapter":
+            target = record.path.with_name(record.path.name + "-merged")
+        return merge_and_unload(record.path, target)
+
+
+def group_by_adapter(inputs: Sequence[Any], adapters: Sequence[str | None],
+                     run: Callable[[list[Any], str | None], list[Any]]) -> list[Any]:
+    """Split a mixed batch by adapter, ``run`` each part once, and put the results back in input order."""
+    if len(adapters) != len(inputs):
+        raise ValidationError(f"{len(inputs)} inputs but {len(adapters)} adapter names",
+                              suggestions=["give one adapter name per input"])
+    groups: dict[str | None, list[int]] = {}
+    for i, name in enumerate(adapters):
+        groups.setdefault(name, []).append(i)
+    out: list[Any] = [None] * len(inputs)
+    for name, idx in groups.items():
+        for i, result in zip(idx, run([inputs[i] for i in idx], name)):
+            out[i] = result
+    return out
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
