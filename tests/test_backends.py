@@ -109,6 +109,7 @@ def test_same_outputs_and_metric_names(tiny_specs, ner_data, tmp_path):
     for backend in BACKENDS:
         specs = tiny_specs("token_classification", ner_data, backend=backend,
                            training={"max_steps": 4, "logging_steps": 2, "save_strategy": "steps", "save_steps": 2,
+                                     "train_sampling_strategy": "sequential",
                                      "eval_strategy": "steps", "eval_steps": 4, "save_total_limit": 1})
         specs["output_dir"] = str(tmp_path / backend.replace("+", "_"))
         pipe = FineTunePipeLine(specs)

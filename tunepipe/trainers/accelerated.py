@@ -27,13 +27,16 @@ def make_accelerator(args, specs):
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration
 
+    from .common import _has_gpu
     from .distributed import accelerator_kwargs
     # Like TrainingArguments does: a previous Accelerator in this process (another run, a test) must not pin
     # its mixed-precision setting on this one.
     AcceleratorState._reset_state(reset_partial_state=False)
     seed = args.data_seed if args.data_seed is not None else args.seed
     mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
-    return Accelerator(mixed_precision=mixed, cpu=bool(args.use_cpu),
+    # cpu=True also when there is no GPU: Accelerate only recognises a CPU multi-process launch (MULTI_CPU, gloo)
+    # when told it runs on CPU; otherwise each launched process would train alone on the whole data.
+    return Accelerator(mixed_precision=mixed, cpu=bool(args.use_cpu) or not _has_gpu(),
                        gradient_accumulation_steps=args.gradient_accumulation_steps,
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
                        step_scheduler_with_optimizer=False, **accelerator_kwargs(specs.distributed))

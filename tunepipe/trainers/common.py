@@ -80,8 +80,11 @@ def training_values(specs, has_eval: bool, cls=None) -> dict[str, Any]:
     for key in NOT_TRAINING_ARGUMENTS:
         values.pop(key, None)
     values["bf16"], values["fp16"] = resolve_precision(specs.training)
-    if values["bf16"] and not _has_gpu():
-        values["use_cpu"] = True  # transformers refuses bf16 on CPU unless told it is on CPU on purpose
+    if not _has_gpu():
+        # transformers refuses bf16 on CPU unless told it is on CPU on purpose, and only sets up a multi-process
+        # CPU run (torchrun / accelerate launch: MULTI_CPU with gloo) when use_cpu is on; without it every
+        # launched process trains alone on all the data.
+        values["use_cpu"] = True
     _rename_for_installed_transformers(values, cls)
     if not has_eval:
         values["eval_strategy"] = "no"
@@ -90,6 +93,11 @@ def training_values(specs, has_eval: bool, cls=None) -> dict[str, Any]:
         values["save_strategy"] = values["eval_strategy"]
     values.setdefault("report_to", "none")
     values.setdefault("push_to_hub", False)
+    # transformers' default (True) multiplies the loss by the number of processes for every model whose forward
+    # takes **kwargs, assuming it divides by num_items_in_batch; BERT-style heads ignore it, so multi-process runs
+    # logged (and stepped on) world_size x the loss. Off: each rank's mean loss, averaged by DDP, as the
+    # Accelerate and Lightning backends do. Single-process runs are unaffected.
+    values.setdefault("average_tokens_across_devices", False)
     distributed = getattr(specs, "distributed", None)
     if distributed is not None:
         from .distributed import hf_training_values

@@ -1,6 +1,8 @@
 """HF backend: thin subclasses of transformers' Trainer / Seq2SeqTrainer, wired to a Task."""
 from __future__ import annotations
 
+import contextlib
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +92,27 @@ class NLPSeq2SeqTrainer(_TaskTrainerMixin, Seq2SeqTrainer):
         # The evaluations Trainer runs during training call evaluate() without generation arguments, and
         # Seq2SeqTrainer would then generate with the model's generation_config (20 tokens by default).
         gen_kwargs = {**self.task.generation_kwargs(), **gen_kwargs}
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
-                                **gen_kwargs)
+        with self._generation_config_kept():
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                                    **gen_kwargs)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test", **gen_kwargs):
         gen_kwargs = {**self.task.generation_kwargs(), **gen_kwargs}
-        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
-                               **gen_kwargs)
+        with self._generation_config_kept():
+            return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                                   **gen_kwargs)
+
+    @contextlib.contextmanager
+    def _generation_config_kept(self):
+        """Seq2SeqTrainer writes every library default (max_length=20, ...) into model.generation_config while
+        it evaluates; put the model's own back so saved models carry only the specs' settings."""
+        model = self.accelerator.unwrap_model(self.model)
+        kept = copy.deepcopy(getattr(model, "generation_config", None))
+        try:
+            yield
+        finally:
+            if kept is not None:
+                model.generation_config = kept
 
     def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:
         metrics = self.evaluate(eval_dataset=dataset, metric_key_prefix=split)

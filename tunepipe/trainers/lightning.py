@@ -49,6 +49,16 @@ class AcceleratePrecision(Precision):
         self.precision = {"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(mixed_precision, "32-true")
         self._accelerator = None
 
+    def bind(self, trainer: pl.Trainer) -> None:
+        """Create the Accelerator inside each launched process, after Lightning set up the process group, with
+        Lightning's ranks in the environment: Accelerate reads (and on CPU rewrites) RANK / WORLD_SIZE /
+        LOCAL_RANK / LOCAL_WORLD_SIZE, which must describe the processes Lightning started."""
+        if trainer.world_size > 1:
+            os.environ.update(RANK=str(trainer.global_rank), WORLD_SIZE=str(trainer.world_size),
+                              LOCAL_RANK=str(trainer.local_rank),
+                              LOCAL_WORLD_SIZE=str(trainer.world_size // max(trainer.num_nodes, 1)))
+        _ = self.accelerator
+
     @property
     def accelerator(self):
         if self._accelerator is None:
@@ -127,6 +137,11 @@ class TaskModule(pl.LightningModule):
         self.__dict__["_owner"] = owner  # a plain reference, not a registered submodule
         self._eval_results: list[tuple] = []
 
+    def setup(self, stage: str) -> None:
+        precision = self.trainer.precision_plugin
+        if isinstance(precision, AcceleratePrecision):
+            precision.bind(self.trainer)
+
     # ---- data --------------------------------------------------------------------------------------------
     def train_dataloader(self):
         return self._owner.train_loader(self.trainer.world_size, self.trainer.global_rank)
@@ -193,7 +208,8 @@ class TaskModule(pl.LightningModule):
 
     def on_train_epoch_start(self):
         owner = self._owner
-        owner.sampler.set_epoch(self.current_epoch)
+        if hasattr(owner.sampler, "set_epoch"):  # seeded samplers reshuffle per epoch; sequential has none
+            owner.sampler.set_epoch(self.current_epoch)
         owner.control = owner.handler.on_epoch_begin(owner.args, owner.state, owner.control)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
