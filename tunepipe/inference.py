@@ -423,8 +423,10 @@ class InferencePipeLine:
         return self.adapters.set_adapter(adapter if adapter is not None else self.default_adapter)[2]
 
     def input_from_record(self, record: dict[str, Any], adapter: str | None = None) -> Any:
-        """What predict takes, from one record of an input file, in the columns the model was trained on."""
-        return self.task_for(adapter).input_from_record(record)
+        """What predict takes, from one record of an input file: the columns the model was trained on, else a
+        'text' field."""
+        value = self.task_for(adapter).input_from_record(record)
+        return record["text"] if value is None and isinstance(record.get("text"), str) else value
 
     # ---- description ---------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
