@@ -10,7 +10,7 @@ from tunepipe.errors import ConfigError, ModelNotFoundError
 
 TEXTS = ["Greta Varga flew from Lisbon", "Ada lives in Paris .", "Bluefin Robotics hired Omar"]
 REVIEWS = ["a warm and funny film", "a dull and lifeless film", "the best film this year"]
-ONE_STEP = {"max_steps": 1, "eval_strategy": "no"}
+ONE_STEP = {"max_steps": 1, "eval_strategy": "no", "warmup_steps": 0}
 
 
 def train_run(tiny_specs, task, data, **sections):
@@ -170,8 +170,8 @@ def test_cli_predicts_from_an_adapter_run(tiny_specs, ner_data, capsys):
 
 
 @pytest.mark.parametrize("task,method,needle", [
-    ("token_classification", "prompt_tuning", "realign"),
-    ("token_classification", "p_tuning", "realign"),
+    ("token_classification", "prompt_tuning", "shift"),  # virtual tokens shift per-token outputs
+    ("token_classification", "p_tuning", "shift"),
     ("text_classification", "prefix_tuning", "past_key_values"),
 ])
 def test_methods_peft_cannot_run_fail_before_loading_data(tiny_specs, ner_data, cls_data, task, method, needle):

@@ -8,7 +8,7 @@ from tunepipe.errors import ConfigError, CudaError, DependencyError
 from tunepipe.quantization import QuantizationManager
 
 TEXTS = ["Greta Varga flew from Lisbon", "Ada lives in Paris ."]
-STEPS = {"max_steps": 2, "eval_strategy": "steps", "eval_steps": 1}  # train -> eval -> train on the 4-bit layers
+STEPS = {"max_steps": 2, "eval_strategy": "steps", "eval_steps": 1, "warmup_steps": 0}  # train -> eval -> train on the 4-bit layers
 
 
 def quantized_run(tiny_specs, data, task="token_classification", peft=None, quantization=None, **training):

@@ -26,8 +26,9 @@ _TASK_TYPE_BY_AUTO_CLASS = {"AutoModelForTokenClassification": "TOKEN_CLS",
                             "AutoModelForQuestionAnswering": "QUESTION_ANS",
                             "AutoModelForSeq2SeqLM": "SEQ_2_SEQ_LM", "AutoModelForCausalLM": "CAUSAL_LM"}
 _AUTO_CLASS_BY_TASK_TYPE = {v: k for k, v in _TASK_TYPE_BY_AUTO_CLASS.items()}
-# Outputs aligned with input positions: prepended virtual tokens shift them, and peft does not realign labels.
-_POSITIONAL_TASK_TYPES = ("TOKEN_CLS", "QUESTION_ANS")
+# Outputs aligned with input positions: prepended virtual tokens shift them (peft does not realign token labels or
+# answer positions, and causal-LM evaluation reads logits at the label positions).
+_POSITIONAL_TASK_TYPES = ("TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM")
 
 
 def peft_enabled(specs) -> bool:
@@ -137,10 +138,11 @@ def check_peft_specs(specs, task, skeleton=None) -> None:
     if method in ("prompt_tuning", "p_tuning") or (method == "prefix_tuning" and task_type is None):
         if task_type is None or task_type in _POSITIONAL_TASK_TYPES:
             raise ConfigError(
-                f"peft.method '{method}' does not work for {task.name}: peft prepends virtual tokens but does not "
-                f"realign per-token labels/positions" if task_type else
+                f"peft.method '{method}' does not work for {task.name}: it prepends virtual tokens, which shift "
+                f"the per-token outputs away from the labels (peft does not realign them)" if task_type else
                 f"peft.method '{method}' needs a peft task type, and {task.name} has none",
-                field="peft.method", suggestions=[f"use lora, dora or ia3 for {task.name}"])
+                field="peft.method", suggestions=[f"use lora, dora or ia3 for {task.name}"] + (
+                    ["or prefix_tuning (keys/values, no shift)"] if task_type == "CAUSAL_LM" else []))
     if skeleton is None:
         return
     if method == "prefix_tuning" and task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and not _accepts_past(skeleton):
