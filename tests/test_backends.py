@@ -171,3 +171,35 @@ def test_combined_mode_autocasts_through_accelerate(tiny_specs, ner_data, tmp_pa
     assert seen[("lightning+accelerate", False)][1][0] is False
     # plain Lightning mode: Lightning's own mixed-precision plugin does the autocast
     assert seen[("lightning", True)] == ("MixedPrecision", (True, torch.bfloat16))
+
+
+def test_lora_same_curves_and_adapter_only_checkpoints(tiny_specs, ner_data, tmp_path):
+    """With PEFT (LoRA) every backend trains the same adapter and checkpoints only the adapter."""
+    curves = {}
+    for backend in BACKENDS:
+        specs = ner_specs(tiny_specs, ner_data, backend, tmp_path)
+        specs["training"].update(max_steps=4, save_strategy="steps", save_steps=4)
+        specs["peft"] = {"method": "lora", "r": 4, "dropout": 0.0}
+        pipe, result = _train(specs)
+        assert type(pipe.trainer.trained_model()).__name__.startswith("PeftModel")
+        curves[backend] = _curve(result)
+        checkpoint = next((pipe.output_dir / "checkpoints").glob("*-4"))
+        names = {p.name for p in checkpoint.iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= names
+        assert "model.safetensors" not in names
+    for backend in BACKENDS[1:]:
+        assert curves[backend] == pytest.approx(curves["hf"], rel=1e-4), backend
+
+
+def test_accelerate_resume_continues_the_same_curve(tiny_specs, ner_data, tmp_path):
+    """Resuming from checkpoints/step-3 (model, optimizer, scheduler, RNG, data position) gives the losses of
+    steps 4-6 of the uninterrupted run."""
+    specs = ner_specs(tiny_specs, ner_data, "accelerate", tmp_path)
+    specs["training"].update(max_steps=6, save_strategy="steps", save_steps=3, save_total_limit=None)
+    _, full = _train(specs)
+    resumed = dict(specs, output_dir=str(tmp_path / "resumed"))
+    resumed["training"] = {**specs["training"],
+                           "resume_from_checkpoint": str(tmp_path / "accelerate" / "checkpoints" / "step-3")}
+    _, result = _train(resumed)
+    new = [e["loss"] for e in result.log_history if "loss" in e and e["step"] > 3]
+    assert new == pytest.approx(_curve(full)[3:], rel=1e-5)

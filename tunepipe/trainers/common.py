@@ -602,13 +602,16 @@ def load_model_weights(path: Path, model) -> None:
         from peft.utils import load_peft_weights
         set_peft_model_state_dict(model, load_peft_weights(str(path)))
         return
-    from transformers.modeling_utils import load_sharded_checkpoint
-    files = list(Path(path).glob("model*.safetensors"))
-    if (Path(path) / "model.safetensors.index.json").is_file():
-        load_sharded_checkpoint(model, str(path))
-    else:
-        from safetensors.torch import load_file
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        model.load_state_dict(state, strict=False)
+    from safetensors.torch import load_file
+
+    from ..errors import CheckpointError
+    state = {}
+    for f in sorted(Path(path).glob("*.safetensors")):  # model.safetensors or its shards
+        state.update(load_file(str(f)))
+    if not state:
+        raise CheckpointError(f"No weights (*.safetensors) in {path}", file=str(path),
+                              suggestions=["point to a checkpoint written by tunepipe (checkpoints/step-N)"])
+    result = model.load_state_dict(state, strict=False)  # tied weights are saved once
+    if result.unexpected_keys:
+        raise CheckpointError(f"The weights in {path} do not fit this model (e.g. {result.unexpected_keys[0]})",
+                              file=str(path), suggestions=["resume with the specs the checkpoint was trained with"])
