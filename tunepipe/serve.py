@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from .errors import ConfigError, DependencyError, TunepipeError, ValidationError
 
 log = logging.getLogger("tunepipe.serve")
@@ -24,6 +26,35 @@ class Limits:
     max_batch: int = 64
     max_input_chars: int = 20_000
     max_body_bytes: int = 2_000_000
+
+
+class PredictRequest(BaseModel):
+    """Body of POST /v1/predict."""
+    model_config = ConfigDict(extra="forbid")
+    inputs: Any = Field(..., description="One input (a text, a record such as {question, context}, or a pair "
+                                         "[text, text_pair]) or a list of inputs",
+                        examples=["Ada Lovelace lived in London", ["first text", "second text"]])
+    adapter: str | None = Field(None, description="adapter for every input (default: the pipeline's default "
+                                                  "adapter, else the base model)")
+    adapters: list[str | None] | None = Field(None, description="one adapter name per input (a list of inputs):"
+                                                                " the batch is grouped by adapter")
+    parameters: dict[str, Any] = Field(default_factory=dict,
+                                       description="prediction settings of the task: all_scores, top_k, "
+                                                   "n_best_size, generation settings such as num_beams")
+
+
+class PredictResponse(BaseModel):
+    predictions: Any = Field(..., description="one result per input, in input order (one object for one input)")
+    task: str | None = None
+
+
+class AdapterRequest(BaseModel):
+    """Body of POST /v1/adapters."""
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., description="name to use in requests")
+    path: str = Field(..., description="adapter directory on the server (or a run's output_dir)")
+    task: str | None = Field(None, description="task, when the adapter does not record it")
+    load: bool = Field(True, description="load it now (else at its first request)")
 
 
 def _require_fastapi():
@@ -66,35 +97,10 @@ def create_app(pipeline, limits: Limits | None = None, allow_adapter_loading: bo
     _require_fastapi()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from pydantic import BaseModel, ConfigDict, Field
 
     from . import __version__
     limits = limits or Limits()
     lock = threading.Lock()
-
-    class PredictRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        inputs: Any = Field(..., description="One input (a text, a record such as {question, context}, or a pair "
-                                             "[text, text_pair]) or a list of inputs",
-                            examples=["Ada Lovelace lived in London", ["first text", "second text"]])
-        adapter: str | None = Field(None, description="adapter for every input (default: the pipeline's default "
-                                                      "adapter, else the base model)")
-        adapters: list[str | None] | None = Field(None, description="one adapter name per input (a list of inputs):"
-                                                                    " the batch is grouped by adapter")
-        parameters: dict[str, Any] = Field(default_factory=dict,
-                                           description="prediction settings of the task: all_scores, top_k, "
-                                                       "n_best_size, generation settings such as num_beams")
-
-    class PredictResponse(BaseModel):
-        predictions: Any = Field(..., description="one result per input, in input order (one object for one input)")
-        task: str | None = None
-
-    class AdapterRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        name: str = Field(..., description="name to use in requests")
-        path: str = Field(..., description="adapter directory on the server (or a run's output_dir)")
-        task: str | None = Field(None, description="task, when the adapter does not record it")
-        load: bool = Field(True, description="load it now (else at its first request)")
 
     app = FastAPI(title="tunepipe", version=__version__,
                   description="Predictions from a fine-tuned model: entities, labels, answers, generated text; "
@@ -145,8 +151,11 @@ def create_app(pipeline, limits: Limits | None = None, allow_adapter_loading: bo
         from .inference import is_single_input
         single = is_single_input(body.inputs)
         items = [body.inputs] if single else body.inputs
-        if not isinstance(items, list) or not items:
-            raise ValidationError("inputs must be an input or a non-empty list of inputs", field="inputs",
+        if not isinstance(items, list):
+            raise ValidationError(f"inputs is {body.inputs!r:.40}, not a text, a record or a list of inputs",
+                                  field="inputs", suggestions=['{"inputs": ["a text", "another text"]}'])
+        if not items:
+            raise ValidationError("inputs is an empty list: nothing to predict", field="inputs",
                                   suggestions=['{"inputs": ["a text", "another text"]}'])
         if len(items) > limits.max_batch:
             raise ValidationError(f"{len(items)} inputs in one request; the limit is {limits.max_batch}",
