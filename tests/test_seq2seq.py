@@ -215,17 +215,24 @@ def test_example_specs_load():
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
-def test_train_save_reload_with_plain_transformers(tmp_path, mt_data, unigram_dir):
+def test_train_save_reload_with_plain_transformers(tmp_path, mt_data):
+    """A T5 built from config with a Unigram tokenizer trained on the data (source and target text)."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from tunepipe import FineTunePipeLine
-    pipe = FineTunePipeLine(t5_specs(tmp_path, mt_data, unigram_dir))
+    specs = t5_specs(tmp_path, mt_data, None)
+    specs["tokenizer"] = {"train": {"type": "unigram", "vocab_size": 150}}
+    pipe = FineTunePipeLine(specs)
     pipe.run()
+    texts = pipe.task.tokenizer_training_texts([json.loads(line) for line in open(mt_data["train"])])
+    assert len(texts) == 2 * 64 and DE["dog"] in " ".join(texts)  # trained on source and target text
     out = Path(pipe.specs.output_dir)
     metrics = json.loads((out / "metrics.json").read_text())["validation"]
     assert {"bleu", "chrf", "gen_len", "gen_len_max", "loss"} <= set(metrics)
-    assert json.loads((out / "model" / "generation_config.json").read_text())["max_new_tokens"] == 24
+    saved_generation = json.loads((out / "model" / "generation_config.json").read_text())
+    assert saved_generation["max_new_tokens"] == 24 and saved_generation["num_beams"] == 2
+    assert "max_length" not in saved_generation  # evaluation does not leave the library's 20 behind
 
     sources = ["the big dog runs on the park", "a cat sleeps"]
     ours = [p["translation_text"] for p in pipe.predict(sources)]

@@ -301,7 +301,6 @@ class TextGenerationTask(Seq2SeqTask):
     reference and exact match catches short, closed answers; no single metric fits every such job."""
 
     name = "text_generation"
-    aliases = ("text2text_generation",)
     description = "Text-to-text generation: source/target columns; ROUGE-1/2/L/Lsum, exact match, generated length"
     defaults = {
         "data": {"source_column": "source", "target_column": "target", "max_length": 256, "max_target_length": 128},
