@@ -335,6 +335,21 @@ def test_stride_must_be_below_max_length(tokenizer_dir):
     assert err.value.field == "data.stride"
 
 
+def test_prediction_inputs_accept_dicts_pairs_and_json_text():
+    from tunepipe.errors import ValidationError
+    task = make_task()
+    expected = ("Who left ?", "Rosa left .")
+    assert task._as_input({"question": "Who left ?", "context": "Rosa left ."}, 0) == expected
+    assert task._as_input(("Who left ?", "Rosa left ."), 0) == expected
+    assert task._as_input('{"question": "Who left ?", "context": "Rosa left ."}', 0) == expected
+    assert task.input_from_record({"id": "x", "question": "Who left ?", "context": "Rosa left .",
+                                   "answers": None}) == {"question": "Who left ?", "context": "Rosa left ."}
+    for bad in ("Who left?", {"question": "Who left ?"}, {"question": " ", "context": "x"}):
+        with pytest.raises(ValidationError) as err:
+            task._as_input(bad, 2)
+        assert "Input 3" in err.value.message and err.value.suggestions
+
+
 # ---- end to end ----------------------------------------------------------------------------------------------
 def make_qa_records(n, seed, unanswerable=0.0):
     """Contexts of several facts about people (the conftest tokenizer knows these words); one question each."""
