@@ -80,7 +80,8 @@ def run_variant(name: str, args, out_dir: Path) -> dict:
     start = time.perf_counter()
     result = pipe.train()
     seconds = time.perf_counter() - start
-    out = {"variant": name, "learning_rate": cfg["lr"], "peft": cfg.get("peft"),
+    out = {"variant": name, "learning_rate": cfg["lr"], "warmup_steps": pipe.specs.training.warmup_steps,
+           "lr_scheduler_type": pipe.specs.training.lr_scheduler_type, "peft": cfg.get("peft"),
            "gradient_checkpointing": bool(cfg.get("checkpointing")),
            "peak_rss_mb": round(peak_rss_mb(), 1), "peak_rss_before_train_mb": round(rss_before, 1),
            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
@@ -200,7 +201,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["full", "lora", "lora_lr5e-4", "qlora", "lora_checkpointing"],
                    choices=list(VARIANTS))
-    p.add_argument("--max-train", type=int, default=3000, help="training sentences, the same cap for every variant")
+    p.add_argument("--max-train", type=int, default=2000, help="training sentences, the same cap for every variant")
     p.add_argument("--max-validation", type=int, default=1000)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)

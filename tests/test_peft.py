@@ -167,6 +167,8 @@ def test_cli_predicts_from_an_adapter_run(tiny_specs, ner_data, capsys):
     card = (pipe.output_dir / "README.md")
     pipe.evaluate()
     assert "PeftModel.from_pretrained" in card.read_text()
+    assert main(["evaluate", str(pipe.output_dir / "specs.yaml")]) == 0  # evaluates adapter/, not model/
+    assert "validation metrics" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("task,method,needle", [

@@ -136,7 +136,8 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     pipe = _pipeline(args)
-    pipe.setup(trained_dir=args.model or pipe.output_dir / "model")
+    from .peft_support import peft_enabled
+    pipe.setup(trained_dir=args.model or pipe.output_dir / ("adapter" if peft_enabled(pipe.specs) else "model"))
     pipe.evaluate()
     _print_metrics(pipe)
     return 0

@@ -247,8 +247,8 @@ def finish_model(model, specs, task, tokenizer=None):
     base for training, turn on checkpointing, and wrap with peft."""
     from .quantization import QuantizationManager
     qm = QuantizationManager(specs)
-    if peft_enabled(specs) and specs.model.from_config:
-        model = _persist_from_config_base(model, specs, task, qm)
+    if peft_enabled(specs) and (specs.model.from_config or getattr(specs.model, "encoder_decoder", None)):
+        model = _persist_from_config_base(model, specs, task, qm)  # no checkpoint holds these initial weights
     if qm.enabled:
         QuantizationManager.fix_cpu_layers(model)
         QuantizationManager.check_peft_compatible(model, peft_method(specs))
@@ -269,7 +269,8 @@ def finish_model(model, specs, task, tokenizer=None):
 
 
 def _persist_from_config_base(model, specs, task, qm):
-    """A from_config base has no checkpoint: write its initial full-precision weights as the adapter's base."""
+    """A base built from config (or a warm-started encoder-decoder, whose cross-attention is new) has no checkpoint:
+    write its initial full-precision weights as the adapter's base."""
     import transformers
 
     from .output import atomic_dir

@@ -62,8 +62,10 @@ class QuantizationManager:
     def __init__(self, specs=None, *, bits: int | None = None, quant_type: str = "nf4", double_quant: bool = True,
                  compute_dtype: str = "bfloat16", skip_modules: list[str] | None = None, peft_method: str = "none"):
         if specs is not None:
+            from .peft_support import peft_enabled
+            from .peft_support import peft_method as method_of
             q = specs.quantization
-            peft_method = specs.peft.method
+            peft_method = method_of(specs) if peft_enabled(specs) else "none"
             if q.load_in_4bit and q.load_in_8bit:
                 raise ConfigError("quantization.load_in_4bit and load_in_8bit are both on", field="quantization",
                                   suggestions=["choose one: 4-bit (QLoRA) or 8-bit"])
