@@ -197,13 +197,30 @@ def test_records_are_validated_with_file_and_line(tmp_path):
 
 def test_generation_kwargs_hold_only_what_applies():
     greedy = make_task(TextGenerationTask)
-    assert greedy.generation_kwargs() == {"max_new_tokens": 64, "num_beams": 1, "do_sample": False}
+    assert greedy.generation_kwargs() == {"max_new_tokens": 64, "num_beams": 1, "do_sample": False,
+                                          "no_repeat_ngram_size": 0}
     beams = make_task(SummarizationTask)
     assert beams.generation_kwargs() == {"max_new_tokens": 128, "num_beams": 4, "do_sample": False,
                                          "length_penalty": 1.0, "no_repeat_ngram_size": 3}
     sampled = TextGenerationTask(load_specs({"task": "text_generation", "model": "m", "data": {"train": "x"},
                                              "generation": {"do_sample": True, "top_p": 0.9}}))
     assert sampled.generation_kwargs()["top_p"] == 0.9 and "temperature" not in sampled.generation_kwargs()
+
+
+def test_pretrained_generation_options_the_specs_turn_off_are_unset():
+    """A checkpoint saved for beam search and sampling, fine-tuned with greedy specs: the options that no longer
+    apply are dropped, else save_pretrained refuses the generation config."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+    gen = GenerationConfig(num_beams=4, length_penalty=2.0, early_stopping=True, no_repeat_ngram_size=3,
+                           do_sample=True, temperature=0.7, top_p=0.9, max_length=20)
+    model = SimpleNamespace(config=SimpleNamespace(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+                            generation_config=gen)
+    make_task(TextGenerationTask).configure_model(model, None)
+    kept = {k: v for k, v in gen.to_diff_dict().items() if k != "transformers_version"}
+    assert kept == {"max_length": 20, "max_new_tokens": 64, "num_beams": 1, "do_sample": False,
+                    "no_repeat_ngram_size": 0, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
 
 
 def test_example_specs_load():

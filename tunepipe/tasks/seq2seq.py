@@ -15,6 +15,8 @@ from ..errors import ConfigError
 from .base import Task
 from .seq2seq_metrics import bleu_chrf, exact_match, generated_lengths, rouge
 
+BEAM_ONLY = ("length_penalty", "early_stopping", "num_beam_groups", "diversity_penalty")
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
 _TRAINING = {"per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "learning_rate": 5e-5,
              "num_train_epochs": 3}
 
@@ -170,13 +172,11 @@ class Seq2SeqTask(Task):
         options without do_sample), so transformers neither warns nor refuses to save the generation config."""
         g = self.specs.generation
         kwargs: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams,
-                                  "do_sample": g.do_sample}
+                                  "do_sample": g.do_sample, "no_repeat_ngram_size": g.no_repeat_ngram_size}
         if g.num_beams > 1:
             kwargs["length_penalty"] = g.length_penalty
             if g.early_stopping is not None:
                 kwargs["early_stopping"] = g.early_stopping
-        if g.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = g.no_repeat_ngram_size
         if g.min_new_tokens:
             kwargs["min_new_tokens"] = g.min_new_tokens
         if g.do_sample:
@@ -200,7 +200,19 @@ class Seq2SeqTask(Task):
         for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
             if getattr(gen, key, None) is None and getattr(config, key, None) is not None:
                 setattr(gen, key, getattr(config, key))
-        gen.update(**self.generation_kwargs())
+        kwargs = self.generation_kwargs()
+        gen.update(**kwargs)
+        # a pretrained generation_config may carry beam or sampling options the specs turn off: unset them, or
+        # save_pretrained refuses the combination
+        unused = (() if kwargs["num_beams"] > 1 else BEAM_ONLY) + (() if kwargs["do_sample"] else SAMPLING_ONLY)
+        for key in unused:
+            if key not in kwargs and getattr(gen, key, None) is not None:
+                setattr(gen, key, None)
+        try:
+            gen.validate(strict=True)
+        except ValueError as e:
+            raise ConfigError(f"Invalid generation settings: {str(e).strip().splitlines()[1:2] or e}",
+                              field="generation", suggestions=["check the generation section"]) from None
         self.decoder_start_token_id = config.decoder_start_token_id
 
     def on_model_loaded(self, model) -> None:
