@@ -174,6 +174,7 @@ class QuestionAnsweringTask(Task):
     aliases = ("qa",)
     description = "Extractive QA (SQuAD v1.1/v2.0 records): answer spans in a context; official SQuAD EM/F1"
     auto_model_class = "AutoModelForQuestionAnswering"
+    peft_task_type = "QUESTION_ANS"
     ordered_eval = True
     defaults = {
         "data": {"text_column": "question", "text_pair_column": "context", "label_column": "answers",

@@ -26,6 +26,7 @@ class Seq2SeqTask(Task):
 
     generative = True
     auto_model_class = "AutoModelForSeq2SeqLM"
+    peft_task_type = "SEQ_2_SEQ_LM"
     output_key = "generated_text"
     # what a starter specs file should load: the only pretrained seq2seq available offline (bert2bert from MiniLM)
     starter_model = {"encoder_decoder": "minilm"}
