@@ -85,7 +85,6 @@ class DataSpec(_Section):
     max_target_length: int | None = Field(None, gt=0, description="seq2seq: target tokens kept for training")
 
 
-
 class TrainingSpec(BaseModel):
     """transformers ``TrainingArguments`` names. Listed fields carry tunepipe's defaults; any other
     TrainingArguments name is accepted and passed through."""
@@ -99,7 +98,7 @@ class TrainingSpec(BaseModel):
     per_device_eval_batch_size: int = Field(32, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float = 1.0
-    warmup_steps: float = 0
+    warmup_steps: float = Field(0, ge=0, description="int = steps; float in [0, 1) = fraction of all steps")
     lr_scheduler_type: str = "linear"
     seed: int = 42
     eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
@@ -229,6 +228,7 @@ LEGACY_KEYS: dict[str, tuple[str, str]] = {
     **{k: ("data", k) for k in ("max_length", "chunk_size", "stride", "mlm_probability")},
     "scheduler_strategy": ("training", "lr_scheduler_type"),
     "evaluation_strategy": ("training", "eval_strategy"),
+    "warmup_ratio": ("training", "warmup_steps"),
     "use_gradient_checkpointing": ("training", "gradient_checkpointing"),
     "lora_r": ("peft", "r"), "lora_alpha": ("peft", "alpha"), "lora_dropout": ("peft", "dropout"),
     "lora_bias": ("peft", "bias"), "peft_method": ("peft", "method"),
@@ -236,7 +236,7 @@ LEGACY_KEYS: dict[str, tuple[str, str]] = {
     "quantization_type": ("quantization", "<type>"),
 }
 # Renamed transformers TrainingArguments keys, accepted inside `training:` too.
-RENAMED_TRAINING_KEYS = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu",
+RENAMED_TRAINING_KEYS = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu", "warmup_ratio": "warmup_steps",
                          "scheduler_strategy": "lr_scheduler_type", "use_gradient_checkpointing": "gradient_checkpointing"}
 DROPPED_TRAINING_KEYS = {"overwrite_output_dir", "logging_dir", "save_safetensors", "output_dir"}
 TOP_LEVEL = set(SECTIONS) | {"task", "task_type", "output_dir", "backend", "use_accelerate", "use_lightning"}
