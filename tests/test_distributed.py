@@ -271,3 +271,21 @@ def test_lightning_ddp_two_processes(ddp_job, tmp_path, backend):
     """Lightning launches the second process itself (strategy ddp, devices 2) by re-running the script."""
     out, run, specs = _launch(ddp_job, tmp_path, backend, [sys.executable])
     _check_ddp_run(ddp_job, out, run, specs)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_cpu_trap_warns(ddp_job, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process: the run says so instead of staying silent."""
+    import yaml
+    config = tmp_path / "specs.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": "token_classification", "output_dir": str(tmp_path / "run"), "backend": "accelerate",
+        "model": {"from_config": dict(TINY_BERT)}, "tokenizer": {"name_or_path": str(ddp_job / "tok")},
+        "data": {"train": str(ddp_job / "train.jsonl")},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "no", "disable_tqdm": True}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu", "--num_processes", "2",
+               "--main_process_port", "29535", "-m", "tunepipe", "train", str(config)]
+    proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runs a single process" in proc.stderr and "--multi_gpu" in proc.stderr

@@ -277,7 +277,7 @@ class _LightningTrainer(LoopBookkeeping):
         if specs.training.resume_from_checkpoint:
             raise ConfigError("resume_from_checkpoint is not supported by the Lightning backends yet",
                               field="training.resume_from_checkpoint",
-                              suggestions=["resume with backend: accelerate or hf (same checkpoint layout)"])
+                              suggestions=["resume with backend: accelerate, which reads the same checkpoints/step-N"])
         set_seed(self.args.seed)
         check_launch(specs.backend, specs.distributed)
         self.combined = specs.backend == "lightning+accelerate"
@@ -309,7 +309,8 @@ class _LightningTrainer(LoopBookkeeping):
         """One lightning.Trainer for fit and validate (a second one would launch the processes again)."""
         if self._pl is None:
             args, dist = self.args, self.specs.distributed
-            schedule = training_schedule(len(self.train_loader(self._world_size(), 0)), args)
+            batches = len(self.train_loader(self._world_size(), 0)) if self.train_dataset is not None else 1
+            schedule = training_schedule(batches, args)  # evaluation-only runs have no training data
             kwargs: dict[str, Any] = {}
             use_cpu = bool(args.use_cpu) or not torch.cuda.is_available()
             if self.combined:
@@ -350,7 +351,6 @@ class _LightningTrainer(LoopBookkeeping):
 
     def run_training(self) -> TrainResult:
         prepare_model_for_training(self.model, self.args)
-        self._train_start = time.time()
         self.lightning_trainer().fit(self.module)
         state = self.state
         return TrainResult(global_step=state.global_step, train_metrics=dict(self.train_metrics),
@@ -358,6 +358,7 @@ class _LightningTrainer(LoopBookkeeping):
 
     # ---- called from the module's hooks ------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer) -> None:
+        self._train_start = time.time()  # like the Trainer's clock: after setup, when the first batch is due
         self._check_devices(trainer)
         self.state = new_state(self.args, self.schedule, trainer.is_global_zero, trainer.local_rank == 0)
         self.args.device, self.args.process_index, self.args.world_size = (trainer.strategy.root_device,
