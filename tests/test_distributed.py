@@ -235,9 +235,17 @@ def _check_ddp_run(ddp_job, out: Path, run: Path, specs):
     assert metrics["loss"] == pytest.approx(again["loss"], rel=1e-4)
 
 
+def _free_port() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def _accelerate_cli():
     return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", _free_port()]
 
 
 def test_accelerate_launch_two_processes(ddp_job, tmp_path):
@@ -247,7 +255,7 @@ def test_accelerate_launch_two_processes(ddp_job, tmp_path):
 
 
 def _torchrun():
-    return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29534"]
+    return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", _free_port()]
 
 
 @pytest.mark.slow
@@ -285,7 +293,7 @@ def test_accelerate_launch_cpu_trap_warns(ddp_job, tmp_path):
         "training": {"max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "no", "disable_tqdm": True}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu", "--num_processes", "2",
-               "--main_process_port", "29535", "-m", "tunepipe", "train", str(config)]
+               "--main_process_port", _free_port(), "-m", "tunepipe", "train", str(config)]
     proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "runs a single process" in proc.stderr and "--multi_gpu" in proc.stderr
