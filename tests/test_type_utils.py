@@ -83,6 +83,10 @@ def test_memory_estimate_follows_the_formula_and_the_method():
             < TypeUtils.estimate_memory(deep, b, s, device="cpu").activations / 5)
     double = TypeUtils.estimate_memory(model, 2 * b, s, device="cpu")
     assert double.activations == pytest.approx(2 * est.activations)
+    from peft import LoraConfig, get_peft_model
+    with_dropout = get_peft_model(tiny_model(), LoraConfig(r=2, lora_dropout=0.1, target_modules=["query"]))
+    assert TypeUtils.estimate_memory(with_dropout, b, s, device="cpu").activations == pytest.approx(
+        1.33 * est.activations)  # the dropped-out input copies LoRA keeps for backward
     for p in model.bert.parameters():
         p.requires_grad = False  # a frozen base (LoRA-like): no gradients or optimizer states for it
     frozen = TypeUtils.estimate_memory(model, b, s, device="cpu")

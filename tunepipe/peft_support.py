@@ -435,4 +435,12 @@ model = PeftModel.from_pretrained(base, "{adapter}")
 tokenizer = AutoTokenizer.from_pretrained("{adapter}")
 ```
 `tunepipe merge {output_dir}` writes a merged full model to `{Path(output_dir) / 'merged'}`.
+""" + (_QUANTIZED_CARD_NOTE if info.get("quantization") else "")
+
+
+_QUANTIZED_CARD_NOTE = """
+The base was trained quantized (see `quantization` in tunepipe_adapter.json): load it with the same
+`BitsAndBytesConfig`. On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a faster bf16 inference kernel,
+whose logits differ slightly from training's; for bit-identical outputs set `support_avx512bf16_for_cpu = False` on
+every `bitsandbytes.nn.Linear4bit` before the first forward (`tunepipe.QuantizationManager.fix_cpu_layers(base)`).
 """
