@@ -188,7 +188,7 @@ def cmd_predict(args) -> int:
     default = args.use or pipe.default_adapter or (names[0] if len(names) == 1 else None)
     rows, from_file = _input_records(args.input)
     adapters = [r.get("adapter") or default if isinstance(r, dict) else default for r in rows]
-    inputs = [pipe.input_from_record(r, a) if isinstance(r, dict) else r for r, a in zip(rows, adapters)]
+    inputs = pipe.inputs_from_records(rows, adapters)
     target = Path(args.output) if args.output else None
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target else None
     out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout

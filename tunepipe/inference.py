@@ -265,7 +265,8 @@ def place(model, device: str, dtype: Any):
     if dtype is not None:
         if quantized:
             raise ConfigError("The model is loaded quantized (as it was trained); it cannot be cast", field="dtype",
-                              suggestions=["leave dtype unset for a QLoRA adapter", "or merge it first: tunepipe merge"])
+                              suggestions=["leave dtype unset for a QLoRA adapter",
+                                           "or merge it first: tunepipe merge"])
         return TypeUtils.convert(model, dtype, device)
     if not quantized and next(model.parameters()).device.type != str(device).split(":")[0]:
         model = model.to(device)
@@ -425,8 +426,21 @@ class InferencePipeLine:
     def input_from_record(self, record: dict[str, Any], adapter: str | None = None) -> Any:
         """What predict takes, from one record of an input file: the columns the model was trained on, else a
         'text' field."""
-        value = self.task_for(adapter).input_from_record(record)
-        return record["text"] if value is None and isinstance(record.get("text"), str) else value
+        return self.inputs_from_records([record], [adapter])[0]
+
+    def inputs_from_records(self, records: Sequence[Any], adapters: Sequence[str | None]) -> list[Any]:
+        """``input_from_record`` for many records (each with its adapter's task); non-records pass through."""
+        tasks: dict[str | None, Any] = {}
+        out = []
+        for record, adapter in zip(records, adapters):
+            if not isinstance(record, dict):
+                out.append(record)
+                continue
+            if adapter not in tasks:
+                tasks[adapter] = self.task_for(adapter)
+            value = tasks[adapter].input_from_record(record)
+            out.append(record["text"] if value is None and isinstance(record.get("text"), str) else value)
+        return out
 
     # ---- description ---------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -45,7 +45,7 @@ class PredictRequest(BaseModel):
 
 class PredictResponse(BaseModel):
     predictions: Any = Field(..., description="one result per input, in input order (one object for one input)")
-    task: str | None = None
+    task: str | None = Field(None, description="the task that answered (unset for a batch naming several adapters)")
 
 
 class AdapterRequest(BaseModel):
@@ -181,7 +181,8 @@ def create_app(pipeline, limits: Limits | None = None, allow_adapter_loading: bo
                 results = pipeline.predict_grouped(items, body.adapters, **body.parameters)
             else:
                 results = pipeline.predict(items, adapter=body.adapter, **body.parameters)
-        return PredictResponse(predictions=results[0] if single else results, task=pipeline.task_name)
+            task = pipeline.task_for(body.adapter).name if body.adapters is None else None
+        return PredictResponse(predictions=results[0] if single else results, task=task)
 
     def _manager():
         if pipeline.adapters is None:
