@@ -189,7 +189,7 @@ def tunepipe_run(train, val, args, out):
              "training": {"num_train_epochs": args.epochs, "learning_rate": args.lr, "seed": args.seed,
                           "per_device_train_batch_size": args.batch_size, "save_strategy": "no",
                           "eval_strategy": "no", "disable_tqdm": True}}
-    pipe = FineTunePipeLine(specs)
+    pipe = FineTunePipeLine(specs, overrides=args.overrides)
     pipe.setup()
     t0, c0 = time.perf_counter(), time.process_time()
     pipe.train()
@@ -226,6 +226,8 @@ def main():
     ap.add_argument("--max-eval", type=int, default=None, help="first N validation questions (default: all)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--only", choices=["tunepipe", "plain"], help="run one side (for debugging)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a tunepipe spec for an experiment, e.g. training.bf16=false")
     args = ap.parse_args()
     from tunepipe.models import bundled_model_dir
     from tunepipe.tasks.question_answering import QuestionAnsweringTask

@@ -17,8 +17,9 @@ from .seq2seq_metrics import bleu_chrf, exact_match, generated_lengths, rouge
 
 BEAM_ONLY = ("length_penalty", "early_stopping", "num_beam_groups", "diversity_penalty")
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
+# warm-up: an encoder-decoder warm-started from pretrained encoders has new, randomly initialised cross-attention
 _TRAINING = {"per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "learning_rate": 5e-5,
-             "num_train_epochs": 3}
+             "num_train_epochs": 3, "warmup_steps": 0.1}
 
 
 class Seq2SeqTask(Task):
