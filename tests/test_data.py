@@ -116,3 +116,12 @@ def test_unreachable_hub_dataset_is_a_clear_error():
 
 def test_max_train_samples(files):
     assert len(modules(files["jsonl"], max_train_samples=2).load()["train"].rows) == 2
+
+
+def test_prepare_keeps_a_field_that_first_appears_in_a_later_record():
+    from tunepipe.data import _with_all_keys
+    import datasets
+    rows = _with_all_keys([{"text": "a"}, {"text": "b", "references": ["x", "y"]}])
+    ds = datasets.Dataset.from_list(rows)
+    assert ds.column_names == ["text", "references"]
+    assert ds[1]["references"] == ["x", "y"] and ds[0]["references"] is None

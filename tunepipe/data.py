@@ -318,7 +318,7 @@ class DatasetModules:
             if not records.rows:
                 continue
             with ErrorHandler.guard(f"building the {split} dataset"):
-                ds = datasets.Dataset.from_list(records.rows)
+                ds = datasets.Dataset.from_list(_with_all_keys(records.rows))
             fn = self.task.preprocess if split == "train" else self.task.preprocess_eval
             with ErrorHandler.guard(f"tokenizing the {split} data"):
                 prepared[split] = ds.map(fn, batched=True, fn_kwargs={"tokenizer": tokenizer},
@@ -349,3 +349,12 @@ def _ids_to_names(row: dict[str, Any], features: dict[str, Any]) -> dict[str, An
         elif isinstance(value, int) and value >= 0:
             row[name] = feature.int2str(value)
     return row
+
+
+def _with_all_keys(rows: list[dict]) -> list[dict]:
+    """Dataset.from_list takes its columns from the first record only; an optional field that first appears
+    later (a 'references' list, a text_pair) would be dropped silently. Give every record every key."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    if all(len(row) == len(keys) for row in rows):
+        return rows
+    return [{k: row.get(k) for k in keys} for row in rows]

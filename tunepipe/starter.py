@@ -1,6 +1,8 @@
 """`tunepipe init TASK`: a commented starter specs file built from the task's own defaults."""
 from __future__ import annotations
 
+import json
+
 import yaml
 
 COMMENTS = {
@@ -31,6 +33,7 @@ def starter_yaml(task_cls) -> str:
             lines.append(f"# {COMMENTS[key]}")
         lines.append(yaml.safe_dump({key: value}, sort_keys=False).rstrip())
         if key == "data":
-            example = yaml.safe_dump(task_cls.example_data, default_flow_style=True, width=1000).strip()
+            # json keeps a record on one line (yaml would fold a text holding a newline onto several)
+            example = json.dumps(task_cls.example_data, ensure_ascii=False)
             lines.append(f"  # one record looks like: {example}")
     return "\n".join(lines) + "\n"
