@@ -1,0 +1,387 @@
+"""MLflow tracking (``tracking.mlflow``): one MLflow run per training.
+
+Params: the resolved specs, flattened to dot keys (``training.learning_rate``) and cut to MLflow's value-length
+limit with a marker. Metrics: every training log (with its step), every evaluation, and the resource monitor's
+fields. Artifacts: specs.yaml, train_log.jsonl, resources.json, a loss plot, metrics.json, the model card, and the
+model or adapter with ``log_model: true``.
+
+Tracking must never cost a training run: every MLflow call goes through :meth:`MlflowTracker._call`, which turns a
+failure into ONE :class:`TrackingWarning` and pauses tracking for ``RETRY_AFTER_S`` seconds (so a dead server
+costs at most a few short requests per minute). HTTP requests use short timeouts and one retry unless the user set
+the ``MLFLOW_HTTP_REQUEST_*`` variables. The client API (``MlflowClient``) is used rather than the fluent
+``mlflow.start_run``, so tunepipe neither reads nor changes a user's active run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("tunepipe")
+
+RETRY_AFTER_S = 60.0
+TRUNCATION_MARKER = "...[truncated]"
+DEFAULT_REQUEST_TIMEOUT = 5  # seconds per HTTP request (MLflow's default: 120)
+DEFAULT_MAX_RETRIES = 1  # MLflow's default: 7, with exponential backoff (minutes against a dead server)
+_BAD_NAME_CHARS = re.compile(r"[^/\w.\- ]")
+
+
+class TrackingWarning(UserWarning):
+    """MLflow could not be reached or refused a call; training continues."""
+
+
+# ---- specs -> params ---------------------------------------------------------------------------------------------
+def mlflow_limits() -> tuple[int, int]:
+    """(param value length, key length) limits of the installed MLflow."""
+    try:
+        from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
+        return MAX_PARAM_VAL_LENGTH, MAX_ENTITY_KEY_LENGTH
+    except ImportError:  # pragma: no cover - older layouts
+        return 6000, 250
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dot keys; lists stay values. ``None`` leaves are dropped (the specs.yaml artifact has them)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        elif value is not None:
+            out[name] = value
+    return out
+
+
+def clean_name(name: str, limit: int = 250) -> str:
+    """A key MLflow accepts on every platform: slashes, word characters, periods, dashes, spaces."""
+    return _BAD_NAME_CHARS.sub("_", str(name))[:limit]
+
+
+def truncate(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
+
+
+def specs_params(specs_dict: dict[str, Any], value_limit: int | None = None) -> tuple[dict[str, str], list[str]]:
+    """(params, keys whose value was truncated) for ``specs.to_dict()``."""
+    default_value_limit, key_limit = mlflow_limits()
+    value_limit = value_limit or default_value_limit
+    params, truncated = {}, []
+    for key, value in flatten(specs_dict).items():
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        name = clean_name(key, key_limit)
+        if len(text) > value_limit:
+            truncated.append(name)
+        params[name] = truncate(text, value_limit)
+    return params, truncated
+
+
+def default_tracking_uri(output_dir: Path) -> str:
+    """A SQLite store under output_dir: MLflow 3 refuses new ``file:`` stores (deprecated), SQLite needs no
+    server and ``mlflow ui --backend-store-uri`` opens it."""
+    return f"sqlite:///{(Path(output_dir) / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+# ---- the loss plot -------------------------------------------------------------------------------------------------
+def read_train_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_loss(train_log: Path, target: Path) -> Path | None:
+    """Training (and evaluation) loss per step to ``target`` (PNG). None when matplotlib is not installed or the
+    log has no loss. Uses matplotlib's object API, so a user's pyplot backend is left alone."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.info("matplotlib is not installed: no loss plot (pip install matplotlib)")
+        return None
+    records = read_train_log(train_log)
+    series = {name: [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))
+                     and "step" in r] for name in ("loss", "eval_loss")}
+    if not series["loss"]:
+        return None
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, points in series.items():
+        if points:
+            ax.plot(*zip(*points), marker="o" if name == "eval_loss" else None, markersize=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+# ---- the tracker -----------------------------------------------------------------------------------------------
+class MlflowTracker(TrainerCallback):
+    """One MLflow run per training, fed by the trainer's callback events (every backend drives them).
+
+    Lifecycle (``FineTunePipeLine`` drives it): :meth:`start` before training, metrics from ``on_log`` /
+    ``on_evaluate``, :meth:`log_training_outputs` after the model is saved, :meth:`log_evaluation_outputs` after
+    evaluation, :meth:`finish` with FINISHED, FAILED (an exception) or KILLED (an interrupt).
+    Only the main process logs.
+    """
+
+    def __init__(self, spec, specs, output_dir: str | Path):
+        self.spec, self.specs, self.output_dir = spec, specs, Path(output_dir)
+        self.tracking_uri = spec.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+            default_tracking_uri(self.output_dir)
+        self.local_store = not (spec.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.failures = 0
+        self.warned = False
+        self.finished = False
+        self.truncated_params: list[str] = []
+        self._client = None
+        self._paused_until = 0.0
+        self._logged_step: tuple[int, set[str]] = (-1, set())
+
+    def __getstate__(self):  # spawned worker processes get a copy without the (unpicklable) client
+        return {**self.__dict__, "_client": None}
+
+    # ---- guarded calls -------------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None and not self.finished
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run one MLflow call; a failure gives one warning (per tracker) and pauses tracking, never raises."""
+        if time.monotonic() < self._paused_until:
+            return None
+        try:
+            return fn()
+        except Exception as e:  # any failure of the tracking server, store or network
+            self.failures += 1
+            self._paused_until = time.monotonic() + RETRY_AFTER_S
+            if not self.warned:
+                self.warned = True
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                warnings.warn(TrackingWarning(
+                    f"MLflow tracking failed while {what} ({self.tracking_uri}): {type(e).__name__}: {first}. "
+                    f"Training continues; tracking retries every {RETRY_AFTER_S:.0f} s without further warnings. "
+                    f"Every log is also in {self.output_dir / 'train_log.jsonl'}."), stacklevel=2)
+            return None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def _set_http_limits(self) -> None:
+        """Short timeouts / few retries unless the specs or the environment say otherwise. MLflow reads these
+        variables at each request, so they apply to this process."""
+        values = {"MLFLOW_HTTP_REQUEST_TIMEOUT": self.spec.request_timeout,
+                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": self.spec.max_retries}
+        defaults = {"MLFLOW_HTTP_REQUEST_TIMEOUT": DEFAULT_REQUEST_TIMEOUT,
+                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": DEFAULT_MAX_RETRIES,
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1}
+        for name, default in defaults.items():
+            value = values.get(name)
+            if value is not None:
+                os.environ[name] = str(int(value))
+            else:
+                os.environ.setdefault(name, str(default))
+
+    # ---- the run ---------------------------------------------------------------------------------------------
+    def start(self) -> str | None:
+        """Create (or reuse) the experiment and start the run with params and tags. Returns the run id."""
+        if self.run_id is not None:
+            return self.run_id
+        self._set_http_limits()
+        if self.local_store:
+            (self.output_dir / "mlruns").mkdir(parents=True, exist_ok=True)
+        self.experiment_id = self._call("creating the experiment", self._experiment_id)
+        if self.experiment_id is None:
+            return None
+        from tunepipe import __version__
+        tags = {"tunepipe.task": self.specs.task, "tunepipe.backend": self.specs.backend,
+                "tunepipe.output_dir": str(self.output_dir.resolve()), "tunepipe.version": __version__,
+                "tunepipe.specs_fingerprint": self.specs.fingerprint(), **self.spec.tags}
+        run_name = self.spec.run_name or self.output_dir.resolve().name
+        run = self._call("starting the run", lambda: self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={clean_name(k): str(v) for k, v in tags.items()}))
+        if run is None:
+            return None
+        self.run_id = run.info.run_id
+        self._log_params()
+        log.info("MLflow run %s (%s) in experiment '%s' at %s", run_name, self.run_id, self.spec.experiment,
+                 self.tracking_uri)
+        return self.run_id
+
+    def _experiment_id(self) -> str:
+        name = self.spec.experiment
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = (self.output_dir / "mlruns" / "artifacts").resolve().as_uri() if self.local_store else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by another process
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _log_params(self) -> None:
+        from mlflow.entities import Param, RunTag
+        from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+        params, self.truncated_params = specs_params(self.specs.to_dict())
+        items = [Param(k, v) for k, v in params.items()]
+        tags = []
+        if self.truncated_params:
+            tags = [RunTag("tunepipe.truncated_params", truncate(", ".join(self.truncated_params), 5000))]
+        for i in range(0, max(len(items), 1), MAX_PARAMS_TAGS_PER_BATCH):
+            chunk = items[i: i + MAX_PARAMS_TAGS_PER_BATCH]
+            extra = tags if i == 0 else []
+            self._call("logging params", lambda c=chunk, t=extra: self.client.log_batch(
+                self.run_id, params=c, tags=t, synchronous=True))
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        items = [Metric(clean_name(k), float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not items:
+            return
+        self._call("logging metrics", lambda: self.client.log_batch(self.run_id, metrics=items, synchronous=True))
+        logged_step, keys = self._logged_step
+        keys = keys if logged_step == step else set()
+        self._logged_step = (step, keys | {m.key for m in items})
+
+    def log_files(self, files: dict[str, Path]) -> None:
+        """``{artifact path (directory, '' = root): local file or directory}``; missing paths are skipped."""
+        if not self.active:
+            return
+        for artifact_dir, path in files.items():
+            path = Path(path)
+            if path.is_dir():
+                self._call(f"uploading {path.name}/", lambda p=path, a=artifact_dir: self.client.log_artifacts(
+                    self.run_id, str(p), a or None))
+            elif path.is_file():
+                self._call(f"uploading {path.name}", lambda p=path, a=artifact_dir: self.client.log_artifact(
+                    self.run_id, str(p), a or None))
+
+    def log_training_outputs(self, model_dir: Path | None = None) -> None:
+        """After the model is saved: specs, logs, resources, loss plot; the model/adapter with log_model."""
+        if not self.active:
+            return
+        out = self.output_dir
+        plot = plot_loss(out / "train_log.jsonl", out / "loss.png")
+        for name in ("specs.yaml", "train_log.jsonl", "resources.json"):
+            self.log_files({"": out / name})
+        if not (out / "specs.yaml").is_file():
+            self._call("uploading specs.yaml", lambda: self.client.log_text(
+                self.run_id, self.specs.to_yaml(), "specs.yaml"))
+        if plot is not None:
+            self.log_files({"": plot})
+        if self.spec.log_model and model_dir is not None and Path(model_dir).is_dir():
+            self.log_files({Path(model_dir).name: Path(model_dir)})
+
+    def log_evaluation_outputs(self) -> None:
+        """After evaluation: metrics.json and the model card."""
+        for name in ("metrics.json", "README.md"):
+            self.log_files({"": self.output_dir / name})
+
+    def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        if not self.active:
+            return
+        if error is not None:
+            message = truncate(f"{type(error).__name__}: {error}", 5000)
+            self._call("recording the error", lambda: self.client.set_tag(self.run_id, "tunepipe.error", message))
+        self._paused_until = 0.0  # the final status is worth one more try
+        self._call(f"ending the run ({status})", lambda: self.client.set_terminated(self.run_id, status))
+        self.finished = True
+
+    # ---- callback events ---------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.run_id is None:
+            self.start()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.log_metrics({k: v for k, v in logs.items() if _finite_number(v)}, state.global_step)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """Evaluation metrics not already received through on_log at this step."""
+        if not (state.is_world_process_zero and metrics):
+            return
+        step, keys = self._logged_step
+        seen = keys if step == state.global_step else set()
+        missing = {k: v for k, v in metrics.items() if clean_name(k) not in seen and _finite_number(v)}
+        if missing:
+            self.log_metrics(missing, state.global_step)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- what FineTunePipeLine attaches ------------------------------------------------------------------------------
+class Tracking:
+    """The callbacks ``tracking:`` asks for (resource monitor, MLflow run) and the pipeline's hooks into them."""
+
+    def __init__(self, specs, output_dir: str | Path):
+        from .monitor import ResourceMonitor
+        self.monitor = ResourceMonitor(output_dir) if specs.tracking.resources else None
+        mlflow_spec = specs.tracking.mlflow
+        self.mlflow = MlflowTracker(mlflow_spec, specs, output_dir) if mlflow_spec is not None else None
+
+    @property
+    def callbacks(self) -> list:
+        return [cb for cb in (self.monitor, self.mlflow) if cb is not None]
+
+    def attach(self, trainer) -> None:
+        """The monitor adds fields to ``logs``: it must run before the train_log.jsonl writer."""
+        if self.monitor is not None:
+            from .monitor import place_before_log_writer
+            place_before_log_writer(trainer, self.monitor)
+
+    def start(self, is_main_process: bool) -> None:
+        if self.mlflow is not None and is_main_process:
+            self.mlflow.start()
+
+    def training_done(self, model_dir: Path | None, step: int = 0) -> None:
+        if self.mlflow is None:
+            return
+        summary = self.monitor.summary if self.monitor is not None else None
+        if summary:
+            self.mlflow.log_metrics({f"resources.{k}": v for k, v in summary.items()}, step)
+        self.mlflow.log_training_outputs(model_dir)
+
+    def evaluation_done(self) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_evaluation_outputs()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.mlflow is None:
+            return
+        if error is None:
+            self.mlflow.finish("FINISHED")
+        else:
+            self.mlflow.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", error)
