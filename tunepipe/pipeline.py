@@ -79,6 +79,8 @@ class FineTunePipeLine:
         self.data = None
         self.datasets: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
+        self.tracking = None  # tracking.Tracking: resource monitor + MLflow run (set up in setup())
+        self._in_run = False
 
     # ---- steps -------------------------------------------------------------------------------------------
     def _check_supported(self) -> None:
@@ -112,18 +114,31 @@ class FineTunePipeLine:
             from .type_utils import TypeUtils
             self.memory_estimate = TypeUtils.check_memory(self.model, self.specs)  # warns before an OOM
         self.datasets = self.data.prepare(self.tokenizer)
-        self.trainer = trainer_cls(self.task, self.specs, self.model, self.tokenizer, self.datasets, self.output_dir)
+        from .tracking import Tracking
+        self.tracking = Tracking(self.specs, self.output_dir)
+        self.trainer = trainer_cls(self.task, self.specs, self.model, self.tokenizer, self.datasets, self.output_dir,
+                                   callbacks=self.tracking.callbacks)
+        self.tracking.attach(self.trainer)
         return self
 
     def train(self):
         """Step 5-6: train, then save the final model (atomically) with specs and logs."""
         if self.trainer is None:
             self.setup()
-        with ErrorHandler.guard("training"):
-            self.train_result = self.trainer.run_training()
-        self.model = self.trainer.trained_model()
-        if self.trainer.is_main_process:
-            self.save()
+        self.tracking.start(self.trainer.is_main_process)
+        saved = None
+        try:
+            with ErrorHandler.guard("training"):
+                self.train_result = self.trainer.run_training()
+            self.model = self.trainer.trained_model()
+            if self.trainer.is_main_process:
+                saved = self.save()
+        except BaseException as e:  # the MLflow run ends FAILED (KILLED on Ctrl-C), then the error goes on
+            self.tracking.finish(error=e)
+            raise
+        self.tracking.training_done(saved, self.train_result.global_step)
+        if not self._in_run:
+            self.tracking.finish()
         return self.train_result
 
     def evaluate(self, splits: Sequence[str] = ("validation", "test")) -> dict[str, Any]:
@@ -144,13 +159,23 @@ class FineTunePipeLine:
             from .output import write_json
             write_json(self.output_dir / "metrics.json", self.metrics)
             self._write_card()
+            self.tracking.evaluation_done()
         return self.metrics
 
     def run(self):
         """Train, save, evaluate; returns ``(model, tokenizer)``."""
-        self.setup()
-        self.train()
-        self.evaluate()
+        self._in_run = True  # one MLflow run for train + evaluate
+        try:
+            self.setup()
+            self.train()
+            self.evaluate()
+        except BaseException as e:
+            if self.tracking is not None:
+                self.tracking.finish(error=e)
+            raise
+        finally:
+            self._in_run = False
+        self.tracking.finish()
         return self.model, self.tokenizer
 
     def predict(self, inputs, batch_size: int = 32, **kwargs) -> list[dict[str, Any]] | dict[str, Any]:

@@ -141,10 +141,15 @@ class MlflowSpec(_Section):
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     log_model: bool = False
+    request_timeout: int | None = Field(None, gt=0, description="seconds per HTTP request (default 5; "
+                                                                  "env MLFLOW_HTTP_REQUEST_TIMEOUT)")
+    max_retries: int | None = Field(None, ge=0, description="HTTP retries (default 1; "
+                                                             "env MLFLOW_HTTP_REQUEST_MAX_RETRIES)")
 
 
 class TrackingSpec(_Section):
     mlflow: MlflowSpec | None = None
+    resources: bool = Field(True, description="CPU/RSS/GPU and throughput in train_log.jsonl + resources.json")
 
 
 class GenerationSpec(_Section):
