@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train, save and evaluate from a specs file")
     _add_specs_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run of other specs in output_dir (else refused)")
     p = sub.add_parser("evaluate", help="evaluate a trained model on the specs' validation/test data")
     _add_specs_args(p)
     p.add_argument("--model", help="model directory (default: <output_dir>/model)")
@@ -122,6 +124,8 @@ def _pipeline(args):
         overrides.append(f"output_dir={args.output_dir}")
     if args.backend:
         overrides.append(f"backend={args.backend}")
+    if getattr(args, "overwrite", False):
+        overrides.append("overwrite_output_dir=true")
     return FineTunePipeLine(args.config, overrides=overrides)
 
 

@@ -41,13 +41,19 @@ def _looks_like_path(source: str) -> bool:
             or "\\" in source or source.count("/") > 1)
 
 
-def _missing_file_error(path: Path) -> DatasetLoadError:
+def _missing_file_error(path: Path, split: str | None = None) -> DatasetLoadError:
+    field = f"data.{split}" if split else None
+    if path.is_dir():
+        inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+        return DatasetLoadError(f"{path} is a directory, not a data file", file=str(path), field=field,
+                                suggestions=[f"did you mean '{p}'?" for p in inside[:3]]
+                                + ["point the split at one file, or a list of files"])
     suggestions = []
     if path.parent.is_dir():
         close = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=2)
         suggestions += [f"did you mean '{path.parent / c}'?" for c in close]
     suggestions.append("paths are relative to the directory you run tunepipe from")
-    return DatasetLoadError(f"Data file not found: {path}", file=str(path), suggestions=suggestions)
+    return DatasetLoadError(f"Data file not found: {path}", file=str(path), field=field, suggestions=suggestions)
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -152,12 +158,24 @@ def read_conll(path: Path, out: Records, words_col: str, tags_col: str) -> None:
         tags.append(parts[-1])
 
 
-def _file_format(path: Path, declared: str, task_name: str) -> str:
+def _read_parquet(path: Path, split: str):
+    import pandas as pd
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DatasetLoadError(f"Cannot read the parquet file: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                               file=str(path), field=f"data.{split}",
+                               suggestions=["check that it is a complete parquet file (re-export it with "
+                                            "pandas.DataFrame.to_parquet), or convert it to JSON Lines"]) from None
+
+
+def _file_format(path: Path, declared: str, task_name: str, split: str | None = None) -> str:
     if declared not in ("auto", "hub"):
         return declared
     fmt = EXTENSIONS.get(path.suffix.lower())
     if fmt is None:
         raise DatasetLoadError(f"Cannot tell the format of {path.name}", file=str(path),
+                               field=f"data.{split}" if split else None,
                                suggestions=[f"set data.format to one of: {', '.join(sorted(set(EXTENSIONS.values())))}"])
     if fmt == "text" and task_name == "token_classification":
         return "conll"
@@ -187,7 +205,9 @@ class DatasetModules:
         for item in sources:
             if not isinstance(item, (str, Path)):
                 raise DatasetLoadError(f"data.{split} must be a path, a list of paths, a hub id, a DataFrame or a "
-                                       f"list of dicts; got {type(item).__name__}", field=f"data.{split}")
+                                       f"list of dicts; got {type(item).__name__}", field=f"data.{split}",
+                                       suggestions=[f"e.g. data.{split}: data/{split}.jsonl (a path, in quotes if "
+                                                    "it looks like a number)"])
             self._load_one(str(item), split, out)
         return out
 
@@ -197,8 +217,8 @@ class DatasetModules:
         if fmt == "hub" or (not path.exists() and not _looks_like_path(source)):
             return self._load_hub(source, split, out)
         if not path.is_file():
-            raise _missing_file_error(path)
-        fmt = _file_format(path, fmt, self.task.name)
+            raise _missing_file_error(path, split)
+        fmt = _file_format(path, fmt, self.task.name, split)
         with ErrorHandler.guard(f"reading {path}"):
             if fmt == "jsonl":
                 read_jsonl(path, out)
@@ -211,8 +231,7 @@ class DatasetModules:
             elif fmt == "conll":
                 read_conll(path, out, self.task.column("text"), self.task.column("label"))
             elif fmt == "parquet":
-                import pandas as pd
-                for i, row in enumerate(pd.read_parquet(path).to_dict(orient="records"), start=1):
+                for i, row in enumerate(_read_parquet(path, split).to_dict(orient="records"), start=1):
                     out.add({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}, (str(path), i))
 
     def _load_hub(self, name: str, split: str, out: Records) -> None:
@@ -262,7 +281,7 @@ class DatasetModules:
             required = [c for c in required if c != self.task.column("label")]
         for col in required:
             if col not in present:
-                role = next((r for r in ("text", "label") if self.task.column(r) == col), None)
+                role = next((r for r in ("text", "text_pair", "label") if self.task.column(r) == col), None)
                 close = difflib.get_close_matches(col, sorted(present), n=1, cutoff=0.5)
                 hints = [f"did you mean '{close[0]}'? set data.{role}_column: {close[0]}" if close and role else ""]
                 hints.append(f"columns present: {', '.join(sorted(present))}")
@@ -286,8 +305,12 @@ class DatasetModules:
             (file, line), first = bad[0]
             listing = "; ".join(f"{f}:{n}: {p}" for (f, n), p in bad[:MAX_REPORTED])
             more = " (and more)" if len(bad) > MAX_REPORTED else ""
+            hints = ["fix or remove the records listed"]
+            if "unknown label" in first:
+                hints.insert(0, "labels come from the training data unless data.labels lists them all (in id "
+                                "order): add the label there, or fix the record")
             raise ValidationError(f"Bad record in the {split} data: {first}. All found: {listing}{more}",
-                                  file=file, line=line, suggestions=["fix or remove the records listed"])
+                                  file=file, line=line, suggestions=hints)
 
     def _split_validation(self) -> None:
         fraction = self.specs.data.validation_split

@@ -58,6 +58,12 @@ class TaskTypeError(TunepipeError):
     code = "TASK_TYPE_ERROR"
 
 
+class ModelError(TunepipeError):
+    """A model or tokenizer that exists but cannot be used as given (damaged files, tokenizer and model that do not
+    fit each other)."""
+    code = "MODEL_ERROR"
+
+
 class TunepipeMemoryError(TunepipeError):
     code = "MEMORY_ERROR"
 

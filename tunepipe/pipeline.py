@@ -88,9 +88,66 @@ class FineTunePipeLine:
         from .peft_support import check_peft_specs, skeleton_for_specs
         from .quantization import QuantizationManager
         QuantizationManager(self.specs).check_supported()
+        if self.specs.training.fp16:  # fp16 needs CUDA: say so before any data is read or directory made
+            from .trainers.common import resolve_precision
+            resolve_precision(self.specs.training)
         check_peft_specs(self.specs, self.task, skeleton=skeleton_for_specs(self.specs, self.task))
 
     def setup(self, trained_dir: str | Path | None = None) -> "FineTunePipeLine":
+        """Steps 1-4 (see ``_setup``); an output_dir this call created is removed again if setting up fails."""
+        import shutil
+
+        from .output import first_missing_dir
+        created = first_missing_dir(Path(self.output_dir).expanduser())
+        try:
+            return self._setup(trained_dir)
+        except BaseException:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+
+    def _check_before_writing(self, trained_dir) -> None:
+        """Data and specs that fit, yet would fail (or destroy something) once training starts."""
+        from .output import check_data_outside, check_previous_run
+        files = {split: {f for f, _ in records.origins if Path(f).is_file()}
+                 for split, records in self.data.records.items()}
+        check_data_outside(self.output_dir, files)
+        if trained_dir is not None:
+            return
+        t = self.specs.training
+        if not getattr(t, "resume", None) and not t.resume_from_checkpoint:
+            check_previous_run(self.output_dir, self.specs)
+        if self.data.records.get("validation") and self.data.records["validation"].rows:
+            return
+        hint = "add validation data: data.validation (a file) or data.validation_split: 0.1"
+        if t.load_best_model_at_end:
+            raise ConfigError("load_best_model_at_end needs validation data to tell the best model", suggestions=[
+                hint, "or set training.load_best_model_at_end: false"], field="training.load_best_model_at_end")
+        if t.eval_strategy == "steps":
+            raise ConfigError("eval_strategy 'steps' evaluates on validation data, and there is none",
+                              field="training.eval_strategy", suggestions=[hint, "or set training.eval_strategy: no"])
+
+    def _check_metric_for_best_model(self) -> None:
+        """A metric name the task does not report fails at the first evaluation, after a whole epoch: check it
+        now, by scoring a perfect prediction of (some of) the validation labels with the task's compute_metrics."""
+        import difflib
+        name = self.specs.training.metric_for_best_model
+        ds = self.datasets.get("validation")
+        if not name or ds is None or self.task.generative or "labels" not in ds.column_names:
+            return
+        key = name[len("eval_"):] if name.startswith("eval_") else name
+        for n in (64, len(ds)):
+            produced = _reported_metrics(self.task, ds[:n]["labels"])
+            if produced is None or key in produced:
+                return
+        raise ConfigError(f"training.metric_for_best_model '{name}' is not a metric {self.task.name} reports",
+                          field="training.metric_for_best_model",
+                          suggestions=[f"did you mean '{c}'?" for c in dict.fromkeys(
+                              [m for m in sorted(produced) if key.startswith(m) or m.startswith(key)]
+                              + difflib.get_close_matches(key, sorted(produced), n=2, cutoff=0.4))][:2] + [
+                              f"{self.task.name} reports: {', '.join(sorted(produced))}"])
+
+    def _setup(self, trained_dir: str | Path | None = None) -> "FineTunePipeLine":
         """Steps 1-4: data (validated first), tokenizer, model, tokenized datasets, trainer.
         With ``trained_dir`` the model and tokenizer come from a finished run (for evaluation)."""
         from .data import DatasetModules
@@ -102,6 +159,7 @@ class FineTunePipeLine:
         trainer_cls = select_trainer(self.task, self.specs.backend)
         self.data = DatasetModules(self.specs, self.task)
         self.data.load()
+        self._check_before_writing(trained_dir)
         ensure_writable(self.output_dir)
         with ErrorHandler.guard("setting the seed"):
             from transformers import set_seed
@@ -114,6 +172,8 @@ class FineTunePipeLine:
             from .type_utils import TypeUtils
             self.memory_estimate = TypeUtils.check_memory(self.model, self.specs)  # warns before an OOM
         self.datasets = self.data.prepare(self.tokenizer)
+        if trained_dir is None:
+            self._check_metric_for_best_model()
         from .tracking import Tracking
         self.tracking = Tracking(self.specs, self.output_dir)
         self.trainer = trainer_cls(self.task, self.specs, self.model, self.tokenizer, self.datasets, self.output_dir,
@@ -242,6 +302,24 @@ class FineTunePipeLine:
         if peft_enabled(self.specs):
             card += adapter_card_section(self.output_dir, self.task, self.specs)
         atomic_text(self.output_dir / "README.md", card)
+
+
+def _reported_metrics(task, labels) -> set[str] | None:
+    """Metric names the task's compute_metrics returns for these labels predicted perfectly; None when the probe
+    does not apply (it must never stop a run the trainer could do)."""
+    import numpy as np
+    try:
+        from transformers import EvalPrediction
+        if labels and isinstance(labels[0], list):
+            width = max(len(row) for row in labels)
+            label_ids = np.array([list(row) + [-100] * (width - len(row)) for row in labels])
+        else:
+            label_ids = np.array(labels)
+        predictions = np.where(label_ids < 0, 0, label_ids).astype(np.int64)
+        metrics = task.compute_metrics(EvalPrediction(predictions=predictions, label_ids=label_ids))
+    except Exception:  # noqa: BLE001
+        return None
+    return set(metrics) | {"loss", "runtime", "samples_per_second", "steps_per_second"}
 
 
 def run_from_specs(source, overrides: Sequence[str] | None = None) -> FineTunePipeLine:

@@ -186,6 +186,7 @@ class DistributedSpec(_Section):
 class Specs(_Section):
     task: str
     output_dir: str = "runs/tunepipe"
+    overwrite_output_dir: bool = Field(False, description="train into an output_dir that holds a run of other specs")
     model: ModelSpec = Field(default_factory=ModelSpec)
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -208,6 +209,7 @@ class Specs(_Section):
         """Hash of what changes the trained weights (not where they are written)."""
         d = self.to_dict()
         d.pop("output_dir", None)
+        d.pop("overwrite_output_dir", None)
         d.get("training", {}).pop("resume_from_checkpoint", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -244,7 +246,14 @@ LEGACY_KEYS: dict[str, tuple[str, str]] = {
 RENAMED_TRAINING_KEYS = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu", "warmup_ratio": "warmup_steps",
                          "scheduler_strategy": "lr_scheduler_type", "use_gradient_checkpointing": "gradient_checkpointing"}
 DROPPED_TRAINING_KEYS = {"overwrite_output_dir", "logging_dir", "save_safetensors", "output_dir"}
-TOP_LEVEL = set(SECTIONS) | {"task", "task_type", "output_dir", "backend", "use_accelerate", "use_lightning"}
+TOP_LEVEL = set(SECTIONS) | {"task", "task_type", "output_dir", "overwrite_output_dir", "backend", "use_accelerate",
+                             "use_lightning"}
+# Keys a user may expect but this version does not have: a specific error instead of "unknown key".
+UNSUPPORTED_KEYS = {
+    "data.streaming": ("Streaming datasets are not supported in this version: data files are read into memory",
+                       ["remove data.streaming; cap what is read with data.max_train_samples / max_eval_samples",
+                        "bound the length of training with training.max_steps"]),
+}
 
 
 def suggest(key: str, allowed: set[str] | list[str]) -> list[str]:
@@ -315,6 +324,8 @@ def _apply_legacy(raw: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"Unknown quantization_type '{qtype}'", field="quantization_type",
                               suggestions=["use one of: 4bit, nf4, fp4, 8bit"])
     if "training" in sections:
+        if "overwrite_output_dir" in sections["training"]:  # a TrainingArguments name in transformers < 5
+            out.setdefault("overwrite_output_dir", sections["training"].pop("overwrite_output_dir"))
         sections["training"] = _normalise_training(sections["training"])
     out.update(sections)
     return out
@@ -361,6 +372,9 @@ def _check_section_keys(d: dict[str, Any]) -> None:
         if model is None or model.model_config.get("extra") == "allow" or not isinstance(section, dict):
             continue
         for key in section:
+            if f"{name}.{key}" in UNSUPPORTED_KEYS:
+                message, hints = UNSUPPORTED_KEYS[f"{name}.{key}"]
+                raise ConfigError(message, field=f"{name}.{key}", suggestions=hints)
             if key not in model.model_fields:
                 raise ConfigError(f"Unknown key '{name}.{key}'", field=f"{name}.{key}",
                                   suggestions=suggest(key, set(model.model_fields)) or [
@@ -450,11 +464,31 @@ def load_specs(source: "Specs | dict[str, Any] | str | Path", overrides: list[st
     d = deep_merge(task.default_specs(), d)
     d.setdefault("output_dir", f"runs/{task.name}")
     try:
-        return Specs.model_validate(d)
+        specs = Specs.model_validate(d)
     except PydanticValidationError as e:
         errs = e.errors()
         first = errs[0]
         field = ".".join(str(p) for p in first["loc"])
         lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in errs]
         raise ConfigError("Invalid specs: " + "; ".join(lines), field=field,
-                          suggestions=[f"fix the value of '{field}'"]) from None
+                          suggestions=_value_suggestions(first, field)) from None
+    _check_combinations(specs)
+    return specs
+
+
+def _value_suggestions(err: dict[str, Any], field: str) -> list[str]:
+    """What to write instead of a rejected value: the allowed choices (closest first), or pydantic's rule."""
+    import re
+    if err.get("type") == "literal_error":
+        choices = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        return suggest(str(err.get("input")), choices) + [f"'{field}' takes one of: {', '.join(choices)}"]
+    rule = err["msg"][:1].lower() + err["msg"][1:]
+    return [f"set '{field}' to a valid value ({rule})"]
+
+
+def _check_combinations(specs: Specs) -> None:
+    """Settings that are valid one by one but not together."""
+    if specs.training.fp16 and specs.training.bf16 is True:
+        raise ConfigError("training.fp16 and training.bf16 are both on", field="training.bf16",
+                          suggestions=["keep one of them: bf16 (Ampere+ GPUs, CPUs with AVX512-BF16/AMX) or fp16 "
+                                       "(CUDA GPUs)"])
