@@ -29,6 +29,7 @@ log = logging.getLogger("tunepipe")
 
 RETRY_AFTER_S = 60.0
 TRUNCATION_MARKER = "...[truncated]"
+TAG_VALUE_LIMIT = 8000  # MLflow 3 MAX_TAG_VAL_LENGTH
 DEFAULT_REQUEST_TIMEOUT = 5  # seconds per HTTP request (MLflow's default: 120)
 DEFAULT_MAX_RETRIES = 1  # MLflow's default: 7, with exponential backoff (minutes against a dead server)
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- ]")
@@ -223,7 +224,8 @@ class MlflowTracker(TrainerCallback):
                 "tunepipe.specs_fingerprint": self.specs.fingerprint(), **self.spec.tags}
         run_name = self.spec.run_name or self.output_dir.resolve().name
         run = self._call("starting the run", lambda: self.client.create_run(
-            self.experiment_id, run_name=run_name, tags={clean_name(k): str(v) for k, v in tags.items()}))
+            self.experiment_id, run_name=run_name,
+            tags={clean_name(k): truncate(str(v), TAG_VALUE_LIMIT) for k, v in tags.items()}))
         if run is None:
             return None
         self.run_id = run.info.run_id
