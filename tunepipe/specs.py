@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from .errors import ConfigError
@@ -111,7 +111,20 @@ class TrainingSpec(BaseModel):
     gradient_checkpointing: bool = False
     metric_for_best_model: str | None = None
     load_best_model_at_end: bool = False
-    resume_from_checkpoint: str | None = None
+    resume_from_checkpoint: str | None = Field(None, description="older name of `resume`")
+    resume: str | None = Field(None, description="auto = the newest complete checkpoint in <output_dir>/checkpoints "
+                                                 "(a fresh start when there is none), or a checkpoint directory")
+    keep_last_n: int | None = Field(None, ge=0, description="checkpoints kept; overrides save_total_limit")
+    keep_best: bool | str | None = Field(None, description="never rotate out the best checkpoint (default when a "
+                                                           "metric is chosen); a metric name sets "
+                                                           "metric_for_best_model; false: rotate it too")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoint_aliases(cls, data: Any) -> Any:
+        """resume_from_checkpoint fills resume; keep_best: <metric> fills metric_for_best_model (when unset)."""
+        if not isinstance(data, dict):
+            return data
 
 
 class PeftSpec(_Section):
@@ -211,6 +224,7 @@ class Specs(_Section):
         d.pop("output_dir", None)
         d.pop("overwrite_output_dir", None)
         d.get("training", {}).pop("resume_from_checkpoint", None)
+        d.get("training", {}).pop("resume", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, LoopBookkeeping, TrainResult, callback_handler, create_optimizer,
-                     create_scheduler, eval_order, evaluation_metrics, keep_model_columns, label_names, load_checkpoint,
-                     load_model_weights, log_metrics, new_state, prediction_step, prepare_model_for_training, reorder,
-                     speed_metrics, train_sampler, training_schedule,
+from ..checkpoints import StopOnSignal, load_rng, restore_rng_state, resume_setting
+from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, LoopBookkeeping, TrainResult,
+                     callback_handler, create_optimizer, create_scheduler, data_state, eval_order, evaluation_metrics,
+                     keep_model_columns, label_names, load_model_weights, log_metrics, new_state, prediction_step,
+                     prepare_model_for_training, reorder, speed_metrics, train_sampler, training_schedule,
                      training_settings)
 
 
@@ -98,62 +99,84 @@ class _AcceleratedTrainer(LoopBookkeeping):
         for name, value in (("model", self.trained_model()), ("optimizer", optimizer), ("lr_scheduler", scheduler),
                             ("train_dataloader", loader)):
             setattr(self.handler, name, value)
-        first_epoch, skip_batches = 0, 0
-        resume = self.specs.training.resume_from_checkpoint
-        if resume:
-            loaded = load_checkpoint(Path(resume), self.trained_model(), optimizer.optimizer, scheduler)
+        self.schedule = schedule
+        first_epoch, skip_batches, pending_rng = 0, 0, None
+        resume = self.checkpoint_manager().resolve(resume_setting(self.specs))
+        if resume is not None:
+            loaded, _ = self.checkpoint_manager().load_loop_state(
+                resume, model=self.trained_model(), optimizer=optimizer.optimizer, scheduler=scheduler,
+                scaler=acc.scaler, data_state=self._data_state(), restore_rng=False)
             state.global_step, state.log_history = loaded.global_step, loaded.log_history
             state.best_metric, state.best_model_checkpoint = loaded.best_metric, loaded.best_model_checkpoint
-            first_epoch = loaded.global_step // schedule.updates_per_epoch
-            skip_batches = (loaded.global_step % schedule.updates_per_epoch) * args.gradient_accumulation_steps
+            state.epoch, state.total_flos = loaded.epoch, loaded.total_flos
+            first_epoch, done = divmod(loaded.global_step, schedule.updates_per_epoch)
+            skip_batches = done * args.gradient_accumulation_steps
+            # The RNG is put back where it was saved: after the epoch's data iterator was started (mid-epoch),
+            # or before it (at an epoch boundary); starting an iterator draws from the global RNG.
+            pending_rng = load_rng(resume)
+            if skip_batches == 0:
+                restore_rng_state(pending_rng)
+                pending_rng = None
 
         tr_loss = torch.zeros((), device=acc.device)
         total_loss, last_logged, flops = 0.0, state.global_step, FlopCounter(self.trained_model())
         start_step, start = state.global_step, time.time()
-        self.control = self.handler.on_train_begin(args, state, self.control)
-        for epoch in range(first_epoch, schedule.num_epochs):
-            loader.set_epoch(epoch)
-            batches = acc.skip_first_batches(loader, skip_batches) if skip_batches else loader
-            self.control = self.handler.on_epoch_begin(args, state, self.control)
-            step = skip_batches - 1
-            grad_norm = learning_rate = None
-            for step, batch in enumerate(batches, start=skip_batches):
-                model.train()
-                with acc.accumulate(model):
-                    if step % args.gradient_accumulation_steps == 0:
-                        self.control = self.handler.on_step_begin(args, state, self.control)
-                    loss = model(**batch)["loss"]
-                    acc.backward(loss)
-                    step_loss = loss.detach() / args.gradient_accumulation_steps
-                    tr_loss += step_loss if torch.isfinite(step_loss) else tr_loss / max(1, state.global_step - last_logged + 1)
-                    flops.add(batch)
-                    if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
-                            if args.max_grad_norm and args.max_grad_norm > 0 else None
-                        self.control = self.handler.on_pre_optimizer_step(args, state, self.control)
-                    optimizer.step()
-                    if acc.sync_gradients:
-                        self.control = self.handler.on_optimizer_step(args, state, self.control)
-                        learning_rate = scheduler.get_last_lr()[0]  # the rate this step used, as the Trainer logs
-                        if not acc.optimizer_step_was_skipped:
-                            scheduler.step()
-                    optimizer.zero_grad()
-                if not acc.sync_gradients:
-                    self.control = self.handler.on_substep_end(args, state, self.control)
-                    continue
-                state.global_step += 1
-                state.epoch = epoch + (step + 1) / schedule.steps_in_epoch
-                self.control = self.handler.on_step_end(args, state, self.control)
+        with StopOnSignal() as guard:
+            self.stop_guard = guard
+            self.control = self.handler.on_train_begin(args, state, self.control)
+            for epoch in range(first_epoch, schedule.num_epochs):
+                loader.set_epoch(epoch)
+                batches = acc.skip_first_batches(loader, skip_batches) if skip_batches else loader
+                self.control = self.handler.on_epoch_begin(args, state, self.control)
+                step = skip_batches - 1
+                grad_norm = learning_rate = None
+                for step, batch in enumerate(batches, start=skip_batches):
+                    if pending_rng is not None:
+                        restore_rng_state(pending_rng)
+                        pending_rng = None
+                    model.train()
+                    with acc.accumulate(model):
+                        if step % args.gradient_accumulation_steps == 0:
+                            self.control = self.handler.on_step_begin(args, state, self.control)
+                        loss = model(**batch)["loss"]
+                        acc.backward(loss)
+                        step_loss = loss.detach() / args.gradient_accumulation_steps
+                        tr_loss += step_loss if torch.isfinite(step_loss) else tr_loss / max(
+                            1, state.global_step - last_logged + 1)
+                        flops.add(batch)
+                        if acc.sync_gradients:
+                            grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
+                                if args.max_grad_norm and args.max_grad_norm > 0 else None
+                            self.control = self.handler.on_pre_optimizer_step(args, state, self.control)
+                        optimizer.step()
+                        if acc.sync_gradients:
+                            self.control = self.handler.on_optimizer_step(args, state, self.control)
+                            learning_rate = scheduler.get_last_lr()[0]  # the rate this step used, as the Trainer logs
+                            if not acc.optimizer_step_was_skipped:
+                                scheduler.step()
+                        optimizer.zero_grad()
+                    if not acc.sync_gradients:
+                        self.control = self.handler.on_substep_end(args, state, self.control)
+                        continue
+                    state.global_step += 1
+                    state.epoch = epoch + (step + 1) / schedule.steps_in_epoch
+                    self.control = self.handler.on_step_end(args, state, self.control)
+                    total_loss, last_logged = self._maybe_log_save_evaluate(tr_loss, grad_norm, learning_rate,
+                                                                            total_loss, last_logged)
+                    if self.control.should_epoch_stop or self.control.should_training_stop:
+                        break
+                skip_batches = 0
+                if self.stopped_by_signal:
+                    break
+                self.control = self.handler.on_epoch_end(args, state, self.control)
                 total_loss, last_logged = self._maybe_log_save_evaluate(tr_loss, grad_norm, learning_rate,
                                                                         total_loss, last_logged)
-                if self.control.should_epoch_stop or self.control.should_training_stop:
+                if self.control.should_training_stop:
                     break
-            skip_batches = 0
-            self.control = self.handler.on_epoch_end(args, state, self.control)
-            total_loss, last_logged = self._maybe_log_save_evaluate(tr_loss, grad_norm, learning_rate,
-                                                                    total_loss, last_logged)
-            if self.control.should_training_stop:
-                break
+        self.stop_guard = None
+        if self.stopped_by_signal:
+            acc.wait_for_everyone()
+            raise guard.interrupted(state.global_step, self.last_checkpoint)
 
         total_loss += acc.gather(tr_loss).mean().item()
         steps_run = state.global_step - start_step
@@ -183,6 +206,13 @@ class _AcceleratedTrainer(LoopBookkeeping):
 
     def _checkpoint_objects(self):
         return self.trained_model(), self.optimizer.optimizer, self.lr_scheduler
+
+    def _grad_scaler(self):
+        return self.accelerator.scaler
+
+    def _data_state(self) -> dict[str, Any]:
+        return data_state(self.args, self.schedule, len(self.train_dataset), self.accelerator.num_processes,
+                          self.state.global_step)
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import ConfigError, CudaError
 
 # Keys of TrainingSpec that are tunepipe's, not TrainingArguments'.
-NOT_TRAINING_ARGUMENTS = {"resume_from_checkpoint"}
+NOT_TRAINING_ARGUMENTS = {"resume_from_checkpoint", "resume", "keep_last_n", "keep_best"}
 
 
 @dataclass
@@ -478,9 +478,14 @@ def speed_metrics(prefix: str, start: float, num_samples: int, num_steps: int) -
 
 class LoopBookkeeping:
     """What the hand-written loops do after each optimizer step, as transformers' Trainer does it: log (loss
-    averaged over ranks and steps, grad_norm, learning_rate), evaluate, keep the best metric, save checkpoints.
-    A backend provides: args, state, control, handler, tokenizer, eval_dataset, is_main_process, and the methods
-    _mean_over_ranks(tensor), _barrier(), _evaluate(dataset, split), _checkpoint_objects()."""
+    averaged over ranks and steps, grad_norm, learning_rate), evaluate, keep the best metric, save checkpoints,
+    and stop (after saving) when SIGTERM / SIGINT arrived. A backend provides: args, specs, state, control,
+    handler, tokenizer, eval_dataset, is_main_process, and the methods _mean_over_ranks(tensor), _barrier(),
+    _evaluate(dataset, split), _checkpoint_objects(), _data_state()."""
+
+    stop_guard = None  # a checkpoints.StopOnSignal while training
+    stopped_by_signal = False
+    last_checkpoint: Path | None = None
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, learning_rate, total_loss: float, last_logged: int):
         args, state = self.args, self.state
@@ -501,10 +506,30 @@ class LoopBookkeeping:
         new_best = metrics is not None and self._is_new_best(metrics)
         if args.save_strategy == "best":
             self.control.should_save = new_best
+        saved = False
         if self.control.should_save:
             self._save(new_best)
+            saved = True
             self.control = self.handler.on_save(args, state, self.control)
+        if not self.stopped_by_signal and self._signal_received():
+            if not saved:
+                self._save(False)
+            self.stopped_by_signal = True
+            self.control.should_training_stop = True
         return total_loss, last_logged
+
+    def _signal_received(self) -> bool:
+        guard = self.stop_guard
+        if guard is None:
+            return False
+        if getattr(self.args, "world_size", 1) <= 1:
+            return guard.synced()
+        import torch
+
+        def any_rank(flag: int) -> int:
+            return int(self._mean_over_ranks(torch.tensor(float(flag), device=self.args.device)) > 0)
+
+        return guard.synced(any_rank)
 
     def _is_new_best(self, metrics: dict[str, float]) -> bool:
         name = self.args.metric_for_best_model
@@ -517,101 +542,45 @@ class LoopBookkeeping:
         self.state.best_metric = value
         return True
 
+    def checkpoint_manager(self):
+        from ..checkpoints import CheckpointManager
+        if getattr(self, "_checkpoint_manager", None) is None:
+            self._checkpoint_manager = CheckpointManager.for_specs(self.specs, Path(self.args.output_dir))
+        return self._checkpoint_manager
+
+    def _grad_scaler(self):
+        return None
+
     def _save(self, new_best: bool) -> None:
+        manager = self.checkpoint_manager()
+        step = self.state.global_step
+        if new_best:
+            self.state.best_model_checkpoint = str(manager.path(step))
         self._barrier()
         if self.is_main_process:
             model, optimizer, scheduler = self._checkpoint_objects()
-            path = save_checkpoint(Path(self.args.output_dir), model, optimizer, scheduler, self.state, self.tokenizer)
-            if new_best:
-                self.state.best_model_checkpoint = str(path)
-            best = self.state.best_model_checkpoint
-            rotate_checkpoints(Path(self.args.output_dir), self.args.save_total_limit, keep=best and Path(best))
+            manager.save_loop_state(step, model=model, optimizer=optimizer, scheduler=scheduler, state=self.state,
+                                    tokenizer=self.tokenizer, scaler=self._grad_scaler(),
+                                    data_state=self._data_state())
+            manager.rotate(self.state.best_model_checkpoint)
+        self.last_checkpoint = manager.path(step)
         self._barrier()
 
 
-# ---- checkpoints in the HF layout (one place, so a CheckpointManager can take over) ------------------------------
-def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state, tokenizer=None) -> Path:
-    """<output_dir>/step-N: save_pretrained model (adapter only for PEFT) + optimizer/scheduler/RNG state +
-    trainer_state.json, written to a temp dir and renamed (never half-written)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    from ..output import atomic_dir
-    target = Path(output_dir) / f"step-{state.global_step}"
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.random.get_rng_state_all()
-        torch.save(rng, tmp / "rng_state.pth")
-        state.save_to_json(str(tmp / "trainer_state.json"))
-
-    atomic_dir(target, write)
-    return target
-
-
-def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path | None = None) -> None:
-    import shutil
-    if not limit or limit <= 0:
-        return
-    found = sorted((p for p in Path(output_dir).glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
-    removable = [p for p in found if keep is None or p.resolve() != Path(keep).resolve()]
-    while len(found) > limit and removable:
-        victim = removable.pop(0)
-        found.remove(victim)
-        shutil.rmtree(victim, ignore_errors=True)
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler):
-    """Restore weights, optimizer, scheduler and RNG from save_checkpoint's layout; returns the TrainerState."""
-    import random
-
-    import numpy as np
-    import torch
-    from transformers import TrainerState
-
-    from ..errors import CheckpointError
-    path = Path(path)
-    if not (path / "trainer_state.json").is_file():
-        raise CheckpointError(f"{path} is not a tunepipe checkpoint (no trainer_state.json)",
-                              field="training.resume_from_checkpoint",
-                              suggestions=["point it at <output_dir>/checkpoints/step-N"])
-    load_model_weights(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng_state.pth", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.random.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.random.set_rng_state_all(rng["cuda"])
-    return TrainerState.load_from_json(str(path / "trainer_state.json"))
-
-
+# ---- checkpoints: tunepipe/checkpoints.py owns them; these names stay for existing imports ----------------------
 def load_model_weights(path: Path, model) -> None:
-    """Load the weights saved by save_pretrained in ``path`` into ``model`` (full model or PEFT adapter)."""
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-        set_peft_model_state_dict(model, load_peft_weights(str(path)))
-        return
-    from safetensors.torch import load_file
+    """Load the safetensors weights saved in ``path`` into ``model`` (full model or PEFT adapter)."""
+    from ..checkpoints import load_model_weights as load
+    load(Path(path), model)
 
-    from ..errors import CheckpointError
-    state = {}
-    for f in sorted(Path(path).glob("*.safetensors")):  # model.safetensors or its shards
-        state.update(load_file(str(f)))
-    if not state:
-        raise CheckpointError(f"No weights (*.safetensors) in {path}", file=str(path),
-                              suggestions=["point to a checkpoint written by tunepipe (checkpoints/step-N)"])
-    result = model.load_state_dict(state, strict=False)  # tied weights are saved once
-    if result.unexpected_keys:
-        raise CheckpointError(f"The weights in {path} do not fit this model (e.g. {result.unexpected_keys[0]})",
-                              file=str(path), suggestions=["resume with the specs the checkpoint was trained with"])
+
+def data_state(args, schedule: "Schedule", num_examples: int, world_size: int, global_step: int) -> dict[str, Any]:
+    """Where the loop is in the data after ``global_step`` optimizer steps: the epoch, the batches of it already
+    consumed, and what must match for that position to mean the same on resume."""
+    epoch, done = divmod(global_step, schedule.updates_per_epoch)
+    return {"global_step": global_step, "epoch": epoch,
+            "batches_consumed_in_epoch": done * args.gradient_accumulation_steps,
+            "steps_in_epoch": schedule.steps_in_epoch, "updates_per_epoch": schedule.updates_per_epoch,
+            "num_examples": num_examples, "world_size": world_size,
+            "train_sampling_strategy": args.train_sampling_strategy,
+            "sampler_seed": args.data_seed if args.data_seed is not None else args.seed}

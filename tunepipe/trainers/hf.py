@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback
 
-from .common import JsonlLogWriter, TrainResult, strip_prefix, training_arguments
+from ..checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, resume_setting
+from ..errors import CheckpointError
+from .common import (JsonlLogWriter, TrainResult, data_state, strip_prefix, train_sampler, training_arguments,
+                     training_schedule)
 
 
 class _JsonlLogCallback(TrainerCallback):
@@ -53,9 +57,110 @@ class _TaskTrainerMixin:
             return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
         return super()._get_eval_sampler(eval_dataset)
 
+    def _get_train_sampler(self, train_dataset=None):
+        # transformers' group_by_length sampler draws its order from the global RNG, which dropout advances
+        # differently on each rank (different padded shapes) and which a resumed run has not replayed: the ranks'
+        # orders then differ (examples skipped or repeated) and a resumed epoch is not the interrupted one. The
+        # sampler shared with the other backends is re-seeded with seed + epoch instead.
+        import datasets
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, datasets.Dataset):
+            return train_sampler(dataset, self.args, self.processing_class)
+        return super()._get_train_sampler(train_dataset)
+
+    # ---- checkpoints: the Trainer's own files, written atomically, with tunepipe's manifest ------------------
+    stop_guard: StopOnSignal | None = None
+    stopped_by_signal = False
+    last_checkpoint: Path | None = None
+    _staging_root: Path | None = None
+
+    def checkpoint_manager(self) -> CheckpointManager:
+        if getattr(self, "_checkpoint_manager", None) is None:
+            self._checkpoint_manager = CheckpointManager.for_specs(self.specs, Path(self.args.output_dir),
+                                                                   prefix="checkpoint")
+        return self._checkpoint_manager
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging_root) if self._staging_root is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer writes checkpoint-N into a staging directory; rank 0 then adds the manifest, syncs and
+        renames it into place, and removes old checkpoints (keeping the best)."""
+        manager, step = self.checkpoint_manager(), self.state.global_step
+        staging = manager.directory / f".checkpoint-{step}.tmp-shared"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        staged = staging / f"checkpoint-{step}"
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staging:  # the Trainer recorded the staging path
+                self.state.best_model_checkpoint = str(manager.path(step))
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            manager.seal(staged, step, self._data_state())
+            shutil.rmtree(staging, ignore_errors=True)
+            manager.rotate(self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = manager.path(step)
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        """The Trainer's, then: on SIGTERM / SIGINT save a checkpoint at this step (if it did not) and stop."""
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        if self.stop_guard is None or self.stopped_by_signal or not self._signal_received():
+            return
+        if self.last_checkpoint != self.checkpoint_manager().path(self.state.global_step):
+            self._save_checkpoint(self.model_wrapped, None)
+        self.stopped_by_signal = True
+        self.control.should_training_stop = True
+
+    def _signal_received(self) -> bool:
+        if self.args.world_size <= 1:
+            return self.stop_guard.synced()
+        import torch
+
+        def any_rank(flag: int) -> int:
+            tensor = torch.tensor([flag], device=self.args.device)
+            return int(self.accelerator.reduce(tensor, reduction="sum").item() > 0)
+
+        return self.stop_guard.synced(any_rank)
+
+    def _data_state(self) -> dict[str, Any]:
+        schedule = training_schedule(len(self.get_train_dataloader()), self.args)
+        return data_state(self.args, schedule, len(self.train_dataset), self.args.world_size, self.state.global_step)
+
+    def _resume_from(self) -> Path | None:
+        """``resume: auto | <path>``, verified (manifest, file hashes, specs, data layout) before the Trainer
+        loads anything from it."""
+        manager = self.checkpoint_manager()
+        path = manager.resolve(resume_setting(self.specs))
+        if path is None:
+            return None
+        manifest = manager.verify(path, data_state=self._data_state())
+        if manifest.get("layout") != LAYOUTS["checkpoint"]:
+            raise CheckpointError(f"{path} was written by the {manifest.get('backend')} backend's loop, not by "
+                                  "transformers' Trainer", file=str(path), field="training.resume",
+                                  suggestions=[f"resume it with backend: {manifest.get('backend') or 'accelerate'}",
+                                               "or point training.resume at a checkpoints/checkpoint-N directory"])
+        return path
+
     # The backend contract used by FineTunePipeLine.
     def run_training(self) -> TrainResult:
-        output = self.train(resume_from_checkpoint=self.specs.training.resume_from_checkpoint)
+        resume = self._resume_from()
+        with StopOnSignal() as guard:
+            self.stop_guard = guard
+            try:
+                output = self.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+            finally:
+                self.stop_guard = None
+        if self.stopped_by_signal:
+            raise guard.interrupted(self.state.global_step, self.last_checkpoint)
         return TrainResult(global_step=output.global_step, train_metrics=dict(output.metrics),
                            log_history=list(self.state.log_history))
 
@@ -63,7 +168,9 @@ class _TaskTrainerMixin:
         return strip_prefix(self.evaluate(eval_dataset=dataset, metric_key_prefix=split), f"{split}_")
 
     def trained_model(self):
-        return self.model
+        """The plain model: no DDP wrapper, and no mixed-precision autocast left around its forward."""
+        from accelerate.utils import extract_model_from_parallel
+        return extract_model_from_parallel(self.model, keep_fp32_wrapper=False)
 
     @property
     def is_main_process(self) -> bool:

@@ -28,9 +28,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
 
-from ..errors import ConfigError, TrainingError
+from ..checkpoints import StopOnSignal, load_rng, restore_rng_state, resume_setting
+from ..errors import TrainingError
 from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, LoopBookkeeping, TrainResult,
-                     callback_handler, create_optimizer, create_scheduler, eval_order, evaluation_metrics,
+                     callback_handler, create_optimizer, create_scheduler, data_state, eval_order, evaluation_metrics,
                      keep_model_columns, label_names, log_metrics, new_state, prediction_step,
                      prepare_model_for_training, speed_metrics, train_sampler, training_schedule, training_settings)
 from .distributed import check_launch, lightning_devices, lightning_strategy
@@ -116,7 +117,25 @@ class _IndexedCollator:
         return {**self.collator(features), "__index__": index}
 
 
-def _sharded_loader(dataset, sampler, batch_size: int, collator, args, world: int, rank: int, drop_last=False):
+class _SkipFirstBatches:
+    """A batch sampler that leaves out the first ``skip`` batches of its first pass only (resuming mid-epoch);
+    its length stays the full epoch's, so Lightning's count of batches per epoch is unchanged."""
+
+    def __init__(self, batches, skip: int):
+        self.batches, self.skip = batches, skip
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(self.batches):
+            if i >= skip:
+                yield batch
+
+
+def _sharded_loader(dataset, sampler, batch_size: int, collator, args, world: int, rank: int, drop_last=False,
+                    skip: int = 0, generator=None):
     """The same sharding as accelerate.prepare gives the HF and Accelerate backends: whole batches dealt round
     robin to the ranks, the last ones completed from the start so every rank runs the same number of steps."""
     from accelerate.data_loader import BatchSamplerShard
@@ -124,8 +143,10 @@ def _sharded_loader(dataset, sampler, batch_size: int, collator, args, world: in
     batches = BatchSampler(sampler, batch_size, drop_last)
     if world > 1:
         batches = BatchSamplerShard(batches, num_processes=world, process_index=rank, even_batches=True)
+    if skip:
+        batches = _SkipFirstBatches(batches, skip)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=args.dataloader_num_workers,
-                      pin_memory=args.dataloader_pin_memory)
+                      pin_memory=args.dataloader_pin_memory, generator=generator)
 
 
 class TaskModule(pl.LightningModule):
@@ -144,7 +165,9 @@ class TaskModule(pl.LightningModule):
 
     # ---- data --------------------------------------------------------------------------------------------
     def train_dataloader(self):
-        return self._owner.train_loader(self.trainer.world_size, self.trainer.global_rank)
+        owner = self._owner
+        return owner.train_loader(self.trainer.world_size, self.trainer.global_rank, skip=owner.resume_skip,
+                                  for_training=True)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         precision = self.trainer.precision_plugin if self._trainer is not None else None
@@ -160,6 +183,10 @@ class TaskModule(pl.LightningModule):
         optimizer = create_optimizer(self.model, owner.args)
         scheduler = create_scheduler(optimizer, owner.args, schedule.max_steps)
         owner.optimizer, owner.lr_scheduler = optimizer, scheduler
+        if owner.resume_path is not None:  # weights, optimizer and scheduler as saved; the rest at train start
+            owner.resumed_state, _ = owner.checkpoint_manager().load_loop_state(
+                owner.resume_path, model=self.model, optimizer=optimizer, scheduler=scheduler, restore_rng=False,
+                verify=False)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch, batch_idx):
@@ -209,16 +236,21 @@ class TaskModule(pl.LightningModule):
     def on_train_epoch_start(self):
         owner = self._owner
         if hasattr(owner.sampler, "set_epoch"):  # seeded samplers reshuffle per epoch; sequential has none
-            owner.sampler.set_epoch(self.current_epoch)
+            owner.sampler.set_epoch(self.current_epoch + owner.epoch_offset)
         owner.control = owner.handler.on_epoch_begin(owner.args, owner.state, owner.control)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         owner = self._owner
-        if self.trainer.global_step == owner.state.global_step:
+        if owner.stop_guard is not None and owner.stop_guard.requested is not None:
+            # Lightning's own SIGTERM handler would abort after this batch; ours saves at the optimizer step
+            self.trainer._signal_connector.received_sigterm = False
+        global_step = self.trainer.global_step + owner.step_offset
+        if global_step == owner.state.global_step:
             owner.control = owner.handler.on_substep_end(owner.args, owner.state, owner.control)
             return
-        owner.after_optimizer_step(self.trainer.global_step,
-                                   self.current_epoch + (batch_idx + 1) / owner.schedule.steps_in_epoch)
+        skipped = owner.resume_skip if self.current_epoch == 0 else 0
+        owner.after_optimizer_step(global_step, self.current_epoch + owner.epoch_offset
+                                   + (batch_idx + skipped + 1) / owner.schedule.steps_in_epoch)
         if owner.control.should_training_stop or owner.control.should_epoch_stop:
             self.trainer.should_stop = owner.control.should_training_stop
             owner.control.should_epoch_stop = False
@@ -274,10 +306,6 @@ class _LightningTrainer(LoopBookkeeping):
         self.output_dir = Path(output_dir)
         self.train_dataset, self.eval_dataset = datasets.get("train"), datasets.get("validation")
         self.args = training_settings(specs, self.output_dir / "checkpoints", has_eval=self.eval_dataset is not None)
-        if specs.training.resume_from_checkpoint:
-            raise ConfigError("resume_from_checkpoint is not supported by the Lightning backends yet",
-                              field="training.resume_from_checkpoint",
-                              suggestions=["resume with backend: accelerate, which reads the same checkpoints/step-N"])
         set_seed(self.args.seed)
         check_launch(specs.backend, specs.distributed)
         self.combined = specs.backend == "lightning+accelerate"
@@ -293,6 +321,9 @@ class _LightningTrainer(LoopBookkeeping):
         self.total_loss, self.last_logged, self.flops = 0.0, 0, FlopCounter(model)
         self.last_metrics: dict[str, Any] = {}
         self.train_metrics: dict[str, Any] = {}
+        # resuming: Lightning counts from 0; these place its steps/epochs/batches in the original run
+        self.resume_path = self.resumed_state = None
+        self.step_offset = self.epoch_offset = self.resume_skip = 0
 
     # ---- the backend contract ----------------------------------------------------------------------------
     @property
@@ -321,7 +352,8 @@ class _LightningTrainer(LoopBookkeeping):
             accelerator = dist.accelerator if dist.accelerator != "auto" else ("cpu" if use_cpu else "auto")
             self._pl = pl.Trainer(
                 accelerator=accelerator, devices=lightning_devices(dist), num_nodes=dist.num_nodes,
-                strategy=lightning_strategy(dist), max_steps=schedule.max_steps, max_epochs=schedule.num_epochs,
+                strategy=lightning_strategy(dist), max_steps=schedule.max_steps - self.step_offset,
+                max_epochs=schedule.num_epochs - self.epoch_offset,
                 accumulate_grad_batches=args.gradient_accumulation_steps, logger=False, enable_checkpointing=False,
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                 use_distributed_sampler=False, default_root_dir=str(self.output_dir), **kwargs)
@@ -337,24 +369,52 @@ class _LightningTrainer(LoopBookkeeping):
         """Optimizer steps from the per-rank loader, exactly as the Trainer derives them."""
         loader = self.train_loader(world, rank)
         self.schedule = training_schedule(len(loader), self.args)
-        if self.schedule.max_steps != self.lightning_trainer().max_steps:
+        if self.schedule.max_steps - self.step_offset != self.lightning_trainer().max_steps:
             raise TrainingError(f"Lightning runs {world} processes but {self._world_size()} were planned",
                                 suggestions=["set distributed.devices / num_nodes to the processes you launch"])
         return self.schedule
 
-    def train_loader(self, world: int, rank: int):
+    def train_loader(self, world: int, rank: int, skip: int = 0, for_training: bool = False):
         if self.sampler is None:
             self.sampler = train_sampler(self.train_dataset, self.args, self.tokenizer)
         dataset = keep_model_columns(self.train_dataset, self.model)
+        # its own generator: starting the loader must not draw from the global RNG (dropout's), so the RNG state
+        # saved after a step is the one the next step uses, whether or not the run was resumed in between
+        generator = torch.Generator().manual_seed(self.args.seed) if for_training else None
         return _sharded_loader(dataset, self.sampler, self.args.train_batch_size, self.collator, self.args,
-                               world, rank, drop_last=self.args.dataloader_drop_last)
+                               world, rank, drop_last=self.args.dataloader_drop_last, skip=skip, generator=generator)
 
     def run_training(self) -> TrainResult:
         prepare_model_for_training(self.model, self.args)
-        self.lightning_trainer().fit(self.module)
+        self._prepare_resume()
+        with StopOnSignal() as guard:
+            self.stop_guard = guard
+            self.lightning_trainer().fit(self.module)
+        self.stop_guard = None
+        if self.stopped_by_signal:
+            raise guard.interrupted(self.state.global_step, self.last_checkpoint)
         state = self.state
         return TrainResult(global_step=state.global_step, train_metrics=dict(self.train_metrics),
                            log_history=list(state.log_history))
+
+    def _prepare_resume(self) -> None:
+        """``resume: auto | <path>``: verify the checkpoint and place Lightning's run after it (steps and epochs
+        left, batches of the current epoch to skip); weights/optimizer/scheduler load in configure_optimizers."""
+        manager = self.checkpoint_manager()
+        path = manager.resolve(resume_setting(self.specs))
+        if path is None:
+            return
+        from transformers import TrainerState
+        world = self._world_size()
+        self.schedule = training_schedule(len(self.train_loader(world, 0)), self.args)
+        manager.verify(path, data_state=data_state(self.args, self.schedule, len(self.train_dataset), world, 0))
+        saved = TrainerState.load_from_json(str(path / "trainer_state.json"))
+        self.resume_path, self.step_offset = path, saved.global_step
+        self.epoch_offset, done = divmod(saved.global_step, self.schedule.updates_per_epoch)
+        self.resume_skip = done * self.args.gradient_accumulation_steps
+        if hasattr(self.sampler, "set_epoch"):  # Lightning starts the first loader before on_train_epoch_start
+            self.sampler.set_epoch(self.epoch_offset)
+        self._pl = None  # built again with the steps and epochs left
 
     # ---- called from the module's hooks ------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer) -> None:
@@ -363,6 +423,16 @@ class _LightningTrainer(LoopBookkeeping):
         self.state = new_state(self.args, self.schedule, trainer.is_global_zero, trainer.local_rank == 0)
         self.args.device, self.args.process_index, self.args.world_size = (trainer.strategy.root_device,
                                                                            trainer.global_rank, trainer.world_size)
+        if self.resumed_state is not None:
+            loaded, state = self.resumed_state, self.state
+            state.global_step, state.log_history, state.epoch = loaded.global_step, loaded.log_history, loaded.epoch
+            state.best_metric, state.best_model_checkpoint = loaded.best_metric, loaded.best_model_checkpoint
+            self.last_logged = loaded.global_step
+            scaler = self._grad_scaler()
+            if scaler is not None and (self.resume_path / "scaler.pt").is_file():
+                from ..checkpoints import safe_load
+                scaler.load_state_dict(safe_load(self.resume_path / "scaler.pt", "gradient scaler state"))
+            restore_rng_state(load_rng(self.resume_path))
         for name, value in (("model", self.model), ("optimizer", self.optimizer),
                             ("lr_scheduler", self.lr_scheduler)):
             setattr(self.handler, name, value)
@@ -383,14 +453,14 @@ class _LightningTrainer(LoopBookkeeping):
         if self.tr_loss is not None:
             self.total_loss += self._mean_over_ranks(self.tr_loss)
         state.total_flos = self._mean_over_ranks(torch.tensor(self.flops.total, dtype=torch.float64)) * trainer.world_size
-        steps = state.global_step
+        steps = state.global_step - self.step_offset
         samples = (schedule.max_steps * args.train_batch_size * args.gradient_accumulation_steps * trainer.world_size
                    if args.max_steps > 0 else len(self.train_dataset) * args.num_train_epochs)
         metrics = speed_metrics("train", self._train_start, samples * steps / max(schedule.max_steps, 1), steps)
         metrics.update(total_flos=state.total_flos, train_loss=self.total_loss / max(steps, 0.001))
         self.control = log_metrics(self.handler, args, state, self.control, dict(metrics))
         self.train_metrics = {**metrics, "epoch": state.epoch}
-        if args.load_best_model_at_end and state.best_model_checkpoint:
+        if args.load_best_model_at_end and state.best_model_checkpoint and not self.stopped_by_signal:
             from .common import load_model_weights
             load_model_weights(Path(state.best_model_checkpoint), self.model)
         self.control = self.handler.on_train_end(args, state, self.control)
@@ -418,6 +488,16 @@ class _LightningTrainer(LoopBookkeeping):
 
     def _checkpoint_objects(self):
         return self.model, self.optimizer, self.lr_scheduler
+
+    def _grad_scaler(self):
+        precision = self._pl.precision_plugin if self._pl is not None else None
+        if isinstance(precision, AcceleratePrecision):
+            return precision.accelerator.scaler
+        return getattr(precision, "scaler", None)
+
+    def _data_state(self) -> dict[str, Any]:
+        world = self._pl.world_size if self._pl is not None else self._world_size()
+        return data_state(self.args, self.schedule, len(self.train_dataset), world, self.state.global_step)
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def eval_loader(self, dataset, world: int, rank: int):

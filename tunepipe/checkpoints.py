@@ -1,0 +1,488 @@
+"""Checkpoints that resume exactly and can be trusted.
+
+A checkpoint directory holds the model (or only the PEFT adapter) in safetensors, the optimizer, scheduler and
+gradient-scaler states, the RNG states (python, numpy, torch, CUDA), the data position (epoch and batches consumed
+in it), the TrainerState, and ``manifest.json``: the SHA-256 of every file plus the training-relevant specs and
+their hash. :class:`CheckpointManager` writes it atomically (temporary directory, fsync, rename: a crash while
+saving leaves the previous checkpoint usable), verifies it before loading (a missing manifest, a changed file or
+changed training specs is a ``CHECKPOINT_ERROR`` that says what to do), finds the newest complete one for
+``resume: auto``, and removes old ones (``keep_last_n``) while keeping the best (``keep_best``).
+
+Loading is safe: weights come from safetensors and every other state from ``torch.load(weights_only=True)``; the
+RNG states are stored as lists and tensors so that no pickled Python object is needed.
+
+The hf backend keeps transformers' own ``checkpoint-N`` files (the Trainer restores them itself) and adds the same
+manifest; the Accelerate and Lightning loops write ``step-N`` through :meth:`CheckpointManager.save_loop_state`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import CheckpointError, TrainingError
+
+log = logging.getLogger("tunepipe")
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DATA_STATE = "data_state.json"
+RNG_STATE = "rng_state.pth"
+CHECKPOINT_DIR = re.compile(r"^(checkpoint|step)-(\d+)$")
+LAYOUTS = {"checkpoint": "transformers-trainer", "step": "tunepipe-loop"}
+
+# TrainingSpec keys that do not change the trained weights: changing them between a run and its resumption is
+# allowed (logging, saving, evaluation, data loading mechanics, where things are written).
+NOT_TRAINING_RELEVANT = {
+    "resume", "resume_from_checkpoint", "keep_last_n", "keep_best", "save_strategy", "save_steps",
+    "save_total_limit", "save_only_model", "save_on_each_node", "logging_steps", "logging_strategy",
+    "logging_first_step", "logging_dir", "logging_nan_inf_filter", "disable_tqdm", "report_to", "run_name",
+    "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
+    "eval_accumulation_steps", "eval_do_concat_batches", "metric_for_best_model", "greater_is_better",
+    "load_best_model_at_end", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
+    "prediction_loss_only", "include_num_input_tokens_seen", "ignore_data_skip", "skip_memory_metrics",
+    "log_level", "log_level_replica", "log_on_each_node", "output_dir", "overwrite_output_dir", "project",
+    "trackio_space_id", "batch_eval_metrics", "include_for_metrics", "torch_empty_cache_steps",
+}
+NOT_TRAINING_SECTIONS = {"output_dir", "overwrite_output_dir", "tracking", "generation", "distributed", "backend"}
+NOT_TRAINING_DATA = {"train", "validation", "test", "max_eval_samples", "format"}
+
+
+class TrainingInterrupted(TrainingError):
+    """Training stopped on SIGTERM / SIGINT after saving a checkpoint; rerun with ``resume: auto``."""
+    code = "TRAINING_INTERRUPTED"
+
+
+# ---- what must not change between a run and its resumption --------------------------------------------------
+def training_relevant_specs(specs) -> dict[str, Any]:
+    """The part of the specs that changes the trained weights: task, model, tokenizer, data preparation, PEFT,
+    quantization and the optimisation settings. Paths, logging, saving and evaluation settings are left out."""
+    d = specs.to_dict()
+    out = {k: v for k, v in d.items() if k not in NOT_TRAINING_SECTIONS}
+    out["data"] = {k: v for k, v in d.get("data", {}).items() if k not in NOT_TRAINING_DATA}
+    out["training"] = {k: v for k, v in d.get("training", {}).items() if k not in NOT_TRAINING_RELEVANT}
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def specs_hash(relevant: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key, "<unset>"), now.get(key, "<unset>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+def resume_setting(specs) -> str | None:
+    """``training.resume`` (auto | path), or its older name ``training.resume_from_checkpoint``."""
+    training = specs.training
+    value = getattr(training, "resume", None) or getattr(training, "resume_from_checkpoint", None)
+    if value is True:
+        return "auto"
+    return str(value) if value else None
+
+
+# ---- RNG states in forms torch.load(weights_only=True) accepts -----------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    import torch
+    version, keys, gauss = random.getstate()
+    kind, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(keys), gauss],
+             "numpy": {"kind": kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.random.set_rng_state_all(cuda)
+        else:
+            torch.cuda.random.set_rng_state(cuda[0])
+
+
+def safe_load(path: Path, what: str, map_location="cpu"):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled objects."""
+    import torch
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged checkpoint for the user
+        raise CheckpointError(f"Cannot read the {what} in {path}: {str(e).splitlines()[0]}", file=str(path),
+                              suggestions=["resume from an earlier checkpoint, or delete this one"]) from None
+
+
+# ---- atomic directory writes ---------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class CheckpointManager:
+    """Saves, verifies, lists, rotates and resolves checkpoints under ``directory`` (``<output_dir>/checkpoints``).
+
+    ``specs`` supplies the training-relevant settings recorded in (and checked against) every manifest.
+    ``keep_last_n``: complete checkpoints kept (None: all). ``keep_best``: never remove the checkpoint recorded as
+    best (``TrainerState.best_model_checkpoint``, chosen by ``metric_for_best_model``).
+    """
+
+    def __init__(self, directory: str | Path, specs=None, *, keep_last_n: int | None = None, keep_best: bool = True,
+                 prefix: str = "step", backend: str | None = None):
+        self.directory = Path(directory)
+        self.specs = specs
+        self.keep_last_n = keep_last_n
+        self.keep_best = keep_best
+        self.prefix = prefix
+        self.backend = backend or (getattr(specs, "backend", None) if specs is not None else None)
+
+    @classmethod
+    def for_specs(cls, specs, directory: str | Path | None = None, prefix: str = "step") -> "CheckpointManager":
+        training = specs.training
+        keep = getattr(training, "keep_last_n", None)
+        keep = keep if keep is not None else training.save_total_limit
+        return cls(directory or Path(specs.output_dir) / "checkpoints", specs, keep_last_n=keep,
+                   keep_best=getattr(training, "keep_best", None) is not False, prefix=prefix)
+
+    # ---- layout --------------------------------------------------------------------------------------------
+    def path(self, step: int) -> Path:
+        return self.directory / f"{self.prefix}-{step}"
+
+    @staticmethod
+    def step_of(path: Path) -> int | None:
+        match = CHECKPOINT_DIR.match(Path(path).name)
+        return int(match.group(2)) if match else None
+
+    def checkpoints(self, complete: bool = True) -> list[Path]:
+        """Checkpoint directories sorted by step; with ``complete`` only those whose manifest was written."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if p.is_dir() and self.step_of(p) is not None]
+        if complete:
+            found = [p for p in found if (p / MANIFEST).is_file()]
+        return sorted(found, key=lambda p: (self.step_of(p), p.name))
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def staging_dir(self, step: int) -> Path:
+        """A fresh temporary directory next to the checkpoints (same filesystem: the final rename is atomic)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".{self.prefix}-{step}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        return tmp
+
+    def save(self, step: int, write: Callable[[Path], None], data_state: dict[str, Any] | None = None) -> Path:
+        """``write(tmpdir)`` then :meth:`seal`: never a half-written checkpoint under its final name."""
+        tmp = self.staging_dir(step)
+        try:
+            write(tmp)
+            return self.seal(tmp, step, data_state)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def seal(self, tmp: Path, step: int, data_state: dict[str, Any] | None = None) -> Path:
+        """Add data_state.json and the manifest (file hashes, specs) to ``tmp``, fsync everything, and rename it to
+        ``<prefix>-<step>``. The manifest is the last file written: a directory without one is incomplete."""
+        tmp, target = Path(tmp), self.path(step)
+        if data_state is not None:
+            (tmp / DATA_STATE).write_text(json.dumps(data_state, indent=1), encoding="utf-8")
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[str(f.relative_to(tmp))] = {"sha256": file_sha256(f), "size": f.stat().st_size}
+        manifest = {"format": FORMAT_VERSION, "step": step, "layout": LAYOUTS[self.prefix], "backend": self.backend,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+        if self.specs is not None:
+            relevant = training_relevant_specs(self.specs)
+            manifest.update(specs_hash=specs_hash(relevant), specs=relevant)
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():  # the same step saved again (e.g. an epoch end that is also a save step)
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+        tmp.rename(target)
+        _fsync_dir(self.directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def remove_partial(self) -> list[Path]:
+        """Delete the temporary directories an interrupted save left behind (never a named checkpoint)."""
+        removed = []
+        if not self.directory.is_dir():
+            return removed
+        for p in self.directory.iterdir():
+            if p.is_dir() and p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        return removed
+
+    def rotate(self, best: str | Path | None = None) -> list[Path]:
+        """Keep the newest ``keep_last_n`` complete checkpoints, and the best one when ``keep_best``."""
+        if self.keep_last_n is None or self.keep_last_n <= 0:
+            return []
+        found = self.checkpoints()
+        keep_best = Path(best).resolve() if best and self.keep_best else None
+        removable = [p for p in found if keep_best is None or p.resolve() != keep_best]
+        removed = []
+        while len(found) > self.keep_last_n and removable:
+            victim = removable.pop(0)
+            found.remove(victim)
+            shutil.rmtree(victim, ignore_errors=True)
+            removed.append(victim)
+        return removed
+
+    # ---- the loops' state (Accelerate, Lightning) ---------------------------------------------------------
+    def save_loop_state(self, step: int, *, model, optimizer, scheduler, state, tokenizer=None, scaler=None,
+                        data_state: dict[str, Any] | None = None) -> Path:
+        """``<prefix>-N``: save_pretrained weights (safetensors; the adapter only for PEFT models), optimizer,
+        scheduler, scaler, RNG states, trainer_state.json, data position, manifest."""
+        import torch
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            torch.save(capture_rng_state(), tmp / RNG_STATE)
+            state.save_to_json(str(tmp / "trainer_state.json"))
+
+        return self.save(step, write, data_state)
+
+    def load_loop_state(self, path: Path, *, model, optimizer=None, scheduler=None, scaler=None,
+                        data_state: dict[str, Any] | None = None, restore_rng: bool = True, verify: bool = True):
+        """Verify, then restore what :meth:`save_loop_state` wrote. Returns (TrainerState, saved data state).
+        With ``restore_rng=False`` the caller restores the RNG itself (:func:`restore_rng_state` of
+        ``load_rng(path)``) at the point of the loop where it was saved."""
+        from transformers import TrainerState
+        path = Path(path)
+        manifest = self.verify(path, data_state=data_state) if verify else json.loads((path / MANIFEST).read_text())
+        if manifest.get("layout") != LAYOUTS["step"]:
+            raise CheckpointError(f"{path} was written by transformers' Trainer (the hf backend)", file=str(path),
+                                  field="training.resume",
+                                  suggestions=["resume it with backend: hf", "or point training.resume at a "
+                                                                              "checkpoints/step-N directory"])
+        load_model_weights(path, model)
+        if optimizer is not None:
+            optimizer.load_state_dict(safe_load(path / "optimizer.pt", "optimizer state"))
+        if scheduler is not None:
+            scheduler.load_state_dict(safe_load(path / "scheduler.pt", "scheduler state"))
+        if scaler is not None and (path / "scaler.pt").is_file():
+            scaler.load_state_dict(safe_load(path / "scaler.pt", "gradient scaler state"))
+        if restore_rng:
+            restore_rng_state(load_rng(path))
+        state = TrainerState.load_from_json(str(path / "trainer_state.json"))
+        saved_data = json.loads((path / DATA_STATE).read_text()) if (path / DATA_STATE).is_file() else {}
+        return state, saved_data
+
+    # ---- verification --------------------------------------------------------------------------------------
+    def verify(self, path: str | Path, data_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Check a checkpoint before anything is loaded from it: complete (manifest present), intact (every file
+        there with its recorded SHA-256), written by the same training specs and, when ``data_state`` is given,
+        for the same data layout (examples, batches per epoch, processes). Returns the manifest."""
+        path = Path(path)
+        field = "training.resume"
+        if not path.is_dir():
+            raise CheckpointError(f"Checkpoint not found: {path}", file=str(path), field=field,
+                                  suggestions=self._other_choices(path) + ["use `resume: auto` to pick the newest "
+                                                                           "complete checkpoint"])
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise CheckpointError(f"{path} is incomplete: it has no {MANIFEST} (the save was interrupted, or it "
+                                  "was not written by tunepipe)", file=str(path), field=field,
+                                  suggestions=self._other_choices(path) + ["delete this directory"])
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            files = manifest["files"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"The manifest of {path} is unreadable", file=str(manifest_path), field=field,
+                                  suggestions=self._other_choices(path) + ["delete this directory"]) from None
+        for name, info in files.items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{path} is missing {name}", file=str(f), field=field,
+                                      suggestions=self._other_choices(path) + ["delete this directory"])
+            if f.stat().st_size != info.get("size") or file_sha256(f) != info.get("sha256"):
+                raise CheckpointError(f"{f} is corrupt: its content does not match the manifest (truncated or "
+                                      "changed after the save)", file=str(f), field=field,
+                                      suggestions=self._other_choices(path) + ["delete this checkpoint"])
+        if self.specs is not None and "specs_hash" in manifest:
+            now = training_relevant_specs(self.specs)
+            if specs_hash(now) != manifest["specs_hash"]:
+                diffs = _differences(manifest.get("specs", {}), now)
+                raise CheckpointError(
+                    f"{path} was trained with different specs: " + "; ".join(diffs[:5])
+                    + (f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""),
+                    file=str(manifest_path), field=diffs[0].split(":")[0] if diffs else field,
+                    suggestions=["resume with the specs the checkpoint was trained with (its manifest.json lists "
+                                 "them under 'specs')", "or start a fresh run in another output_dir"])
+        if data_state is not None and (path / DATA_STATE).is_file():
+            saved = json.loads((path / DATA_STATE).read_text())
+            for key in ("num_examples", "steps_in_epoch", "world_size"):
+                if key in saved and key in data_state and saved[key] != data_state[key]:
+                    raise CheckpointError(
+                        f"{path} cannot continue this data: {key} is {saved[key]} in the checkpoint and "
+                        f"{data_state[key]} now", file=str(path / DATA_STATE), field="data.train",
+                        suggestions=["resume with the training data and number of processes of the original run",
+                                     "or start a fresh run in another output_dir"])
+        return manifest
+
+    def _other_choices(self, path: Path) -> list[str]:
+        others = [p for p in self.checkpoints() if p.resolve() != Path(path).resolve()]
+        if others:
+            return [f"resume from {others[-1]} (the newest complete checkpoint)"]
+        return []
+
+    # ---- resume: auto | <path> ----------------------------------------------------------------------------
+    def resolve(self, resume: str | None) -> Path | None:
+        """``None``: start fresh. ``auto``: the newest complete checkpoint here, or fresh (logged) when there is
+        none. A path: that checkpoint, verified."""
+        if not resume:
+            return None
+        if str(resume).lower() in ("auto", "true", "latest"):
+            self.remove_partial()
+            latest = self.latest()
+            if latest is None:
+                log.warning("resume: auto found no complete checkpoint in %s: starting fresh", self.directory)
+                return None
+            self.verify(latest)
+            log.warning("resuming from %s", latest)
+            return latest
+        path = Path(resume)
+        self.verify(path)
+        log.warning("resuming from %s", path)
+        return path
+
+
+def load_rng(path: Path) -> dict[str, Any]:
+    return safe_load(Path(path) / RNG_STATE, "RNG state")
+
+
+def load_model_weights(path: Path, model) -> None:
+    """Load the weights ``save_pretrained`` wrote in ``path`` (safetensors) into ``model`` (full model or PEFT
+    adapter)."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        adapter = path / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise CheckpointError(f"No adapter weights (adapter_model.safetensors) in {path}", file=str(path),
+                                  suggestions=["resume with the specs the checkpoint was trained with (peft)"])
+        set_peft_model_state_dict(model, load_file(str(adapter)))
+        return
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):  # model.safetensors or its shards
+        state.update(load_file(str(f)))
+    if not state:
+        raise CheckpointError(f"No weights (*.safetensors) in {path}", file=str(path),
+                              suggestions=["point to a checkpoint written by tunepipe (checkpoints/step-N)"])
+    result = model.load_state_dict(state, strict=False)  # tied weights are saved once
+    if result.unexpected_keys:
+        raise CheckpointError(f"The weights in {path} do not fit this model (e.g. {result.unexpected_keys[0]})",
+                              file=str(path), suggestions=["resume with the specs the checkpoint was trained with"])
+
+
+# ---- SIGTERM / SIGINT: finish the step, save, stop ----------------------------------------------------------
+class StopOnSignal:
+    """While active, SIGTERM and SIGINT only set ``requested``; the training loop checks it after each optimizer
+    step, saves a checkpoint and stops. A second SIGINT raises KeyboardInterrupt as usual. Handlers are installed
+    only in the main thread and restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        log.warning("received %s: finishing the current step, then saving a checkpoint",
+                    signal.Signals(signum).name)
+
+    def synced(self, reduce_max: Callable[[int], int] | None = None) -> bool:
+        """Whether to stop now; with ``reduce_max`` (multi-process) every rank decides the same."""
+        flag = 1 if self.requested is not None else 0
+        return bool(reduce_max(flag)) if reduce_max is not None else bool(flag)
+
+    def interrupted(self, step: int, checkpoint: Path | None) -> TrainingInterrupted:
+        name = signal.Signals(self.requested).name if self.requested else "a signal"
+        where = f"; checkpoint saved to {checkpoint}" if checkpoint else ""
+        return TrainingInterrupted(f"Training stopped by {name} after step {step}{where}",
+                                   suggestions=["continue with `--set training.resume=auto` (or `resume: auto` in "
+                                                "the training section of the specs)"])
