@@ -125,6 +125,17 @@ class TrainingSpec(BaseModel):
         """resume_from_checkpoint fills resume; keep_best: <metric> fills metric_for_best_model (when unset)."""
         if not isinstance(data, dict):
             return data
+        data = dict(data)
+        if data.get("resume") in (None, False, "") and data.get("resume_from_checkpoint"):
+            data["resume"] = data["resume_from_checkpoint"]
+        if data.get("resume") is True:
+            data["resume"] = "auto"
+        if data.get("resume") is False:
+            data["resume"] = None
+        best = data.get("keep_best")
+        if isinstance(best, str) and best.lower() not in ("true", "false") and not data.get("metric_for_best_model"):
+            data["metric_for_best_model"] = best
+        return data
 
 
 class PeftSpec(_Section):
