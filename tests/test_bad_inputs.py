@@ -373,7 +373,47 @@ PATH_CASES = [
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
-CHECKPOINT_CASES: list[Case] = []
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tokenizer_dir):
+    """A finished 2-step run with a checkpoint after each step (both kept): the previous good state that a bad
+    resume must leave as it was."""
+    from tunepipe import FineTunePipeLine
+    env = Env(tmp_path_factory.mktemp("trained"), None)
+    env.fixture = {"tokenizer_dir": tokenizer_dir}.get
+    specs = env.ner(training={"max_steps": 2, "save_strategy": "steps", "save_steps": 1, "save_total_limit": 2})
+    FineTunePipeLine(specs).train()
+    assert sorted(p.name for p in (env.out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    return specs
+
+
+def _resume(e: Env, resume: str | None = None, damage: Callable[[Path], None] | None = None, **training) -> dict:
+    """The trained run copied into this case's output_dir, resumed from ``resume`` (default: its newest
+    checkpoint) with ``training`` changed."""
+    import shutil
+    specs = e.fixture("trained_run")
+    shutil.copytree(specs["output_dir"], e.out)
+    newest = e.out / "checkpoints" / "checkpoint-2"
+    if damage:
+        damage(newest)
+    return {**specs, "output_dir": str(e.out),
+            "training": {**specs["training"], "max_steps": 3, **training, "resume": resume or str(newest)}}
+
+
+def _truncate(checkpoint: Path) -> None:
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+CHECKPOINT_CASES = [
+    Case("ckpt-not-a-checkpoint", lambda e: _resume(e, e.write("notckpt/weights.bin", b"\0" * 8).rsplit("/", 1)[0]),
+         CheckpointError, "CHECKPOINT_ERROR", field="training.resume", file="notckpt", hint="checkpoint-2"),
+    Case("ckpt-missing", lambda e: _resume(e, str(e.out / "checkpoints" / "checkpoint-9")), CheckpointError,
+         "CHECKPOINT_ERROR", field="training.resume", file="checkpoint-9", hint="resume: auto"),
+    Case("ckpt-truncated-weights", lambda e: _resume(e, damage=_truncate), CheckpointError, "CHECKPOINT_ERROR",
+         field="training.resume", file="checkpoint-2/model.safetensors", hint="checkpoint-1"),
+    Case("ckpt-different-specs", lambda e: _resume(e, learning_rate=3e-3), CheckpointError, "CHECKPOINT_ERROR",
+         field="training.learning_rate", file="checkpoint-2/manifest.json", hint="specs the checkpoint was trained"),
+]
 
 CASES = SPECS_CASES + DATA_CASES + MODEL_CASES + CHECKPOINT_CASES + PATH_CASES
 
@@ -436,6 +476,7 @@ def test_bad_input(case: Case, tmp_path, request, monkeypatch, capsys):
         assert f"field '{case.field}'" in stderr
     if case.file:
         assert err.file and str(err.file).rstrip("/").endswith(case.file), err.render()
+        assert case.file in stderr
     if case.line is not None:
         assert err.line == case.line, err.render()
         assert f"{case.file}:{case.line}" in stderr
@@ -447,9 +488,16 @@ def test_bad_input(case: Case, tmp_path, request, monkeypatch, capsys):
     assert snapshot(tmp_path) == before, "a failed run left files behind or changed them"
 
 
-def test_case_count_and_unique_ids():
+def test_case_count_and_the_listing_above():
+    """At least 40 cases, unique ids, and the module docstring lists exactly these, by category."""
+    import re
     ids = [c.id for c in CASES]
-    assert len(ids) == len(set(ids))
-    assert len(CASES) >= 40
-    by_prefix = {p: sum(i.startswith(p + "-") for i in ids) for p in ("specs", "data", "model", "ckpt", "path")}
-    assert all(n > 0 for p, n in by_prefix.items() if p != "ckpt") and sum(by_prefix.values()) == len(ids)
+    assert len(ids) == len(set(ids)) and len(ids) >= 40
+    prefixes = {"specs": "specs", "data": "data", "models": "model", "checkpoints": "ckpt", "paths": "path"}
+    listed = {}
+    for name, count, names in re.findall(r"^  (\w+) \((\d+)\): (.*?)(?=^  \w+ \(|^  total)", __doc__, re.M | re.S):
+        listed[name] = [f"{prefixes[name]}-{n.strip()}" for n in names.replace("\n", " ").split(",")]
+        assert len(listed[name]) == int(count), name
+    assert set(listed) == set(prefixes)
+    assert sorted(sum(listed.values(), [])) == sorted(ids)
+    assert f"total: {len(ids)}" in __doc__
