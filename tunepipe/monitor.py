@@ -45,6 +45,10 @@ class ResourceMonitor(TrainerCallback):
         self.summary: dict[str, Any] | None = None
         self._hook = None
         self._process = None
+        self._nvml = None
+
+    def __getstate__(self):  # spawned worker processes: no hook, process or NVML handles
+        return {**self.__dict__, "_hook": None, "_process": None, "_nvml": None}
 
     # ---- sampling ----------------------------------------------------------------------------------------
     def _count_batch(self, module, args, kwargs) -> None:
@@ -75,14 +79,35 @@ class ResourceMonitor(TrainerCallback):
             return {}
         out = {"gpu_mem_mb": round(torch.cuda.memory_allocated() / MB, 1),
                "gpu_mem_peak_mb": round(torch.cuda.max_memory_allocated() / MB, 1)}
-        if self._nvml_ok:
-            try:
-                out["gpu_util"] = float(torch.cuda.utilization())  # needs pynvml (or amdsmi)
-            except Exception:  # not importable / not supported: memory only
-                self._nvml_ok = False
-        if "gpu_util" in out:
-            self._gpu_util.append(out["gpu_util"])
+        util = self._utilization()
+        if util is not None:
+            out["gpu_util"] = util
+            self._gpu_util.append(util)
         return out
+
+    def _utilization(self) -> float | None:
+        """GPU busy % over NVML's last sample period, through pynvml when it is importable. The device handle is
+        looked up once (torch.cuda.utilization would initialise NVML at every call)."""
+        if self._nvml is None:
+            self._nvml = False
+            try:
+                import pynvml
+                import torch
+                pynvml.nvmlInit()
+                device = torch.cuda.current_device()
+                index = torch.cuda._get_nvml_device_index(device) if hasattr(torch.cuda, "_get_nvml_device_index") \
+                    else device  # CUDA_VISIBLE_DEVICES order -> NVML order
+                self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+            except Exception:  # not importable, no driver, not NVIDIA: memory only
+                return None
+        if not self._nvml:
+            return None
+        pynvml, handle = self._nvml
+        try:
+            return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:
+            self._nvml = False
+            return None
 
     def _snapshot(self) -> dict[str, float]:
         cpu = self._process.cpu_percent(interval=None)  # since the previous call
@@ -110,7 +135,7 @@ class ResourceMonitor(TrainerCallback):
         self._cpu: list[float] = []
         self._gpu_util: list[float] = []
         self._rss_max = 0.0
-        self._nvml_ok = True
+        self._nvml = None  # (pynvml, device handle) once looked up; False when unavailable
         self._start_step = self._last_step = state.global_step
         self._t0 = self._mark = self._last_end = self._step_end = time.perf_counter()
         self._excluded = self._excluded_total = 0.0
@@ -163,6 +188,12 @@ class ResourceMonitor(TrainerCallback):
             self._hook.remove()
             self._hook = None
         self.summary = self._summarize(state)
+        if self._nvml:
+            try:
+                self._nvml[0].nvmlShutdown()
+            except Exception:
+                pass
+            self._nvml = None
         if state.is_world_process_zero:
             if self.output_dir is not None:
                 from .output import write_json
