@@ -109,7 +109,7 @@ class FineTunePipeLine:
     def _check_before_writing(self, trained_dir) -> None:
         """Data and specs that fit, yet would fail (or destroy something) once training starts."""
         from .output import check_data_outside, check_previous_run
-        files = {split: {f for f, _ in records.origins if Path(f).is_file()}
+        files = {split: {f for f in {f for f, _ in records.origins} if Path(f).is_file()}
                  for split, records in self.data.records.items()}
         check_data_outside(self.output_dir, files)
         if trained_dir is not None:
@@ -131,9 +131,11 @@ class FineTunePipeLine:
         """A metric name the task does not report fails at the first evaluation, after a whole epoch: check it
         now, by scoring a perfect prediction of (some of) the validation labels with the task's compute_metrics."""
         import difflib
-        name = self.specs.training.metric_for_best_model
+        t = self.specs.training
+        name = t.metric_for_best_model
         ds = self.datasets.get("validation")
-        if not name or ds is None or self.task.generative or "labels" not in ds.column_names:
+        if not name or ds is None or self.task.generative or "labels" not in ds.column_names or (
+                t.eval_strategy == "no" and not t.load_best_model_at_end):
             return
         key = name[len("eval_"):] if name.startswith("eval_") else name
         for n in (64, len(ds)):
