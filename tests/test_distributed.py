@@ -265,10 +265,9 @@ def test_torchrun_two_processes_hf(ddp_job, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="transformers' Trainer draws its length-grouped training order from the "
-                   "global RNG, which dropout advances differently on each rank (different padded shapes): from "
-                   "the second epoch the ranks' orders differ and examples are skipped or repeated")
 def test_torchrun_two_processes_hf_group_by_length(ddp_job, tmp_path):
+    """transformers' own length-grouped sampler draws its order from the global RNG, which dropout advances
+    differently on each rank; the hf backend re-seeds it with seed + epoch, so every rank builds the same order."""
     out, run, specs = _launch(ddp_job, tmp_path, "hf", _torchrun(), train_sampling_strategy="group_by_length")
     _check_ddp_run(ddp_job, out, run, specs)
 

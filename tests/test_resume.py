@@ -208,25 +208,22 @@ def test_sigterm_saves_and_stops_then_resumes(forkserver, tiny_specs, ner_data, 
     specs = ner_specs(tiny_specs, ner_data, backend, tmp_path / "run")
     specs["training"].update(save_strategy="no")  # the checkpoint comes from the signal alone
     proc, queue = _run_child(forkserver, specs, 0, mode="term")
-    seen = 0
-    while seen < 3:
+    last = 0
+    while last < 3:
         kind, *rest = queue.get(timeout=120)
         assert kind == "step", (kind, rest)
-        seen = rest[0]
+        last = rest[0]
     os.kill(proc.pid, signal.SIGTERM)
-    messages = []
     while True:
-        item = queue.get(timeout=120)
-        if item[0] != "step":
-            messages.append(item)
+        kind, *rest = queue.get(timeout=120)
+        if kind != "step":
             break
-        messages.append(item)
+        last = rest[0]
     proc.join(60)
     assert proc.exitcode == 0, proc.exitcode  # a clean exit, no crash
-    kind, code, text = messages[-1]
-    assert (kind, code) == ("error", "TRAINING_INTERRUPTED"), messages[-1]
-    stopped = max(m[1] for m in messages if m[0] == "step")
-    assert stopped >= 3 and stopped < NER["batches"] * NER["epochs"]
+    assert kind == "error" and rest[0] == "TRAINING_INTERRUPTED", (kind, rest)
+    stopped, text = last, rest[1]
+    assert 3 <= stopped < NER["batches"] * NER["epochs"]
     assert f"after step {stopped}" in text and "resume" in text
     manager = CheckpointManager(tmp_path / "run" / "checkpoints")
     assert [CheckpointManager.step_of(p) for p in manager.checkpoints()] == [stopped]

@@ -168,9 +168,19 @@ class _TaskTrainerMixin:
         return strip_prefix(self.evaluate(eval_dataset=dataset, metric_key_prefix=split), f"{split}_")
 
     def trained_model(self):
-        """The plain model: no DDP wrapper, and no mixed-precision autocast left around its forward."""
+        """The plain model: no DDP wrapper, and no mixed-precision autocast left around its forward (accelerate
+        puts one there for bf16/fp16). ``extract_model_from_parallel(keep_fp32_wrapper=False)`` would also strip
+        transformers' own decorators from forward (it unwraps every ``__wrapped__``), so the forward saved by
+        accelerate is put back instead."""
         from accelerate.utils import extract_model_from_parallel
-        return extract_model_from_parallel(self.model, keep_fp32_wrapper=False)
+        model = extract_model_from_parallel(self.model)
+        original = model.__dict__.pop("_original_forward", None)
+        if original is not None:
+            if getattr(original, "__func__", None) is type(model).forward:
+                model.__dict__.pop("forward", None)  # the class's forward again
+            else:
+                model.forward = original
+        return model
 
     @property
     def is_main_process(self) -> bool:

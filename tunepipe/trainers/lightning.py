@@ -241,9 +241,6 @@ class TaskModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         owner = self._owner
-        if owner.stop_guard is not None and owner.stop_guard.requested is not None:
-            # Lightning's own SIGTERM handler would abort after this batch; ours saves at the optimizer step
-            self.trainer._signal_connector.received_sigterm = False
         global_step = self.trainer.global_step + owner.step_offset
         if global_step == owner.state.global_step:
             owner.control = owner.handler.on_substep_end(owner.args, owner.state, owner.control)
@@ -387,9 +384,15 @@ class _LightningTrainer(LoopBookkeeping):
     def run_training(self) -> TrainResult:
         prepare_model_for_training(self.model, self.args)
         self._prepare_resume()
+        trainer = self.lightning_trainer()
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            # Lightning's SIGTERM handler ends fit with SystemExit after the current batch, without a checkpoint;
+            # StopOnSignal lets the optimizer step finish, saves, and stops (ranks agree through a reduce)
+            connector.register_signal_handlers = lambda: None
         with StopOnSignal() as guard:
             self.stop_guard = guard
-            self.lightning_trainer().fit(self.module)
+            trainer.fit(self.module)
         self.stop_guard = None
         if self.stopped_by_signal:
             raise guard.interrupted(self.state.global_step, self.last_checkpoint)
