@@ -231,6 +231,10 @@ def test_backend_checkpoints_are_sealed_and_refuse_other_specs(tiny_specs, ner_d
     assert manifest["layout"] == ("transformers-trainer" if backend == "hf" else "tunepipe-loop")
     assert {"optimizer.pt", "scheduler.pt", "trainer_state.json", "data_state.json"} <= set(manifest["files"])
     assert any(f.endswith(".safetensors") for f in manifest["files"])
+    # resume: auto on a finished run trains nothing more (transformers alone would run one extra step)
+    again = FineTunePipeLine(dict(specs, training={**specs["training"], "resume": "auto"}))
+    again.setup()
+    assert again.trainer.run_training().global_step == 4
     # a changed learning rate cannot continue this run
     changed = dict(specs, training={**specs["training"], "learning_rate": 5e-4, "resume": "auto"})
     pipe = FineTunePipeLine(changed)

@@ -178,6 +178,8 @@ def _check_exact_resume(ctx, make_specs, plan, backend, tmp_path, case: str):
     assert result.global_step == total, why
     assert counter.steps == list(range(resumed_from + 1, total + 1)), f"{why}: resumed run stepped {counter.steps}"
     assert sorted(losses) == list(range(1, total + 1)), f"{why}: logged steps {sorted(losses)}"
+    records = [json.loads(line) for line in (tmp_path / "interrupted" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, total + 1)), f"{why}: train_log.jsonl"
     for step in range(resumed_from + 1, total + 1):
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), f"{why}: loss at step {step}"
     assert weights.keys() == ref_weights.keys()

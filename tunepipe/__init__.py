@@ -20,6 +20,7 @@ _EXPORTS = {
     "get_task": "tasks",
     "QuantizationManager": "quantization", "TypeUtils": "type_utils", "merge_and_unload": "merge",
     "InferencePipeLine": "inference", "MultiAdapterManager": "adapters",
+    "CheckpointManager": "checkpoints",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -18,7 +18,7 @@ from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, L
                      callback_handler, create_optimizer, create_scheduler, data_state, eval_order, evaluation_metrics,
                      keep_model_columns, label_names, load_model_weights, log_metrics, new_state, prediction_step,
                      prepare_model_for_training, reorder, speed_metrics, train_sampler, training_schedule,
-                     training_settings)
+                     training_settings, truncate_log_after)
 
 
 def make_accelerator(args, specs):
@@ -109,6 +109,10 @@ class _AcceleratedTrainer(LoopBookkeeping):
             state.global_step, state.log_history = loaded.global_step, loaded.log_history
             state.best_metric, state.best_model_checkpoint = loaded.best_metric, loaded.best_model_checkpoint
             state.epoch, state.total_flos = loaded.epoch, loaded.total_flos
+            if self.is_main_process:
+                truncate_log_after(self.output_dir / "train_log.jsonl", loaded.global_step)
+            if loaded.global_step >= schedule.max_steps:
+                return self._already_trained(resume)
             first_epoch, done = divmod(loaded.global_step, schedule.updates_per_epoch)
             skip_batches = done * args.gradient_accumulation_steps
             # The RNG is put back where it was saved: after the epoch's data iterator was started (mid-epoch),
@@ -191,6 +195,12 @@ class _AcceleratedTrainer(LoopBookkeeping):
         acc.wait_for_everyone()
         return TrainResult(global_step=state.global_step, train_metrics={**metrics, "epoch": state.epoch},
                            log_history=list(state.log_history))
+
+    def _already_trained(self, path: Path) -> TrainResult:
+        from ..checkpoints import log
+        log.warning("%s already holds all %d training steps: nothing left to train", path, self.state.global_step)
+        return TrainResult(global_step=self.state.global_step, train_metrics={"epoch": self.state.epoch},
+                           log_history=list(self.state.log_history))
 
     def _num_train_samples(self, schedule) -> float:
         args = self.args

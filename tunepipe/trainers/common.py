@@ -139,6 +139,24 @@ class JsonlLogWriter:
             f.write(json.dumps(record, default=float) + "\n")
 
 
+def truncate_log_after(path: Path, step: int) -> None:
+    """Resuming from step N: drop the records an interrupted run wrote after its checkpoint, so each step is
+    logged once."""
+    from ..output import atomic_text
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except ValueError:
+            continue  # a line cut short by the interruption
+        kept.append(line + "\n")
+    atomic_text(path, "".join(kept))
+
+
 def strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in metrics.items()}
 

@@ -12,7 +12,7 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, Trai
 from ..checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, resume_setting
 from ..errors import CheckpointError
 from .common import (JsonlLogWriter, TrainResult, data_state, strip_prefix, train_sampler, training_arguments,
-                     training_schedule)
+                     training_schedule, truncate_log_after)
 
 
 class _JsonlLogCallback(TrainerCallback):
@@ -150,9 +150,25 @@ class _TaskTrainerMixin:
                                                "or point training.resume at a checkpoints/checkpoint-N directory"])
         return path
 
+    def _already_trained(self, path: Path, saved) -> TrainResult:
+        """The checkpoint holds the whole run (transformers would train one step more): its weights, no training."""
+        from ..checkpoints import log
+        self._load_from_checkpoint(str(path))
+        self.state = saved
+        log.warning("%s already holds all %d training steps: nothing left to train", path, saved.global_step)
+        return TrainResult(global_step=saved.global_step, train_metrics={"epoch": saved.epoch},
+                           log_history=list(saved.log_history))
+
     # The backend contract used by FineTunePipeLine.
     def run_training(self) -> TrainResult:
         resume = self._resume_from()
+        if resume is not None:
+            from transformers import TrainerState
+            saved = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+            if self.is_world_process_zero():
+                truncate_log_after(Path(self.args.output_dir).parent / "train_log.jsonl", saved.global_step)
+            if saved.global_step >= training_schedule(len(self.get_train_dataloader()), self.args).max_steps:
+                return self._already_trained(resume, saved)
         with StopOnSignal() as guard:
             self.stop_guard = guard
             try:

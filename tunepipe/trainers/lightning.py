@@ -33,7 +33,8 @@ from ..errors import TrainingError
 from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, LoopBookkeeping, TrainResult,
                      callback_handler, create_optimizer, create_scheduler, data_state, eval_order, evaluation_metrics,
                      keep_model_columns, label_names, log_metrics, new_state, prediction_step,
-                     prepare_model_for_training, speed_metrics, train_sampler, training_schedule, training_settings)
+                     prepare_model_for_training, speed_metrics, train_sampler, training_schedule, training_settings,
+                     truncate_log_after)
 from .distributed import check_launch, lightning_devices, lightning_strategy
 
 warnings.filterwarnings("ignore", message=".*You defined a `validation_step` but have no `val_dataloader`.*")
@@ -384,6 +385,8 @@ class _LightningTrainer(LoopBookkeeping):
     def run_training(self) -> TrainResult:
         prepare_model_for_training(self.model, self.args)
         self._prepare_resume()
+        if self.resume_path is not None and self.step_offset >= self.schedule.max_steps:
+            return self._already_trained()
         trainer = self.lightning_trainer()
         connector = getattr(trainer, "_signal_connector", None)
         if connector is not None:
@@ -400,6 +403,19 @@ class _LightningTrainer(LoopBookkeeping):
         return TrainResult(global_step=state.global_step, train_metrics=dict(self.train_metrics),
                            log_history=list(state.log_history))
 
+    def _already_trained(self) -> TrainResult:
+        """The checkpoint holds the whole run: its weights and state, no training."""
+        from transformers import TrainerState
+
+        from ..checkpoints import log
+        from .common import load_model_weights
+        load_model_weights(self.resume_path, self.model)
+        self.state = TrainerState.load_from_json(str(self.resume_path / "trainer_state.json"))
+        log.warning("%s already holds all %d training steps: nothing left to train", self.resume_path,
+                    self.state.global_step)
+        return TrainResult(global_step=self.state.global_step, train_metrics={"epoch": self.state.epoch},
+                           log_history=list(self.state.log_history))
+
     def _prepare_resume(self) -> None:
         """``resume: auto | <path>``: verify the checkpoint and place Lightning's run after it (steps and epochs
         left, batches of the current epoch to skip); weights/optimizer/scheduler load in configure_optimizers."""
@@ -413,6 +429,8 @@ class _LightningTrainer(LoopBookkeeping):
         manager.verify(path, data_state=data_state(self.args, self.schedule, len(self.train_dataset), world, 0))
         saved = TrainerState.load_from_json(str(path / "trainer_state.json"))
         self.resume_path, self.step_offset = path, saved.global_step
+        if self.is_main_process:
+            truncate_log_after(self.output_dir / "train_log.jsonl", saved.global_step)
         self.epoch_offset, done = divmod(saved.global_step, self.schedule.updates_per_epoch)
         self.resume_skip = done * self.args.gradient_accumulation_steps
         if hasattr(self.sampler, "set_epoch"):  # Lightning starts the first loader before on_train_epoch_start
