@@ -199,6 +199,22 @@ def test_real_server_gets_params_step_metrics_eval_metrics_and_artifacts(mlflow_
     assert Path(local).read_text() == (pipe.output_dir / "specs.yaml").read_text()
 
 
+def test_train_then_evaluate_separately_fill_one_run(mlflow_uri, tiny_specs, ner_data):
+    specs = tiny_specs("token_classification", ner_data, tracking={"mlflow": {
+        "tracking_uri": mlflow_uri, "experiment": "train-then-evaluate"}},
+                       training={"eval_strategy": "no"})
+    pipe = FineTunePipeLine(specs).setup()
+    pipe.train()
+    run = only_run(mlflow_uri, "train-then-evaluate")
+    assert run.info.status == "FINISHED" and "validation_f1" not in run.data.metrics
+    pipe.evaluate()
+    run = only_run(mlflow_uri, "train-then-evaluate")
+    assert run.data.metrics["validation_f1"] == pytest.approx(pipe.metrics["validation"]["f1"])
+    assert {"metrics.json", "README.md", "specs.yaml"} <= {
+        a.path for a in client(mlflow_uri).list_artifacts(run.info.run_id)}
+    assert "model" not in {a.path for a in client(mlflow_uri).list_artifacts(run.info.run_id)}  # log_model off
+
+
 def test_crashed_training_leaves_its_run_failed_in_the_local_default_store(tiny_specs, ner_data):
     specs = tiny_specs("token_classification", ner_data, tracking={"mlflow": {"experiment": "crash"}})
     pipe = FineTunePipeLine(specs).setup()
@@ -250,3 +266,24 @@ def test_server_killed_mid_run_warns_once_and_training_completes(server, mlflow_
     steps = [m.step for m in client(server.uri).get_metric_history(run.info.run_id, "loss")]
     assert steps[:2] == [2, 4] and 12 not in steps
     assert run.info.status == "RUNNING"  # the end could not be recorded; the warning said so
+
+
+@pytest.mark.slow
+def test_two_process_run_logs_once_from_the_main_process(tiny_specs, ner_data, tmp_path):
+    """torchrun, 2 CPU processes (gloo): one MLflow run, each logging step once, throughput scaled to both ranks."""
+    specs = tiny_specs("token_classification", ner_data, tracking={"mlflow": {"experiment": "ddp"}})
+    (tmp_path / "specs.json").write_text(json.dumps(specs))
+    script = tmp_path / "train.py"
+    script.write_text("import json, sys\nfrom tunepipe import FineTunePipeLine\n"
+                      "FineTunePipeLine(json.load(open(sys.argv[1]))).run()\n")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
+                    str(tmp_path / "specs.json")], check=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = Path(specs["output_dir"])
+    uri = f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"
+    run = only_run(uri, "ddp")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client(uri).get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]  # 48 per rank
+    summary = json.loads((out / "resources.json").read_text())
+    assert summary["processes"] == 2 and summary["samples"] == 96

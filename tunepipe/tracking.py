@@ -165,7 +165,8 @@ class MlflowTracker(TrainerCallback):
     # ---- guarded calls -------------------------------------------------------------------------------------
     @property
     def active(self) -> bool:
-        return self.run_id is not None and not self.finished
+        """A run exists (MLflow accepts metrics and files for an ended run: ``train()`` then ``evaluate()``)."""
+        return self.run_id is not None
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run one MLflow call; a failure gives one warning (per tracker) and pauses tracking, never raises."""
@@ -311,7 +312,7 @@ class MlflowTracker(TrainerCallback):
             self.log_files({"": self.output_dir / name})
 
     def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
-        if not self.active:
+        if not self.active or self.finished:
             return
         if error is not None:
             message = truncate(f"{type(error).__name__}: {error}", 5000)
