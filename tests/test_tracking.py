@@ -156,6 +156,22 @@ def test_a_failing_store_gives_one_warning_and_never_raises(tmp_path):
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # short limits unless the user set them
 
 
+def test_tracking_without_mlflow_installed_fails_before_training(tmp_path, monkeypatch):
+    import importlib.util
+
+    from tunepipe.errors import DependencyError
+    from tunepipe.specs import load_specs
+    from tunepipe.tracking import Tracking
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    specs = load_specs({"task": "token_classification", "output_dir": str(tmp_path / "run"),
+                        "tracking": {"mlflow": {"experiment": "x"}}})
+    with pytest.raises(DependencyError) as err:
+        Tracking(specs, tmp_path / "run")
+    assert err.value.code == "IMPORT_ERROR" and err.value.field == "tracking.mlflow"
+    assert any("tunepipe[mlflow]" in s for s in err.value.suggestions)
+
+
 # ---- against a real server -----------------------------------------------------------------------------------------
 def test_real_server_gets_params_step_metrics_eval_metrics_and_artifacts(mlflow_uri, tiny_specs, ner_data):
     specs = tiny_specs("token_classification", ner_data, tracking={"mlflow": {

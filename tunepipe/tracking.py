@@ -345,6 +345,22 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def require_mlflow(tracking_uri: str) -> None:
+    """Asked-for tracking without the package is a setup error, raised before any training. A server URI needs
+    only the client (mlflow-skinny will do); a local SQLite store needs full mlflow (SQLAlchemy, Alembic)."""
+    import importlib.util
+
+    from .errors import DependencyError
+    if importlib.util.find_spec("mlflow") is None:
+        raise DependencyError("tracking.mlflow is set but MLflow is not installed", field="tracking.mlflow",
+                              suggestions=["pip install 'tunepipe[mlflow]'", "or remove tracking.mlflow"])
+    if tracking_uri.startswith("sqlite:") and importlib.util.find_spec("sqlalchemy") is None:
+        raise DependencyError("A local MLflow store needs full mlflow (only mlflow-skinny is installed)",
+                              field="tracking.mlflow.tracking_uri",
+                              suggestions=["pip install 'tunepipe[mlflow]'",
+                                           "or set tracking.mlflow.tracking_uri to a running mlflow server"])
+
+
 # ---- what FineTunePipeLine attaches ------------------------------------------------------------------------------
 class Tracking:
     """The callbacks ``tracking:`` asks for (resource monitor, MLflow run) and the pipeline's hooks into them."""
@@ -354,6 +370,8 @@ class Tracking:
         self.monitor = ResourceMonitor(output_dir) if specs.tracking.resources else None
         mlflow_spec = specs.tracking.mlflow
         self.mlflow = MlflowTracker(mlflow_spec, specs, output_dir) if mlflow_spec is not None else None
+        if self.mlflow is not None:
+            require_mlflow(self.mlflow.tracking_uri)
 
     @property
     def callbacks(self) -> list:
