@@ -203,6 +203,17 @@ def test_exact_resume_seq2seq(forkserver, mt_files, tmp_path, backend):
     _check_exact_resume(forkserver, lambda b, out: mt_specs(mt_files, b, out), MT, backend, tmp_path, "mt")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_resume_lora_adapter(forkserver, tiny_specs, ner_data, tmp_path, backend):
+    """PEFT runs checkpoint only the adapter; resuming restores it (and the optimizer over its parameters)."""
+    def make(b, out):
+        specs = ner_specs(tiny_specs, ner_data, b, out)
+        specs["peft"] = {"method": "lora", "r": 4, "dropout": 0.1}
+        return specs
+
+    _check_exact_resume(forkserver, make, NER, backend, tmp_path, "lora")
+
+
 # ---- SIGTERM: finish the step, save, stop cleanly; then resume ---------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigterm_saves_and_stops_then_resumes(forkserver, tiny_specs, ner_data, tmp_path, backend):
