@@ -150,9 +150,16 @@ def test_a_failing_store_gives_one_warning_and_never_raises(tmp_path):
         warnings.simplefilter("always")
         assert tracker.start() is None  # nobody listens on that port: refused at once
         tracker.log_metrics({"loss": 1.0}, 1)
+        state = type("State", (), {"is_world_process_zero": True, "global_step": 2})()
+        tracker.on_log(None, state, None, logs={"loss": 1.0})  # retries start() only after the pause
         tracker.finish("FINISHED")
     assert [w.category for w in caught if issubclass(w.category, TrackingWarning)] == [TrackingWarning]
     assert tracker.failures == 1 and tracker.run_id is None
+    tracker._paused_until = 0.0  # the pause is over: the next logging step tries again, silently
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker.on_log(None, state, None, logs={"loss": 1.0})
+    assert tracker.failures == 2 and not [w for w in caught if issubclass(w.category, TrackingWarning)]
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # short limits unless the user set them
 
 

@@ -158,6 +158,7 @@ class MlflowTracker(TrainerCallback):
         self._client = None
         self._paused_until = 0.0
         self._logged_step: tuple[int, set[str]] = (-1, set())
+        self._wanted = False
 
     def __getstate__(self):  # spawned worker processes get a copy without the (unpicklable) client
         return {**self.__dict__, "_client": None}
@@ -213,6 +214,7 @@ class MlflowTracker(TrainerCallback):
         """Create (or reuse) the experiment and start the run with params and tags. Returns the run id."""
         if self.run_id is not None:
             return self.run_id
+        self._wanted = True  # a failed start is retried at later logging steps, once the pause is over
         self._set_http_limits()
         if self.local_store:
             (self.output_dir / "mlruns").mkdir(parents=True, exist_ok=True)
@@ -314,10 +316,10 @@ class MlflowTracker(TrainerCallback):
     def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
         if not self.active or self.finished:
             return
+        self._paused_until = 0.0  # the final status is worth one more try
         if error is not None:
             message = truncate(f"{type(error).__name__}: {error}", 5000)
             self._call("recording the error", lambda: self.client.set_tag(self.run_id, "tunepipe.error", message))
-        self._paused_until = 0.0  # the final status is worth one more try
         self._call(f"ending the run ({status})", lambda: self.client.set_terminated(self.run_id, status))
         self.finished = True
 
@@ -327,6 +329,8 @@ class MlflowTracker(TrainerCallback):
             self.start()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.run_id is None and self._wanted:
+            self.start()  # the server was down when training began
         if state.is_world_process_zero and logs:
             self.log_metrics({k: v for k, v in logs.items() if _finite_number(v)}, state.global_step)
 
