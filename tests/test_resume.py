@@ -250,3 +250,88 @@ def test_sigterm_saves_and_stops_then_resumes(forkserver, tiny_specs, ner_data, 
     result = pipe.trainer.run_training()
     assert result.global_step == NER["batches"] * NER["epochs"]
     assert [e["step"] for e in result.log_history if "loss" in e] == list(range(1, result.global_step + 1))
+
+
+# ---- two processes: every rank's RNG is saved, and a SIGTERM seen by one rank stops all at the same step ----------
+DDP_SCRIPT = r'''
+import os, signal, sys
+from pathlib import Path
+import yaml
+from transformers import TrainerCallback
+from tunepipe.pipeline import FineTunePipeLine
+
+specs, term_at = yaml.safe_load(Path(sys.argv[1]).read_text()), int(sys.argv[2])
+pipe = FineTunePipeLine(specs)
+pipe.setup()
+
+
+class TermRankZero(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == term_at and state.is_world_process_zero:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+(pipe.trainer if hasattr(pipe.trainer, "add_callback") else pipe.trainer.handler).add_callback(TermRankZero())
+try:
+    pipe.train()
+except Exception as e:
+    if getattr(e, "code", "") == "TRAINING_INTERRUPTED":
+        print("INTERRUPTED", e, flush=True)
+        sys.exit(3)
+    raise
+'''
+
+
+def _free_port() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _launch_two(backend, script, config, term_at, cwd):
+    import subprocess
+    import sys
+    from pathlib import Path
+    bin_dir = Path(sys.executable).parent
+    if backend == "accelerate":
+        command = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port()]
+    elif backend == "hf":
+        command = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", _free_port()]
+    else:
+        command = [sys.executable]  # Lightning starts the second process itself
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command + [str(script), str(config), str(term_at)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["hf", "accelerate", "lightning"])
+def test_two_process_sigterm_on_one_rank_then_exact_resume(tiny_specs, ner_data, tmp_path, backend):
+    import yaml
+    from safetensors.torch import load_file
+    script = tmp_path / "train.py"
+    script.write_text(DDP_SCRIPT)
+
+    def config(name, **training):
+        specs = ner_specs(tiny_specs, ner_data, backend, tmp_path / name)
+        specs["training"].update(per_device_train_batch_size=4, **training)
+        if backend == "lightning":
+            specs["distributed"] = {"devices": 2, "strategy": "ddp", "accelerator": "cpu"}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(specs))
+        return path
+
+    done = _launch_two(backend, script, config("reference"), 0, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stopped = _launch_two(backend, script, config("run"), 7, tmp_path)
+    assert stopped.returncode != 0 and "INTERRUPTED" in stopped.stdout, stopped.stdout[-2000:] + stopped.stderr[-3000:]
+    checkpoint = tmp_path / "run" / "checkpoints" / ("checkpoint-7" if backend == "hf" else "step-7")
+    assert (checkpoint / "manifest.json").is_file()
+    assert {p.name for p in checkpoint.glob("rng_state*.pth")} >= {"rng_state_1.pth"}
+    resumed = _launch_two(backend, script, config("run", resume="auto"), 0, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref, got = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("reference", "run"))
+    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    assert worst <= 1e-5, f"{backend}: final weights differ by up to {worst:g}"

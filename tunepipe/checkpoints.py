@@ -223,9 +223,11 @@ class CheckpointManager:
         tmp.mkdir()
         return tmp
 
-    def save(self, step: int, write: Callable[[Path], None], data_state: dict[str, Any] | None = None) -> Path:
-        """``write(tmpdir)`` then :meth:`seal`: never a half-written checkpoint under its final name."""
-        tmp = self.staging_dir(step)
+    def save(self, step: int, write: Callable[[Path], None], data_state: dict[str, Any] | None = None,
+             tmp: Path | None = None) -> Path:
+        """``write(tmpdir)`` then :meth:`seal`: never a half-written checkpoint under its final name. ``tmp``: a
+        staging directory other processes already wrote into (their RNG states)."""
+        tmp = Path(tmp) if tmp is not None else self.staging_dir(step)
         try:
             write(tmp)
             return self.seal(tmp, step, data_state)
@@ -291,8 +293,12 @@ class CheckpointManager:
         return removed
 
     # ---- the loops' state (Accelerate, Lightning) ---------------------------------------------------------
+    def shared_staging_dir(self, step: int) -> Path:
+        """The staging directory every process of a multi-process run writes into (same name on every rank)."""
+        return self.directory / f".{self.prefix}-{step}.tmp-shared"
+
     def save_loop_state(self, step: int, *, model, optimizer, scheduler, state, tokenizer=None, scaler=None,
-                        data_state: dict[str, Any] | None = None) -> Path:
+                        data_state: dict[str, Any] | None = None, tmp: Path | None = None) -> Path:
         """``<prefix>-N``: save_pretrained weights (safetensors; the adapter only for PEFT models), optimizer,
         scheduler, scaler, RNG states, trainer_state.json, data position, manifest."""
         import torch
@@ -308,10 +314,11 @@ class CheckpointManager:
             torch.save(capture_rng_state(), tmp / RNG_STATE)
             state.save_to_json(str(tmp / "trainer_state.json"))
 
-        return self.save(step, write, data_state)
+        return self.save(step, write, data_state, tmp=tmp)
 
     def load_loop_state(self, path: Path, *, model, optimizer=None, scheduler=None, scaler=None,
-                        data_state: dict[str, Any] | None = None, restore_rng: bool = True, verify: bool = True):
+                        data_state: dict[str, Any] | None = None, restore_rng: bool = True, verify: bool = True,
+                        rank: int = 0):
         """Verify, then restore what :meth:`save_loop_state` wrote. Returns (TrainerState, saved data state).
         With ``restore_rng=False`` the caller restores the RNG itself (:func:`restore_rng_state` of
         ``load_rng(path)``) at the point of the loop where it was saved."""
@@ -331,7 +338,7 @@ class CheckpointManager:
         if scaler is not None and (path / "scaler.pt").is_file():
             scaler.load_state_dict(safe_load(path / "scaler.pt", "gradient scaler state"))
         if restore_rng:
-            restore_rng_state(load_rng(path))
+            restore_rng_state(load_rng(path, rank))
         state = TrainerState.load_from_json(str(path / "trainer_state.json"))
         saved_data = json.loads((path / DATA_STATE).read_text()) if (path / DATA_STATE).is_file() else {}
         return state, saved_data
@@ -415,8 +422,16 @@ class CheckpointManager:
         return path
 
 
-def load_rng(path: Path) -> dict[str, Any]:
-    return safe_load(Path(path) / RNG_STATE, "RNG state")
+def save_rank_rng(directory: Path, rank: int) -> None:
+    """Process ``rank``'s RNG states next to rank 0's (dropout advances each rank's RNG differently)."""
+    import torch
+    torch.save(capture_rng_state(), Path(directory) / f"rng_state_{rank}.pth")
+
+
+def load_rng(path: Path, rank: int = 0) -> dict[str, Any]:
+    """This process's RNG states: ``rng_state_<rank>.pth`` in a multi-process checkpoint, else rank 0's."""
+    own = Path(path) / f"rng_state_{rank}.pth"
+    return safe_load(own if rank and own.is_file() else Path(path) / RNG_STATE, "RNG state")
 
 
 def load_model_weights(path: Path, model) -> None:

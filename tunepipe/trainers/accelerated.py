@@ -117,7 +117,7 @@ class _AcceleratedTrainer(LoopBookkeeping):
             skip_batches = done * args.gradient_accumulation_steps
             # The RNG is put back where it was saved: after the epoch's data iterator was started (mid-epoch),
             # or before it (at an epoch boundary); starting an iterator draws from the global RNG.
-            pending_rng = load_rng(resume)
+            pending_rng = load_rng(resume, acc.process_index)
             if skip_batches == 0:
                 restore_rng_state(pending_rng)
                 pending_rng = None

@@ -574,12 +574,24 @@ class LoopBookkeeping:
         step = self.state.global_step
         if new_best:
             self.state.best_model_checkpoint = str(manager.path(step))
+        shared = None
+        if getattr(self.args, "world_size", 1) > 1:  # every rank's RNG goes into one staging directory
+            import shutil
+
+            from ..checkpoints import save_rank_rng
+            shared = manager.shared_staging_dir(step)
+            if self.is_main_process:
+                shutil.rmtree(shared, ignore_errors=True)
+                shared.mkdir(parents=True)
+            self._barrier()
+            if not self.is_main_process:
+                save_rank_rng(shared, self.args.process_index)
         self._barrier()
         if self.is_main_process:
             model, optimizer, scheduler = self._checkpoint_objects()
             manager.save_loop_state(step, model=model, optimizer=optimizer, scheduler=scheduler, state=self.state,
                                     tokenizer=self.tokenizer, scaler=self._grad_scaler(),
-                                    data_state=self._data_state())
+                                    data_state=self._data_state(), tmp=shared)
             manager.rotate(self.state.best_model_checkpoint)
         self.last_checkpoint = manager.path(step)
         self._barrier()

@@ -453,7 +453,7 @@ class _LightningTrainer(LoopBookkeeping):
             if scaler is not None and (self.resume_path / "scaler.pt").is_file():
                 from ..checkpoints import safe_load
                 scaler.load_state_dict(safe_load(self.resume_path / "scaler.pt", "gradient scaler state"))
-            restore_rng_state(load_rng(self.resume_path))
+            restore_rng_state(load_rng(self.resume_path, trainer.global_rank))
         for name, value in (("model", self.model), ("optimizer", self.optimizer),
                             ("lr_scheduler", self.lr_scheduler)):
             setattr(self.handler, name, value)
