@@ -189,7 +189,7 @@ class CheckpointManager:
         keep = getattr(training, "keep_last_n", None)
         keep = keep if keep is not None else training.save_total_limit
         return cls(directory or Path(specs.output_dir) / "checkpoints", specs, keep_last_n=keep,
-                   keep_best=getattr(training, "keep_best", None) is not False, prefix=prefix)
+                   keep_best=str(getattr(training, "keep_best", None)).lower() != "false", prefix=prefix)
 
     # ---- layout --------------------------------------------------------------------------------------------
     def path(self, step: int) -> Path:

@@ -131,8 +131,13 @@ class _TaskTrainerMixin:
 
         return self.stop_guard.synced(any_rank)
 
+    def _batches_per_epoch(self) -> int:
+        if getattr(self, "_train_batches", None) is None:  # each get_train_dataloader() is prepared anew: once
+            self._train_batches = len(self.get_train_dataloader())
+        return self._train_batches
+
     def _data_state(self) -> dict[str, Any]:
-        schedule = training_schedule(len(self.get_train_dataloader()), self.args)
+        schedule = training_schedule(self._batches_per_epoch(), self.args)
         return data_state(self.args, schedule, len(self.train_dataset), self.args.world_size, self.state.global_step)
 
     def _resume_from(self) -> Path | None:
@@ -167,7 +172,7 @@ class _TaskTrainerMixin:
             saved = TrainerState.load_from_json(str(resume / "trainer_state.json"))
             if self.is_world_process_zero():
                 truncate_log_after(Path(self.args.output_dir).parent / "train_log.jsonl", saved.global_step)
-            if saved.global_step >= training_schedule(len(self.get_train_dataloader()), self.args).max_steps:
+            if saved.global_step >= training_schedule(self._batches_per_epoch(), self.args).max_steps:
                 return self._already_trained(resume, saved)
         with StopOnSignal() as guard:
             self.stop_guard = guard
