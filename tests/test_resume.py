@@ -68,7 +68,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _run_child(ctx, specs, kill_at, mode="kill", timeout=120):
+def _run_child(ctx, specs, kill_at, mode="kill"):
     queue = ctx.Queue()
     proc = ctx.Process(target=_train_child, args=(specs, kill_at, mode, queue))
     proc.start()

@@ -8,7 +8,6 @@ and the checkpoint layout.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
