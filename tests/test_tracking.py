@@ -266,6 +266,7 @@ def test_server_killed_mid_run_warns_once_and_training_completes(server, mlflow_
     killed_at = {}
 
     def kill():
+        assert pipe.tracking.mlflow.flush()  # steps 2 and 4 reached the server (metrics go from a thread)
         server.kill()
         killed_at["t"] = time.monotonic()
 

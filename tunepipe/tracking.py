@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -134,6 +135,59 @@ def plot_loss(train_log: Path, target: Path) -> Path | None:
     return target
 
 
+# ---- sending metrics off the training thread ------------------------------------------------------------------------
+class MetricSender:
+    """Sends metrics from a background thread, coalescing whatever piled up into one request: a logging step only
+    appends to a list, so training never waits for the network (measured: a synchronous request to a local server
+    cost ~40 ms per logging step on a busy 2-core machine)."""
+
+    def __init__(self, send: Callable[[list], None], batch_limit: int = 1000):
+        self._send, self._batch_limit = send, batch_limit
+        self._pending: list = []
+        self._busy = self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="tunepipe-mlflow-metrics", daemon=True)
+        self._thread.start()
+
+    def add(self, metrics: list) -> None:
+        with self._cond:
+            self._pending.extend(metrics)
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch, self._pending, self._busy = self._pending, [], True
+            try:
+                for i in range(0, len(batch), self._batch_limit):
+                    self._send(batch[i: i + self._batch_limit])
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything added so far was sent (or dropped after a failure); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float) -> None:
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
 # ---- the tracker -----------------------------------------------------------------------------------------------
 class MlflowTracker(TrainerCallback):
     """One MLflow run per training, fed by the trainer's callback events (every backend drives them).
@@ -159,9 +213,10 @@ class MlflowTracker(TrainerCallback):
         self._paused_until = 0.0
         self._logged_step: tuple[int, set[str]] = (-1, set())
         self._wanted = False
+        self._sender: MetricSender | None = None
 
-    def __getstate__(self):  # spawned worker processes get a copy without the (unpicklable) client
-        return {**self.__dict__, "_client": None}
+    def __getstate__(self):  # spawned worker processes get a copy without the client and the sender thread
+        return {**self.__dict__, "_client": None, "_sender": None}
 
     # ---- guarded calls -------------------------------------------------------------------------------------
     @property
@@ -274,10 +329,22 @@ class MlflowTracker(TrainerCallback):
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if not items:
             return
-        self._call("logging metrics", lambda: self.client.log_batch(self.run_id, metrics=items, synchronous=True))
+        if self._sender is None:
+            from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+            self._sender = MetricSender(lambda batch: self._call("logging metrics", lambda: self.client.log_batch(
+                self.run_id, metrics=batch, synchronous=True)), MAX_METRICS_PER_BATCH)
+        self._sender.add(items)
         logged_step, keys = self._logged_step
         keys = keys if logged_step == step else set()
         self._logged_step = (step, keys | {m.key for m in items})
+
+    def flush(self) -> bool:
+        """Wait (boundedly: each request times out) until the metrics logged so far reached MLflow."""
+        if self._sender is None:
+            return True
+        timeout = 2 * int(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT)) * (
+            1 + int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", DEFAULT_MAX_RETRIES))) + 5
+        return self._sender.flush(timeout)
 
     def log_files(self, files: dict[str, Path]) -> None:
         """``{artifact path (directory, '' = root): local file or directory}``; missing paths are skipped."""
@@ -296,6 +363,7 @@ class MlflowTracker(TrainerCallback):
         """After the model is saved: specs, logs, resources, loss plot; the model/adapter with log_model."""
         if not self.active:
             return
+        self.flush()
         out = self.output_dir
         plot = plot_loss(out / "train_log.jsonl", out / "loss.png")
         for name in ("specs.yaml", "train_log.jsonl", "resources.json"):
@@ -310,12 +378,17 @@ class MlflowTracker(TrainerCallback):
 
     def log_evaluation_outputs(self) -> None:
         """After evaluation: metrics.json and the model card."""
+        self.flush()
         for name in ("metrics.json", "README.md"):
             self.log_files({"": self.output_dir / name})
 
     def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
         if not self.active or self.finished:
             return
+        self.flush()
+        if self._sender is not None:
+            self._sender.close(0)
+            self._sender = None
         self._paused_until = 0.0  # the final status is worth one more try
         if error is not None:
             message = truncate(f"{type(error).__name__}: {error}", 5000)
@@ -333,6 +406,9 @@ class MlflowTracker(TrainerCallback):
             self.start()  # the server was down when training began
         if state.is_world_process_zero and logs:
             self.log_metrics({k: v for k, v in logs.items() if _finite_number(v)}, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()  # also when the callback is used without FineTunePipeLine
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         """Evaluation metrics not already received through on_log at this step."""
