@@ -231,3 +231,25 @@ def test_prefix_tuning_on_a_causal_lm_saves_and_reloads(tmp_path):
     assert tokenizer is None  # none was saved, and the from_config base has none
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+def test_an_adapter_folder_cannot_switch_on_remote_code(tiny_specs, ner_data, monkeypatch):
+    """trust_remote_code comes from the caller, never from the adapter's own info file."""
+    import transformers
+
+    from tunepipe.peft_support import load_adapter
+    pipe, _ = train_run(tiny_specs, "token_classification", ner_data, peft={"method": "lora", "r": 2})
+    adapter = pipe.output_dir / "adapter"
+    info_file = adapter / "tunepipe_adapter.json"
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "trust_remote_code": True}))
+    seen = []
+    original = transformers.AutoModelForTokenClassification.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForTokenClassification, "from_pretrained", spy)
+    load_adapter(adapter, "AutoModelForTokenClassification")
+    load_adapter(adapter, "AutoModelForTokenClassification", trust_remote_code=True)
+    assert seen == [False, True]

@@ -365,9 +365,11 @@ def resolve_base(path: str | Path, info: dict[str, Any]) -> str:
     return base
 
 
-def load_adapter(path: str | Path, auto_model_class: str | None = None, full_precision: bool = False):
+def load_adapter(path: str | Path, auto_model_class: str | None = None, full_precision: bool = False,
+                 trust_remote_code: bool = False):
     """(PeftModel, tokenizer) for an adapter directory, on its base loaded as it was trained (quantized or not),
-    or in full precision (``full_precision=True``, for merging)."""
+    or in full precision (``full_precision=True``, for merging). Remote code runs only when the caller says so:
+    an adapter folder from elsewhere must not switch it on by itself."""
     import transformers
     from peft import PeftModel
 
@@ -386,7 +388,9 @@ def load_adapter(path: str | Path, auto_model_class: str | None = None, full_pre
     kwargs = dict(info.get("model_kwargs") or {})
     if "id2label" in kwargs:
         kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
-    kwargs.update({k: info[k] for k in ("revision", "trust_remote_code") if info.get(k)})
+    kwargs.update({k: info[k] for k in ("revision",) if info.get(k)})
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     qm = QuantizationManager.from_info(info.get("quantization"))
     try:
         if qm.enabled and not full_precision:

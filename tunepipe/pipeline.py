@@ -260,7 +260,8 @@ class FineTunePipeLine:
         path = Path(model_dir or self.output_dir / ("adapter" if peft_enabled(self.specs) else "model"))
         if is_adapter_dir(path):  # PEFT run: base model (quantized as trained) + adapter
             with ErrorHandler.guard(f"loading the adapter in {path}"):
-                self.model, self.tokenizer = load_adapter(path, self.task.auto_model_class)
+                self.model, self.tokenizer = load_adapter(path, self.task.auto_model_class,
+                                                           trust_remote_code=self.specs.model.trust_remote_code)
             self.task.on_model_loaded(self.model)
             return self.model, self.tokenizer
         if not (path / "config.json").is_file():
