@@ -104,6 +104,9 @@ def test_equivalence_seq2seq_with_generation(mt_files, tmp_path):
 
 # ---- same result type, output directory, metric names --------------------------------------------------------
 def test_same_outputs_and_metric_names(tiny_specs, ner_data, tmp_path):
+    import torch
+
+    from tunepipe.monitor import STEP_FIELDS
     from tunepipe.trainers.common import TrainResult
     layouts, log_keys, metric_keys = {}, {}, {}
     for backend in BACKENDS:
@@ -128,7 +131,9 @@ def test_same_outputs_and_metric_names(tiny_specs, ner_data, tmp_path):
         metric_keys[backend] = sorted(pipe.metrics["validation"])
     for backend in BACKENDS[1:]:
         assert layouts[backend] == layouts["hf"], backend
-        assert log_keys[backend] == log_keys["hf"] == [["epoch", "grad_norm", "learning_rate", "loss", "step"]] * 2
+        monitor = [f for f in STEP_FIELDS if not f.startswith("gpu") or torch.cuda.is_available()]  # docs/tracking.md
+        assert log_keys[backend] == log_keys["hf"] == [sorted(["epoch", "grad_norm", "learning_rate", "loss", "step"]
+                                                              + monitor)] * 2
         assert metric_keys[backend] == metric_keys["hf"], backend
 
 
