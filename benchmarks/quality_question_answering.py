@@ -271,7 +271,8 @@ def main():
               f"(tunepipe / plain)")
     if not args.only:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "quality_question_answering.json").write_text(json.dumps(result, indent=2) + "\n")
+        name = "quality_question_answering" + ("" if args.seed == 42 else f"_seed{args.seed}")
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
