@@ -258,6 +258,25 @@ def test_crashed_training_leaves_its_run_failed_in_the_local_default_store(tiny_
     assert not (pipe.output_dir / "model").exists()
 
 
+def test_run_status_names_why_training_ended():
+    from tunepipe.errors import TrainingError
+    from tunepipe.tracking import Tracking
+
+    class Recorder:
+        def finish(self, status, error=None):
+            self.status = status
+
+    class Interrupted(TrainingError):
+        code = "TRAINING_INTERRUPTED"
+
+    tracking = Tracking.__new__(Tracking)
+    tracking.monitor, tracking.mlflow = None, Recorder()
+    for error, status in ((None, "FINISHED"), (RuntimeError("x"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+                          (Interrupted("stopped by SIGTERM"), "KILLED"), (TrainingError("nan loss"), "FAILED")):
+        tracking.finish(error)
+        assert tracking.mlflow.status == status, error
+
+
 def test_server_killed_mid_run_warns_once_and_training_completes(server, mlflow_uri, tiny_specs, ner_data,
                                                                   recwarn):
     specs = tiny_specs("token_classification", ner_data, tracking={"mlflow": {

@@ -484,5 +484,6 @@ class Tracking:
             return
         if error is None:
             self.mlflow.finish("FINISHED")
-        else:
-            self.mlflow.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", error)
+        else:  # stopped on purpose (Ctrl-C, or SIGTERM/SIGINT after a checkpoint) -> KILLED; anything else FAILED
+            stopped = isinstance(error, KeyboardInterrupt) or getattr(error, "code", None) == "TRAINING_INTERRUPTED"
+            self.mlflow.finish("KILLED" if stopped else "FAILED", error)
