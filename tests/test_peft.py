@@ -48,7 +48,7 @@ def in_memory_logits(pipe, enc):
     from tunepipe.type_utils import TypeUtils
     pipe.model.eval()
     with torch.no_grad(), TypeUtils.plain_forward(pipe.model):
-        return pipe.model(**{k: v.to(pipe.model.device) for k, v in enc.items()}).logits
+        return pipe.model(**{k: v.to(pipe.model.device) for k, v in enc.items()}).logits.float().cpu()
 
 
 @pytest.mark.parametrize("peft", [{"method": "lora", "r": 4}, {"method": "dora", "r": 4}, {"method": "ia3"},

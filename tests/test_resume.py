@@ -54,6 +54,8 @@ def _train_child(specs: dict, kill_at: int, mode: str, queue) -> None:
 
 @pytest.fixture(scope="module")
 def forkserver():
+    if torch.cuda.is_available():  # the preloads touch CUDA, and CUDA cannot live on in a forked child
+        return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "transformers", "tunepipe.pipeline", "tunepipe.trainers.hf",
                                 "tunepipe.trainers.accelerated", "tunepipe.trainers.lightning", "peft"])
