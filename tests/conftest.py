@@ -79,3 +79,13 @@ def tiny_specs(tmp_path, tokenizer_dir):
         return specs
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models gain nothing from more), restored afterwards."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

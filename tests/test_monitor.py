@@ -17,12 +17,8 @@ GPU_FIELDS = ["gpu_mem_mb", "gpu_mem_peak_mb"]  # gpu_util also needs pynvml
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Small models run fastest on one thread, and so do several tests sharing a small machine."""
 
 
 def records(output_dir) -> list[dict]:

@@ -63,11 +63,8 @@ def forkserver():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Small models run fastest on one thread, and so do several tests sharing a small machine."""
 
 
 def _run_child(ctx, specs, kill_at, mode="kill"):

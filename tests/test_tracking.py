@@ -91,12 +91,8 @@ def mlflow_uri(server):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Small models run fastest on one thread, and so do several tests sharing a small machine."""
 
 
 def client(uri):
