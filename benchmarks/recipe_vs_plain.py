@@ -121,7 +121,7 @@ def tunepipe_run(task, train, val, args, out):
                           "eval_strategy": "no", "disable_tqdm": True}}
     if task == "text_classification":
         specs["data"]["max_length"] = 128
-    pipe = FineTunePipeLine(specs)
+    pipe = FineTunePipeLine(specs, overrides=args.overrides)
     pipe.setup()
     t0, c0 = time.perf_counter(), time.process_time()
     pipe.train()
@@ -140,6 +140,10 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one of tunepipe's defaults, to see what it is worth (e.g. training.bf16=false); "
+                         "the result is then written to <task>_vs_plain_<setting>.json")
+    ap.add_argument("--only-tunepipe", action="store_true", help="skip the plain recipe (variant experiments)")
     args = ap.parse_args()
     from tunepipe.models import bundled_model_dir
     model_dir = str(bundled_model_dir())
@@ -158,7 +162,8 @@ def main():
         args.seed = seed
         with tempfile.TemporaryDirectory() as tmp:
             ours = tunepipe_run(task, train, val, args, f"{tmp}/tunepipe")
-            base = plain(model_dir, train, val, args, f"{tmp}/plain")
+            base = (plain(model_dir, train, val, args, f"{tmp}/plain") if not args.only_tunepipe else
+                    {metric: float("nan"), "train_seconds": float("nan"), "train_cpu_seconds": float("nan")})
         for r in (ours, base):
             r["train_samples_per_second"] = n_train * args.epochs / r["train_seconds"]
             r["train_samples_per_cpu_second"] = n_train * args.epochs / r["train_cpu_seconds"]
@@ -175,7 +180,7 @@ def main():
     result = {
         "task": args.task, "data": str(folder.name), "n_train": n_train, "n_validation": len(val),
         "epochs": args.epochs, "learning_rate": args.lr, "batch_size": args.batch_size, "seeds": args.seeds,
-        "metric": metric, "runs": runs,
+        "metric": metric, "tunepipe_overrides": args.overrides, "runs": runs,
         "tunepipe_mean": ours_q, "plain_mean": base_q,
         "tunepipe_std": float(np.std([r["tunepipe"][metric] for r in runs])),
         "plain_std": float(np.std([r["plain_transformers"][metric] for r in runs])),
@@ -192,7 +197,9 @@ def main():
     print(f"{args.task}: training throughput ratio x{result['throughput_ratio']:.2f} per wall second, "
           f"x{result['throughput_ratio_cpu_seconds']:.2f} per CPU second")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.task}_vs_plain.json").write_text(json.dumps(result, indent=2) + "\n")
+    suffix = ("_" + "_".join(o.replace("training.", "").replace("=", "-") for o in args.overrides)
+              if args.overrides else "") + ("_tunepipe_only" if args.only_tunepipe else "")
+    (RESULTS / f"{args.task}_vs_plain{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

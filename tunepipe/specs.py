@@ -108,6 +108,9 @@ class TrainingSpec(BaseModel):
     bf16: bool | Literal["auto"] = Field("auto", description="auto = on where the device runs bf16 fast")
     fp16: bool = False
     train_sampling_strategy: str = Field("group_by_length", description="length-grouped batches: less padding")
+    token_weighted_loss: bool | Literal["auto"] = Field(
+        "auto", description="auto = on with group_by_length and per-token labels: each batch's mean loss is "
+                            "weighted by its token count, so batches of short examples do not count more per token")
     gradient_checkpointing: bool = False
     metric_for_best_model: str | None = None
     load_best_model_at_end: bool = False

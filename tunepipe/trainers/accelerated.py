@@ -17,7 +17,7 @@ from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, L
                      callback_handler, create_optimizer, create_scheduler, data_state, eval_order, evaluation_metrics,
                      keep_model_columns, label_names, load_model_weights, log_metrics, new_state, prediction_step,
                      prepare_model_for_training, reorder, speed_metrics, train_sampler, training_schedule,
-                     training_settings, truncate_log_after)
+                     token_weighted_loss, training_settings, truncate_log_after)
 
 
 def make_accelerator(args, specs):
@@ -82,6 +82,7 @@ class _AcceleratedTrainer(LoopBookkeeping):
 
         args, acc = self.args, self.accelerator
         sampler = train_sampler(self.train_dataset, args, self.tokenizer)
+        weighting = token_weighted_loss(self.specs, self.train_dataset)
         dataset = keep_model_columns(self.train_dataset, self.trained_model())
         loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=self.collator,
                             drop_last=args.dataloader_drop_last, num_workers=args.dataloader_num_workers,
@@ -142,6 +143,8 @@ class _AcceleratedTrainer(LoopBookkeeping):
                         if step % args.gradient_accumulation_steps == 0:
                             self.control = self.handler.on_step_begin(args, state, self.control)
                         loss = model(**batch)["loss"]
+                        if weighting is not None:
+                            loss = weighting(loss, batch)
                         acc.backward(loss)
                         step_loss = loss.detach() / args.gradient_accumulation_steps
                         tr_loss += step_loss if torch.isfinite(step_loss) else tr_loss / max(

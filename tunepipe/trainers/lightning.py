@@ -33,8 +33,8 @@ from ..errors import TrainingError
 from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, LoopBookkeeping, TrainResult,
                      callback_handler, create_optimizer, create_scheduler, data_state, eval_order, evaluation_metrics,
                      keep_model_columns, label_names, log_metrics, new_state, prediction_step,
-                     prepare_model_for_training, speed_metrics, train_sampler, training_schedule, training_settings,
-                     truncate_log_after)
+                     prepare_model_for_training, speed_metrics, token_weighted_loss, train_sampler, training_schedule,
+                     training_settings, truncate_log_after)
 from .distributed import check_launch, lightning_devices, lightning_strategy
 
 warnings.filterwarnings("ignore", message=".*You defined a `validation_step` but have no `val_dataloader`.*")
@@ -198,6 +198,8 @@ class TaskModule(pl.LightningModule):
         device_type = owner.batch_device.type
         owner.autocast_in_step = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         loss = self.model(**batch)["loss"]
+        if owner.loss_weighting is not None:
+            loss = owner.loss_weighting(loss, batch)
         step_loss = loss.detach() / owner.args.gradient_accumulation_steps
         if owner.tr_loss is None:
             owner.tr_loss = torch.zeros((), device=step_loss.device)
@@ -303,6 +305,7 @@ class _LightningTrainer(LoopBookkeeping):
         self.task, self.specs, self.tokenizer, self.model = task, specs, tokenizer, model
         self.output_dir = Path(output_dir)
         self.train_dataset, self.eval_dataset = datasets.get("train"), datasets.get("validation")
+        self.loss_weighting = token_weighted_loss(specs, self.train_dataset)
         self.args = training_settings(specs, self.output_dir / "checkpoints", has_eval=self.eval_dataset is not None)
         set_seed(self.args.seed)
         check_launch(specs.backend, specs.distributed)
