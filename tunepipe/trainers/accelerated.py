@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import StopOnSignal, load_rng, restore_rng_state, resume_setting
+from ..checkpoints import StopOnSignal, load_model_weights, load_rng, restore_rng_state, resume_setting
 from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, LoopBookkeeping, TrainResult,
                      callback_handler, create_optimizer, create_scheduler, data_state, eval_order, evaluation_metrics,
-                     keep_model_columns, label_names, load_model_weights, log_metrics, new_state, prediction_step,
+                     keep_model_columns, label_names, log_metrics, new_state, prediction_step,
                      prepare_model_for_training, reorder, speed_metrics, train_sampler, training_schedule,
                      token_weighted_loss, training_settings, truncate_log_after)
 

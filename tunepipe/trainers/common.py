@@ -630,13 +630,7 @@ class LoopBookkeeping:
         self._barrier()
 
 
-# ---- checkpoints: tunepipe/checkpoints.py owns them; these names stay for existing imports ----------------------
-def load_model_weights(path: Path, model) -> None:
-    """Load the safetensors weights saved in ``path`` into ``model`` (full model or PEFT adapter)."""
-    from ..checkpoints import load_model_weights as load
-    load(Path(path), model)
-
-
+# ---- checkpoints (tunepipe/checkpoints.py owns them): where the loop is in the data -------------------------------
 def data_state(args, schedule: "Schedule", num_examples: int, world_size: int, global_step: int) -> dict[str, Any]:
     """Where the loop is in the data after ``global_step`` optimizer steps: the epoch, the batches of it already
     consumed, and what must match for that position to mean the same on resume."""
