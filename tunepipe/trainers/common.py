@@ -263,26 +263,42 @@ def prepare_model_for_training(model, args) -> None:
 
 # ---- data: the Trainer's sampling, column filtering and schedule -------------------------------------------------
 class EpochSeededLengthGroupedSampler:
-    """transformers' LengthGroupedSampler, re-seeded with ``seed + epoch`` at every pass. The Trainer's training
-    sampler draws from the global RNG instead; this gives the same first epoch and, unlike the global RNG (which
-    dropout advances differently on each rank), the same permutation on every rank in every epoch."""
+    """Length-grouped batches in shuffled order, re-seeded with ``seed + epoch`` at every pass.
+
+    transformers' LengthGroupedSampler sorts each mega-batch (up to 50 batches) by length and yields its batches in
+    that order, so training sweeps from the longest to the shortest examples again and again; on SQuAD, where the
+    questions of one paragraph have nearly the same length, consecutive batches also share paragraphs. Here the
+    batches keep the same members (the same padding savings) but come in a random order, the longest first so an
+    out-of-memory error shows at step one. The Trainer's sampler draws from the global RNG, which dropout advances
+    differently on each rank; the epoch seed gives every rank the same order in every epoch."""
 
     def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        from transformers.trainer_pt_utils import LengthGroupedSampler
+        self.batch_size, self.lengths = batch_size, list(lengths)
         self.seed, self.epoch = seed, 0
-        self.sampler = LengthGroupedSampler(batch_size, lengths=lengths)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return len(self.lengths)
 
     def __iter__(self):
-        import torch
-        self.sampler.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from self.sampler
+        yield from self.indices(self.epoch)
         self.epoch += 1
+
+    def indices(self, epoch: int) -> list[int]:
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        grouped = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
+        batches = [grouped[i:i + self.batch_size] for i in range(0, len(grouped), self.batch_size)]
+        # the first batch holds the longest example; a short final batch stays last so that every batch the
+        # DataLoader cuts from this stream is one of these groups
+        middle_end = len(batches) - (1 if len(batches) > 1 and len(batches[-1]) < self.batch_size else 0)
+        middle = batches[1:middle_end]
+        order = torch.randperm(len(middle), generator=generator).tolist()
+        batches = batches[:1] + [middle[i] for i in order] + batches[middle_end:]
+        return [i for batch in batches for i in batch]
 
 
 class TokenWeightedLoss:
