@@ -218,6 +218,54 @@ def test_bf16_and_int8(ner_run):
         inference(None, ner_run.output_dir, dtype="float13")
 
 
+PIECES = ["Zygmunt Brzezinski flew from O'Hare to Krakow-Nowa Huta in 1999 .", "Greta Varga moved to Lisbon .",
+          "Quixotic Xylophonists , Ltd. hired Omar ( Cork ) !", "  spaces   around\twords  ", ""]
+
+
+@pytest.fixture(scope="module")
+def random_tagger(tmp_path_factory, tokenizer_dir):
+    """An untrained tagger with a large random head: it predicts every label somewhere, pieces of one word often
+    disagree, and so every aggregation rule is exercised."""
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    from conftest import TINY_BERT
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(**{k: v for k, v in TINY_BERT.items() if k != "model_type"}, vocab_size=len(tok),
+                        id2label=dict(enumerate(labels)), label2id={t: i for i, t in enumerate(labels)})
+    torch.manual_seed(0)
+    model = BertForTokenClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.mul_(20)
+    out = tmp_path_factory.mktemp("random-tagger")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["first", "average", "max", "simple"])
+def test_entities_equal_the_transformers_pipeline(random_tagger, strategy):
+    """Raw text: the same entities (label, character span, score) as transformers' token-classification pipeline
+    with the same aggregation_strategy, on words that the tokenizer splits into several pieces."""
+    import transformers
+    hf = transformers.pipeline("token-classification", model=str(random_tagger), aggregation_strategy=strategy,
+                               device="cpu")
+    ours = inference("token_classification", random_tagger, batch_size=2, device="cpu")
+    tok = ours.tokenizer
+    assert any(len(tok.tokenize(w)) > 1 for w in PIECES[0].split())  # the case that tells strategies apart
+    got = ours.predict(PIECES, aggregation_strategy=strategy)
+    n_entities = 0
+    for text, mine, theirs in zip(PIECES, got, hf(PIECES)):
+        assert [(e["label"], e["start"], e["end"]) for e in mine["entities"]] == \
+            [(e["entity_group"], e["start"], e["end"]) for e in theirs]
+        assert [e["score"] for e in mine["entities"]] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-4)
+        assert all(text[e["start"]:e["end"]] == e["text"] for e in mine["entities"])
+        n_entities += len(theirs)
+    assert n_entities > 0
+    with pytest.raises(ConfigError, match="aggregation_strategy"):
+        ours.predict(PIECES, aggregation_strategy="bogus")
+
+
 def test_user_errors(ner_run, tmp_path):
     with pytest.raises(ModelNotFoundError):
         inference(None, tmp_path / "nothing-here")

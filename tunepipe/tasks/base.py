@@ -5,22 +5,9 @@ pure batched function of (batch, tokenizer), so it serves ``Dataset.map``, strea
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, ClassVar, Sequence
 
 from ..errors import ValidationError
-
-WORD_RE = re.compile(r"\w+(?:[-'’.]\w+)*|[^\w\s]")
-
-
-def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
-    """Whitespace/punctuation word split that remembers character offsets (for entity spans)."""
-    words, spans = [], []
-    for m in WORD_RE.finditer(text):
-        words.append(m.group())
-        spans.append((m.start(), m.end()))
-    return words, spans
-
 
 class Task:
     name: ClassVar[str]

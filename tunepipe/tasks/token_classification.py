@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .base import Task, run_batches, split_words
+from ..errors import ConfigError
+from .base import Task, run_batches
 
 
 def _entity_type(tag: str) -> str:
@@ -19,18 +20,23 @@ def tag_sort_key(tag: str) -> tuple:
 
 
 def spans_from_tags(tags: Sequence[str]) -> list[tuple[str, int, int]]:
-    """(type, first word, last word + 1) for each entity; an I- without a matching opener starts a new one."""
+    """(type, first unit, last unit + 1) for each entity, by transformers' grouping rule: a unit joins the entity
+    before it when it has the same type and is not a B- (or S-) unit; O ends an entity."""
     spans: list[tuple[str, int, int]] = []
     current: list | None = None
     for i, tag in enumerate(list(tags) + ["O"]):
         kind = _entity_type(tag)
-        continues = tag.startswith("I-") and current is not None and current[0] == kind
+        continues = (current is not None and current[0] == kind and tag != "O"
+                     and tag[:2] not in ("B-", "S-"))
         if current is not None and not continues:
             spans.append((current[0], current[1], i))
             current = None
         if tag != "O" and not continues:
             current = [kind, i]
     return spans
+
+
+AGGREGATION_STRATEGIES = ("first", "average", "max", "simple")
 
 
 class TokenClassificationTask(Task):
@@ -129,43 +135,88 @@ class TokenClassificationTask(Task):
     def metric_table(self, metrics):
         return [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
 
-    def predict(self, model, tokenizer, inputs, batch_size: int = 32):
-        """Each input is raw text or a list of words; returns word tags and entity spans with char offsets."""
-        items = []
-        for x in inputs:
-            if isinstance(x, str):
-                words, spans = split_words(x)
-                text = x
-            else:
-                words, spans, pos = list(x), [], 0
-                for w in words:
-                    spans.append((pos, pos + len(w)))
-                    pos += len(w) + 1
-                text = " ".join(words)
-            items.append((text, words, spans))
+    def predict(self, model, tokenizer, inputs, batch_size: int = 32, aggregation_strategy: str = "first"):
+        """Each input is a raw text or a list of words; returns word tags and entities with character offsets.
+
+        A raw text is tokenized as it is, and its words are the tokenizer's own (split at spaces and punctuation),
+        as in transformers' token-classification pipeline; a list of words is kept as given.
+        ``aggregation_strategy`` takes that pipeline's names: ``first`` (default: a word takes its first piece's
+        label, the only piece training labels), ``average`` or ``max`` over a word's pieces, or ``simple`` (every
+        piece on its own, so a word can split between entities; ``tags`` stay per word by ``first``)."""
+        if aggregation_strategy not in AGGREGATION_STRATEGIES:
+            raise ConfigError(f"Unknown aggregation_strategy {aggregation_strategy!r}", field="aggregation_strategy",
+                              suggestions=[f"one of: {', '.join(AGGREGATION_STRATEGIES)}"])
         id2label = {int(k): v for k, v in model.config.id2label.items()}
+        max_length = self.specs.data.max_length
 
-        def encode(batch):
-            return tokenizer([words or [""] for _, words, _ in batch], is_split_into_words=True, truncation=True,
-                             max_length=self.specs.data.max_length, padding=True, return_tensors="pt")
+        def encode_texts(batch):
+            return tokenizer(list(batch), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
 
-        results = []
-        for (text, words, spans), (enc, row, logits) in zip(items, run_batches(
-                model, encode, items, batch_size, length=lambda it: len(it[1]))):
-            probs = logits.softmax(-1)
-            tags, scores, previous = ["O"] * len(words), [0.0] * len(words), None
-            for pos, word in enumerate(enc.word_ids(row)):
-                if word is not None and word != previous and word < len(words):
-                    best = int(probs[pos].argmax())
-                    tags[word], scores[word] = id2label[best], float(probs[pos, best])
-                previous = word
-            entities = []
-            for kind, first, last in spans_from_tags(tags):
-                start, end = spans[first][0], spans[last - 1][1]
-                entities.append({"label": kind, "start": start, "end": end, "text": text[start:end],
-                                 "score": sum(scores[first:last]) / (last - first)})
-            results.append({"tokens": words, "tags": tags, "entities": entities})
+        def encode_words(batch):
+            return tokenizer([list(words) or [""] for words in batch], is_split_into_words=True, truncation=True,
+                             max_length=max_length, padding=True, return_tensors="pt")
+
+        results: list[Any] = [None] * len(inputs)
+        texts = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+        word_lists = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+        for positions, encode in ((texts, encode_texts), (word_lists, encode_words)):
+            items = [inputs[i] for i in positions]
+            outputs = run_batches(model, encode, items, batch_size,
+                                  length=lambda x: len(x) if isinstance(x, str) else sum(len(w) + 1 for w in x))
+            for i, (enc, row, logits) in zip(positions, outputs):
+                results[i] = _aggregate(inputs[i], enc.encodings[row], logits.softmax(-1).numpy(), id2label,
+                                        aggregation_strategy)
         return results
+
+
+def _aggregate(item, encoding, probs, id2label: dict[int, str], strategy: str) -> dict[str, Any]:
+    """Word tags and entities of one input from its pieces' label probabilities."""
+    import numpy as np
+    if isinstance(item, str):
+        text, word_starts, words_given = item, None, None
+    else:
+        words_given = list(item)
+        word_starts, pos = [], 0
+        for w in words_given:
+            word_starts.append(pos)
+            pos += len(w) + 1
+        text = " ".join(words_given)
+    pieces: dict[int, list[tuple[int, int, int]]] = {}  # word -> [(token position, start char, end char)]
+    for pos, word in enumerate(encoding.word_ids):
+        if word is None:
+            continue
+        start, end = encoding.offsets[pos]
+        if word_starts is not None:
+            start, end = start + word_starts[word], end + word_starts[word]
+        pieces.setdefault(word, []).append((pos, start, end))
+    if words_given is not None:
+        spans = [(s, s + len(w)) for s, w in zip(word_starts, words_given)]
+    else:
+        spans = [(pieces[w][0][1], pieces[w][-1][2]) for w in sorted(pieces)]
+    words = [text[s:e] for s, e in spans]
+    tags, scores = ["O"] * len(words), [0.0] * len(words)
+    for word, members in pieces.items():
+        if word >= len(words):
+            continue
+        if strategy == "average":
+            row = probs[[p for p, _, _ in members]].mean(0)
+        elif strategy == "max":
+            row = max((probs[p] for p, _, _ in members), key=lambda r: r.max())
+        else:
+            row = probs[members[0][0]]
+        best = int(np.argmax(row))
+        tags[word], scores[word] = id2label[best], float(row[best])
+    if strategy == "simple":
+        units = [(id2label[int(probs[p].argmax())], float(probs[p].max()), s, e)
+                 for w in sorted(pieces) for p, s, e in pieces[w]]
+    else:
+        units = [(tags[w], scores[w], spans[w][0], spans[w][1]) for w in range(len(words)) if w in pieces]
+    entities = []
+    for kind, first, last in spans_from_tags([u[0] for u in units]):
+        start, end = units[first][2], units[last - 1][3]
+        entities.append({"label": kind, "start": start, "end": end, "text": text[start:end],
+                         "score": sum(u[1] for u in units[first:last]) / (last - first)})
+    return {"tokens": words, "tags": tags, "entities": entities}
 
 
 def entity_metrics(y_true: list[list[str]], y_pred: list[list[str]]) -> dict[str, float]:
