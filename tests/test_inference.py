@@ -299,3 +299,14 @@ def test_cli_predict_file_with_progress(ner_run, tmp_path, capsys):
     assert not list(tmp_path.glob(".out.jsonl.tmp-*"))
     assert main(["predict", "--model", str(ner_run.output_dir), "--input", str(inputs), "--adapter", "x"]) == 2
     assert "NAME=DIR" in capsys.readouterr().err
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    assert main(["predict", "--model", str(ner_run.output_dir), "--input", str(texts), "--output",
+                 str(tmp_path / "simple.jsonl"), "--param", "aggregation_strategy=simple"]) == 0
+    got = [json.loads(line) for line in (tmp_path / "simple.jsonl").read_text().splitlines()]
+    assert got == ner_run.predict(TEXTS, aggregation_strategy="simple")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(ner_run.output_dir), "--input", "Ada", "--param", "strategy"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main(["predict", "--model", str(ner_run.output_dir), "--input", "Ada", "--param", "nope=1"]) == 2
+    assert "aggregation_strategy" in capsys.readouterr().err

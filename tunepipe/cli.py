@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "its adapter in an 'adapter' field)")
     p.add_argument("--output", help="write JSON Lines here (default: stdout)")
     p.add_argument("--use", metavar="NAME", help="adapter for inputs that name none (default: the only adapter given)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a prediction setting of the task, e.g. --param aggregation_strategy=simple, "
+                        "--param num_beams=4, --param top_k=3 (repeatable)")
     p = sub.add_parser("serve", help="serve predictions over HTTP: /v1/predict, /v1/adapters, /health, /docs")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
@@ -168,6 +171,21 @@ def _inference_pipeline(args):
                              max_adapters_in_memory=args.max_adapters)
 
 
+def _param_args(items: list[str]) -> dict:
+    """--param KEY=VALUE pairs; values are read as YAML (3 -> int, true -> bool, text stays text)."""
+    import yaml
+
+    from .errors import ConfigError
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item}: expected KEY=VALUE", field="--param",
+                              suggestions=["e.g. --param aggregation_strategy=simple"])
+        params[key.strip()] = yaml.safe_load(value) if value.strip() else value
+    return params
+
+
 def _input_records(text: str) -> tuple[list, bool]:
     """(records or texts, whether they came from a file)."""
     path = Path(text)
@@ -190,6 +208,7 @@ def cmd_predict(args) -> int:
         raise ConfigError(f"--use {args.use}: no such adapter", field="--use",
                           suggestions=[f"adapters given: {', '.join(names) or 'none'}"])
     default = args.use or pipe.default_adapter or (names[0] if len(names) == 1 else None)
+    params = _param_args(args.param)
     rows, from_file = _input_records(args.input)
     adapters = [r.get("adapter") or default if isinstance(r, dict) else default for r in rows]
     inputs = pipe.inputs_from_records(rows, adapters)
@@ -202,7 +221,7 @@ def cmd_predict(args) -> int:
         with tqdm(total=len(inputs), unit="input", disable=not from_file, file=sys.stderr) as bar:
             for start in range(0, len(inputs), chunk):
                 part = inputs[start:start + chunk]
-                for result in pipe.predict_grouped(part, adapters[start:start + chunk]):
+                for result in pipe.predict_grouped(part, adapters[start:start + chunk], **params):
                     out.write(json.dumps(result, ensure_ascii=False) + "\n")
                 bar.update(len(part))
         if tmp:
