@@ -10,6 +10,9 @@ Prints both EM/F1 and the training-throughput ratio, checks that every tunepipe 
 its context at the reported offsets, and writes benchmarks/results/quality_question_answering.json.
 
     python benchmarks/quality_question_answering.py [--max-train 2000 --epochs 2 --lr 1e-4 --batch-size 16]
+    # seeds in parallel: each side of each seed alone, then the mean over seeds
+    python benchmarks/quality_question_answering.py --only tunepipe --seed 43   (and --only plain --seed 43)
+    python benchmarks/quality_question_answering.py --combine
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import numpy as np  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_v1.1"
 RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = RESULTS / "quality_question_answering_runs"
 MAX_LENGTH, STRIDE, N_BEST, MAX_ANSWER = 384, 128, 20, 30
 
 
@@ -217,6 +221,45 @@ def tunepipe_run(train, val, args, out):
             "empty_answers": sum(not p["answer"] for p in predicted)}
 
 
+def combine():
+    """Mean EM/F1 over the seeds both sides ran (default tunepipe settings only); per-seed rows kept."""
+    rows = []
+    for ours_file in sorted(RUNS.glob("tunepipe_seed*.json")):
+        seed = ours_file.stem.removeprefix("tunepipe_seed")
+        plain_file = RUNS / f"plain_seed{seed}.json"
+        if not seed.isdigit() or not plain_file.is_file():
+            continue
+        ours = json.loads(ours_file.read_text())
+        base = json.loads(plain_file.read_text())
+        rows.append({"seed": int(seed), "tunepipe": ours["tunepipe"], "plain_run_qa": base["plain_run_qa"],
+                     "f1_delta_points": ours["tunepipe"]["f1"] - base["plain_run_qa"]["f1"]})
+    if not rows:
+        raise SystemExit(f"no seed has both sides in {RUNS}")
+    first = json.loads(next(RUNS.glob("tunepipe_seed*.json")).read_text())
+
+    def mean(side, key):
+        return float(np.mean([r[side][key] for r in rows]))
+    result = {k: first[k] for k in ("data", "n_train", "n_validation", "train_cap_note", "model", "epochs",
+                                    "learning_rate", "batch_size", "max_length", "stride")}
+    result.update({
+        "seeds": [r["seed"] for r in rows],
+        "tunepipe_mean": {"exact_match": mean("tunepipe", "exact_match"), "f1": mean("tunepipe", "f1")},
+        "plain_run_qa_mean": {"exact_match": mean("plain_run_qa", "exact_match"), "f1": mean("plain_run_qa", "f1")},
+        "throughput_ratio_cpu_time": mean("plain_run_qa", "train_cpu_seconds") / mean("tunepipe", "train_cpu_seconds"),
+        "note": "each side of each seed ran in its own process (python benchmarks/quality_question_answering.py "
+                "--only tunepipe|plain --seed N); CPU seconds are per process, wall seconds depend on the load",
+        "runs": rows})
+    result["f1_delta_points"] = result["tunepipe_mean"]["f1"] - result["plain_run_qa_mean"]["f1"]
+    result["acceptance_f1_within_0.5"] = result["f1_delta_points"] >= -0.5
+    result["acceptance_exact_substrings"] = all(r["tunepipe"]["answers_not_exact_substring"] == 0 for r in rows)
+    for r in rows:
+        print(f"seed {r['seed']}: F1 tunepipe {r['tunepipe']['f1']:.2f} vs plain {r['plain_run_qa']['f1']:.2f} "
+              f"({r['f1_delta_points']:+.2f})")
+    print(f"mean F1 tunepipe {result['tunepipe_mean']['f1']:.2f} vs plain {result['plain_run_qa_mean']['f1']:.2f}: "
+          f"{result['f1_delta_points']:+.2f} points; CPU-time throughput x{result['throughput_ratio_cpu_time']:.2f}")
+    (RESULTS / "quality_question_answering_seeds.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=float, default=2)
@@ -228,7 +271,11 @@ def main():
     ap.add_argument("--only", choices=["tunepipe", "plain"], help="run one side (for debugging)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a tunepipe spec for an experiment, e.g. training.bf16=false")
+    ap.add_argument("--combine", action="store_true",
+                    help="no training: summarise the per-seed runs saved by --only into the results JSON")
     args = ap.parse_args()
+    if args.combine:
+        return combine()
     from tunepipe.models import bundled_model_dir
     from tunepipe.tasks.question_answering import QuestionAnsweringTask
     defaults = QuestionAnsweringTask.defaults["training"]
@@ -269,6 +316,10 @@ def main():
         print(f"F1 delta {result['f1_delta_points']:+.2f} points; training throughput ratio "
               f"x{result['throughput_ratio']:.2f} wall clock, x{result['throughput_ratio_cpu_time']:.2f} CPU time "
               f"(tunepipe / plain)")
+    if args.only:  # one side of one seed: kept for --combine (the two sides of a seed can run in parallel)
+        RUNS.mkdir(parents=True, exist_ok=True)
+        variant = "".join(f"_{o}" for o in args.overrides)
+        (RUNS / f"{args.only}_seed{args.seed}{variant}.json").write_text(json.dumps(result, indent=2) + "\n")
     if not args.only:
         RESULTS.mkdir(parents=True, exist_ok=True)
         name = "quality_question_answering" + ("" if args.seed == 42 else f"_seed{args.seed}")

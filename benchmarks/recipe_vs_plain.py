@@ -132,6 +132,20 @@ def tunepipe_run(task, train, val, args, out):
             "train_cpu_seconds": cpu}
 
 
+def reused_plain_runs(args, n_train: int) -> dict[int, dict]:
+    """Plain runs per seed from an earlier result file, after checking that its settings are these."""
+    earlier = json.loads(Path(args.plain_from).read_text())
+    for key, value in (("task", args.task), ("n_train", n_train), ("epochs", args.epochs),
+                       ("learning_rate", args.lr), ("batch_size", args.batch_size)):
+        if earlier.get(key) != value:
+            raise SystemExit(f"--plain-from {args.plain_from}: {key} is {earlier.get(key)!r}, this run's is {value!r}")
+    runs = {r["seed"]: r["plain_transformers"] for r in earlier["runs"]}
+    missing = [s for s in args.seeds if s not in runs]
+    if missing:
+        raise SystemExit(f"--plain-from {args.plain_from}: no plain run for seed(s) {missing}")
+    return runs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=["ner", "sst2"], required=True)
@@ -144,6 +158,9 @@ def main():
                     help="change one of tunepipe's defaults, to see what it is worth (e.g. training.bf16=false); "
                          "the result is then written to <task>_vs_plain_<setting>.json")
     ap.add_argument("--only-tunepipe", action="store_true", help="skip the plain recipe (variant experiments)")
+    ap.add_argument("--plain-from", metavar="JSON", help="reuse the plain runs of an earlier result with the same "
+                    "task, data size, epochs, learning rate, batch size and seeds (the plain recipe does not change "
+                    "with tunepipe; it is deterministic per seed)")
     args = ap.parse_args()
     from tunepipe.models import bundled_model_dir
     model_dir = str(bundled_model_dir())
@@ -157,13 +174,18 @@ def main():
     val = read_jsonl(folder / "validation.jsonl")
     n_train = len(train)
     load_before = os.getloadavg()
+    reused = reused_plain_runs(args, n_train) if args.plain_from else None
     runs = []
     for seed in args.seeds:
         args.seed = seed
         with tempfile.TemporaryDirectory() as tmp:
             ours = tunepipe_run(task, train, val, args, f"{tmp}/tunepipe")
-            base = (plain(model_dir, train, val, args, f"{tmp}/plain") if not args.only_tunepipe else
-                    {metric: float("nan"), "train_seconds": float("nan"), "train_cpu_seconds": float("nan")})
+            if reused:
+                base = reused[seed]
+            elif args.only_tunepipe:
+                base = {metric: float("nan"), "train_seconds": float("nan"), "train_cpu_seconds": float("nan")}
+            else:
+                base = plain(model_dir, train, val, args, f"{tmp}/plain")
         for r in (ours, base):
             r["train_samples_per_second"] = n_train * args.epochs / r["train_seconds"]
             r["train_samples_per_cpu_second"] = n_train * args.epochs / r["train_cpu_seconds"]
@@ -190,6 +212,7 @@ def main():
         "throughput_ratio_cpu_seconds": mean("tunepipe", "train_samples_per_cpu_second")
         / mean("plain_transformers", "train_samples_per_cpu_second"),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "plain_runs_from": args.plain_from,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
     }
     print(f"{args.task}: validation {metric} (mean of {len(runs)} seeds): tunepipe {ours_q:.4f} vs plain "
