@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import close_to
 from tunepipe.adapters import AdapterNotFoundError, AdapterSwitchError, MultiAdapterManager
 from tunepipe.errors import ConfigError, ModelNotFoundError
 
@@ -212,6 +213,7 @@ def test_cli_predict_with_named_adapters(runs, tmp_path, capsys):
         argv += ["--adapter", f"{name}={runs['dirs'][name]}"]
     assert main(argv + ["--use", "a"]) == 0
     got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert got == [runs["expected"]["b"][0], runs["expected"]["c"][0], runs["expected"]["a"][1]]
+    # each input ran alone (one per adapter), the expected ones in a batch: equal up to padding's last bits
+    assert got == close_to([runs["expected"]["b"][0], runs["expected"]["c"][0], runs["expected"]["a"][1]])
     assert main(argv + ["--use", "zzz"]) == 2
     assert "adapters given: a, b, c" in capsys.readouterr().err

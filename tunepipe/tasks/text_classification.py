@@ -123,7 +123,7 @@ class TextClassificationTask(Task):
                              return_tensors="pt")
 
         results = []
-        for _, _, logits in run_batches(model, encode, items, batch_size, length=lambda it: sum(map(len, it))):
+        for _, _, logits in run_batches(model, encode, items, batch_size):
             probs = torch.sigmoid(logits) if multi else logits.softmax(-1)
             scores = {id2label[i]: float(p) for i, p in enumerate(probs)}
             if multi:

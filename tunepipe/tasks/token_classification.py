@@ -161,8 +161,7 @@ class TokenClassificationTask(Task):
         word_lists = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
         for positions, encode in ((texts, encode_texts), (word_lists, encode_words)):
             items = [inputs[i] for i in positions]
-            outputs = run_batches(model, encode, items, batch_size,
-                                  length=lambda x: len(x) if isinstance(x, str) else sum(len(w) + 1 for w in x))
+            outputs = run_batches(model, encode, items, batch_size)
             for i, (enc, row, logits) in zip(positions, outputs):
                 results[i] = _aggregate(inputs[i], enc.encodings[row], logits.softmax(-1).numpy(), id2label,
                                         aggregation_strategy)
