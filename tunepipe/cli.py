@@ -172,17 +172,12 @@ def _inference_pipeline(args):
 
 
 def _param_args(items: list[str]) -> dict:
-    """--param KEY=VALUE pairs; values are read as YAML (3 -> int, true -> bool, text stays text)."""
-    import yaml
-
-    from .errors import ConfigError
+    """--param KEY=VALUE pairs, values read as YAML like --set's (3 -> int, true -> bool, text stays text)."""
+    from .specs import parse_assignment
     params = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--param {item}: expected KEY=VALUE", field="--param",
-                              suggestions=["e.g. --param aggregation_strategy=simple"])
-        params[key.strip()] = yaml.safe_load(value) if value.strip() else value
+        keys, value = parse_assignment(item, example="--param aggregation_strategy=simple")
+        params[".".join(keys)] = value
     return params
 
 

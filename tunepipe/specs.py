@@ -422,11 +422,12 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def set_override(d: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (3e-5, true, [a, b])."""
+def parse_assignment(assignment: str, example: str = "--set training.learning_rate=3e-5") -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value), the value parsed as YAML (3e-5, true, [a, b]; text stays
+    text). Shared by ``--set`` and ``tunepipe predict --param``."""
     if "=" not in assignment:
-        raise ConfigError(f"Override '{assignment}' is not of the form key=value", field=assignment,
-                          suggestions=["e.g. --set training.learning_rate=3e-5"])
+        raise ConfigError(f"'{assignment}' is not of the form KEY=VALUE", field=assignment,
+                          suggestions=[f"e.g. {example}"])
     path, _, text = assignment.partition("=")
     try:
         value = yaml.safe_load(text) if text.strip() else None
@@ -434,7 +435,14 @@ def set_override(d: dict[str, Any], assignment: str) -> None:
         value = text
     keys = [k for k in path.strip().split(".") if k]
     if not keys:
-        raise ConfigError(f"Override '{assignment}' has an empty key", suggestions=["e.g. --set data.max_length=128"])
+        raise ConfigError(f"'{assignment}' has an empty key", suggestions=[f"e.g. {example}"])
+    return keys, value
+
+
+def set_override(d: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override."""
+    keys, value = parse_assignment(assignment)
+    path = ".".join(keys)
     node = d
     for k in keys[:-1]:
         if isinstance(node.get(k), str) and k in ("model", "tokenizer"):

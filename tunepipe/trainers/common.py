@@ -322,7 +322,7 @@ class TokenWeightedLoss:
 def token_weighted_loss(specs, dataset, sample_size: int = 10_000) -> TokenWeightedLoss | None:
     """The weighting for this run: on under ``token_weighted_loss: auto`` when batches are length-grouped and
     the labels are per token (tagging, seq2seq targets); None otherwise (one label per example needs none)."""
-    setting = getattr(specs.training, "token_weighted_loss", "auto")
+    setting = specs.training.token_weighted_loss
     if setting is False or dataset is None or "labels" not in getattr(dataset, "column_names", ()):
         return None
     if setting == "auto" and specs.training.train_sampling_strategy != "group_by_length":

@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
 
-from ..checkpoints import StopOnSignal, load_rng, restore_rng_state, resume_setting
+from ..checkpoints import StopOnSignal, load_model_weights, load_rng, restore_rng_state, resume_setting
 from ..errors import TrainingError
 from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, LoopBookkeeping, TrainResult,
                      callback_handler, create_optimizer, create_scheduler, data_state, eval_order, evaluation_metrics,
@@ -411,7 +411,6 @@ class _LightningTrainer(LoopBookkeeping):
         from transformers import TrainerState
 
         from ..checkpoints import log
-        from ..checkpoints import load_model_weights
         load_model_weights(self.resume_path, self.model)
         self.state = TrainerState.load_from_json(str(self.resume_path / "trainer_state.json"))
         log.warning("%s already holds all %d training steps: nothing left to train", self.resume_path,
@@ -485,7 +484,6 @@ class _LightningTrainer(LoopBookkeeping):
         self.control = log_metrics(self.handler, args, state, self.control, dict(metrics))
         self.train_metrics = {**metrics, "epoch": state.epoch}
         if args.load_best_model_at_end and state.best_model_checkpoint and not self.stopped_by_signal:
-            from ..checkpoints import load_model_weights
             load_model_weights(Path(state.best_model_checkpoint), self.model)
         self.control = self.handler.on_train_end(args, state, self.control)
 
