@@ -2,8 +2,8 @@
 
 SciTLDR (abstract -> one-sentence TLDR), the same model for both (bert2bert warm-started from the bundled MiniLM),
 the same first N training papers, epochs, learning rate, batch size and seed, the same first M validation papers,
-and abstracts truncated to the same number of tokens (--max-source-length; run_summarization's default of 1024 is
-past BERT's 512 positions, so a user of this model has to lower it anyway).
+and abstracts truncated to the same number of tokens (256; run_summarization's default of 1024 is past BERT's 512
+positions, so a user of this model has to lower it anyway).
 
 - plain: `run_summarization.py --predict_with_generate` defaults: labels keep [CLS], random batches, greedy search
   with max_length = val_max_target_length (128), ROUGE against the single label decoded back from ids. Also shown:
@@ -12,77 +12,145 @@ past BERT's 512 positions, so a user of this model has to lower it anyway).
 
 Both recipes' outputs are scored by the same code (rouge-score, Porter stemming, sentences on separate lines for
 ROUGE-Lsum) against all the references each validation paper has (1-4; the best one counts, as in SciTLDR's own
-evaluation). Budget: ~10-15 min on 2 quiet cores with the defaults.
+evaluation). `distinct_outputs` is the share of validation papers whose summary no other paper got: a model that
+writes one sentence for every input scores ROUGE without reading it, so a comparison only counts when both
+recipes' summaries depend on their input.
 
-    python benchmarks/quality_summarization.py [--max-train 800 --max-eval 100 --epochs 1 --lr 1e-4]
+Each recipe can run in its own process (one torch thread each, in parallel on two cores); --combine pairs the runs
+with the same settings into benchmarks/results/quality_summarization.json:
+
+    python benchmarks/quality_summarization.py --only tunepipe --max-train 1990 --epochs 3 --threads 1
+    python benchmarks/quality_summarization.py --only plain --max-train 1990 --epochs 3 --threads 1
+    python benchmarks/quality_summarization.py --combine
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_translation import (DATA, PLAIN_MAX_LENGTH, arguments, machine, plain_generate,  # noqa: E402
-                                 plain_seq2seq, read_jsonl, tunepipe_recipe, write_result)
+from quality_translation import (DATA, PLAIN_MAX_LENGTH, RESULTS, arguments, machine,  # noqa: E402
+                                 plain_generate, plain_seq2seq, read_jsonl, tunepipe_recipe, write_result)
+
+RUNS = RESULTS / "quality_summarization_runs"
+SOURCE_MAX_LENGTH = 256
+ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
-def main():
+def distinct_outputs(texts: list[str]) -> float:
+    """Share of outputs that no other input produced (1.0: every summary is its own; ~0: one sentence for all)."""
+    counts: dict[str, int] = {}
+    for t in texts:
+        counts[t] = counts.get(t, 0) + 1
+    return sum(1 for t in texts if counts[t] == 1) / len(texts)
+
+
+def tunepipe_side(train, val, args, tmp) -> dict:
     from tunepipe.tasks.seq2seq_metrics import rouge
-    args = arguments(__doc__, max_train=800, max_eval=100, epochs=1, lr=1e-4, batch_size=8)
-    source_max_length = 256
-    train = read_jsonl(DATA / "scitldr" / "train.jsonl", args.max_train)
-    val = read_jsonl(DATA / "scitldr" / "validation.jsonl", args.max_eval)
+    ours = tunepipe_recipe("summarization", train, val, args, f"{tmp}/tunepipe", {"max_length": SOURCE_MAX_LENGTH})
+    return {**rouge(ours["texts"], ours["references"]), **ours["stats"],
+            "distinct_outputs": distinct_outputs(ours["texts"]),
+            "reported": {k: ours["metrics"][k] for k in (*ROUGE, "gen_len")}, "generation": ours["generation"],
+            "train_samples_per_second": ours["train_metrics"]["train_samples_per_second"],
+            "train_cpu_seconds": ours["train_metrics"]["train_cpu_seconds"],
+            "eval_seconds": ours["eval_seconds"], "examples": ours["texts"][:5]}
+
+
+def plain_side(train, val, args, tmp) -> dict:
+    from tunepipe.tasks.seq2seq_metrics import rouge
     refs = [r.get("references") or [r["summary"]] for r in val]
-    load_before = os.getloadavg()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ours = tunepipe_recipe("summarization", train, val, args, f"{tmp}/tunepipe",
-                               {"max_length": source_max_length})
-        pairs = [(r["document"], r["summary"]) for r in train]
-        eval_pairs = [(r["document"], r["summary"]) for r in val]
-        trainer, tok, eval_ds, plain_train = plain_seq2seq(pairs, eval_pairs, args, f"{tmp}/plain",
-                                                           source_max_length)
-        plain = plain_generate(trainer, tok, eval_ds, PLAIN_MAX_LENGTH)
-        capped = plain_generate(trainer, tok, eval_ds, None)
-
-    result = {
-        "task": "summarization", "data": "scitldr (SciTLDR-A)", "model": "bert2bert warm-started from MiniLM",
-        "n_train": len(train), "n_eval": len(val), "epochs": args.epochs, "learning_rate": args.lr,
-        "batch_size": args.batch_size, "seed": args.seed, "source_max_length": source_max_length,
-        "tunepipe": {**rouge(ours["texts"], ours["references"]), **ours["stats"],
-                     "reported": {k: ours["metrics"][k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum",
-                                                                  "gen_len")},
-                     "generation": ours["generation"],
-                     "train_samples_per_second": ours["train_metrics"]["train_samples_per_second"],
-                     "eval_seconds": ours["eval_seconds"], "examples": ours["texts"][:3]},
-        "plain_run_summarization": {
-            **rouge(plain["texts"], refs), **plain["stats"],
+    pairs = [(r["document"], r["summary"]) for r in train]
+    eval_pairs = [(r["document"], r["summary"]) for r in val]
+    trainer, tok, eval_ds, plain_train = plain_seq2seq(pairs, eval_pairs, args, f"{tmp}/plain", SOURCE_MAX_LENGTH)
+    plain = plain_generate(trainer, tok, eval_ds, PLAIN_MAX_LENGTH)
+    capped = plain_generate(trainer, tok, eval_ds, None)
+    return {**rouge(plain["texts"], refs), **plain["stats"], "distinct_outputs": distinct_outputs(plain["texts"]),
             "self_reported_vs_decoded_label": rouge(plain["texts"], [[t] for t in plain["decoded_labels"]]),
             "self_reported_gen_len": plain["self_reported_gen_len"],
             "generation": {"max_length": PLAIN_MAX_LENGTH, "num_beams": 1},
             "train_samples_per_second": plain_train["train_samples_per_second"],
-            "eval_seconds": plain["eval_seconds"], "examples": plain["texts"][:3]},
-        "plain_library_default_length": {**rouge(capped["texts"], refs), **capped["stats"],
-                                         "generation": {"max_length": 20, "num_beams": 1}},
-        "load_average_before_after": [list(load_before), list(os.getloadavg())],
-        "machine": machine(),
-        "note": "Other jobs may have shared the CPU: see load_average_before_after.",
-    }
-    t, p = result["tunepipe"], result["plain_run_summarization"]
-    result["throughput_ratio"] = t["train_samples_per_second"] / p["train_samples_per_second"]
-    result["acceptance"] = {f"{k}_ge_plain": t[k] >= p[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
-    result["acceptance"]["not_stuck_at_cap"] = t["cut_at_cap"] < 0.5 and t["gen_len_max"] > 20
-    for name, r in (("tunepipe", t), ("plain run_summarization", p),
-                    ("plain, library default length", result["plain_library_default_length"])):
-        print(f"{name:<32} ROUGE-1 {r['rouge1']:6.2f}  ROUGE-2 {r['rouge2']:6.2f}  ROUGE-L {r['rougeL']:6.2f}  "
-              f"ROUGE-Lsum {r['rougeLsum']:6.2f}  gen_len {r['gen_len']:5.1f} (max {r['gen_len_max']}, "
-              f"cut at cap {100 * r['cut_at_cap']:.0f}%)")
-    print(f"training throughput: tunepipe {t['train_samples_per_second']:.2f} vs plain "
-          f"{p['train_samples_per_second']:.2f} samples/s -> ratio x{result['throughput_ratio']:.2f}")
-    print(f"load average before/after: {result['load_average_before_after']}")
-    write_result(result, "quality_summarization.json", args.output)
+            "train_cpu_seconds": plain_train["train_cpu_seconds"],
+            "eval_seconds": plain["eval_seconds"], "examples": plain["texts"][:5],
+            "library_default_length": {**rouge(capped["texts"], refs), **capped["stats"],
+                                       "distinct_outputs": distinct_outputs(capped["texts"]),
+                                       "generation": {"max_length": 20, "num_beams": 1}}}
+
+
+def settings_of(args, n_train: int, n_eval: int) -> dict:
+    return {"n_train": n_train, "n_eval": n_eval, "epochs": args.epochs, "learning_rate": args.lr,
+            "batch_size": args.batch_size, "seed": args.seed, "source_max_length": SOURCE_MAX_LENGTH}
+
+
+def run_name(side: str, s: dict) -> str:
+    return (f"{side}_n{s['n_train']}_v{s['n_eval']}_e{s['epochs']:g}_lr{s['learning_rate']:g}"
+            f"_b{s['batch_size']}_s{s['seed']}.json")
+
+
+def compare(settings: dict, ours: dict, plain: dict) -> dict:
+    row = {**settings, "tunepipe": ours, "plain_run_summarization": plain,
+           "throughput_ratio_cpu_time": plain["train_cpu_seconds"] / ours["train_cpu_seconds"]
+           if ours.get("train_cpu_seconds") and plain.get("train_cpu_seconds") else None,
+           "throughput_ratio": ours["train_samples_per_second"] / plain["train_samples_per_second"]}
+    row["acceptance"] = {f"{k}_ge_plain": ours[k] >= plain[k] for k in ROUGE}
+    row["acceptance"]["not_stuck_at_cap"] = ours["cut_at_cap"] < 0.5 and ours["gen_len_max"] > 20
+    row["both_depend_on_input"] = min(ours["distinct_outputs"], plain["distinct_outputs"]) >= 0.5
+    return row
+
+
+def combine() -> None:
+    """Pair tunepipe and plain runs with equal settings; every configuration measured is kept."""
+    rows = []
+    for ours_file in sorted(RUNS.glob("tunepipe_*.json")):
+        plain_file = RUNS / ours_file.name.replace("tunepipe_", "plain_", 1)
+        if not plain_file.is_file():
+            continue
+        ours, plain = json.loads(ours_file.read_text()), json.loads(plain_file.read_text())
+        rows.append(compare(ours["settings"], ours["tunepipe"], plain["plain_run_summarization"]))
+    if not rows:
+        raise SystemExit(f"no configuration has both recipes in {RUNS}")
+    rows.sort(key=lambda r: (r["n_train"] * r["epochs"], r["learning_rate"]))
+    for r in rows:
+        print(f"{r['n_train']} papers x {r['epochs']:g} epochs, lr {r['learning_rate']:g}, {r['n_eval']} evaluated:")
+        for name, s in (("tunepipe", r["tunepipe"]), ("plain run_summarization", r["plain_run_summarization"]),
+                        ("plain, library default length", r["plain_run_summarization"]["library_default_length"])):
+            print(f"  {name:<30} ROUGE-1/2/L/Lsum {s['rouge1']:5.2f} {s['rouge2']:5.2f} {s['rougeL']:5.2f} "
+                  f"{s['rougeLsum']:5.2f}  gen_len {s['gen_len']:5.1f} (max {s['gen_len_max']}, cut at cap "
+                  f"{100 * s['cut_at_cap']:.0f}%)  distinct outputs {100 * s['distinct_outputs']:.0f}%")
+        ratio = r["throughput_ratio_cpu_time"]
+        print(f"  training throughput x{r['throughput_ratio']:.2f} (samples/s)"
+              + (f", x{ratio:.2f} (CPU seconds)" if ratio else "")
+              + ("" if r["both_depend_on_input"] else "   [a model ignores its input: not evidence of quality]"))
+    write_result({"task": "summarization", "data": "scitldr (SciTLDR-A)",
+                  "model": "bert2bert warm-started from MiniLM", "machine": machine(),
+                  "note": "each recipe ran in its own process with one torch thread, possibly next to the other "
+                          "(see each run's load averages); CPU seconds are the steadier throughput figure",
+                  "configurations": rows}, "quality_summarization.json", None)
+
+
+def main():
+    args = arguments(__doc__, max_train=800, max_eval=100, epochs=1, lr=1e-4, batch_size=8, one_side=True)
+    if args.combine:
+        return combine()
+    train = read_jsonl(DATA / "scitldr" / "train.jsonl", args.max_train)
+    val = read_jsonl(DATA / "scitldr" / "validation.jsonl", args.max_eval)
+    settings = settings_of(args, len(train), len(val))
+    sides = {"tunepipe": tunepipe_side, "plain": plain_side}
+    key = {"tunepipe": "tunepipe", "plain": "plain_run_summarization"}
+    RUNS.mkdir(parents=True, exist_ok=True)
+    for side in ([args.only] if args.only else ["tunepipe", "plain"]):
+        load_before = os.getloadavg()
+        with tempfile.TemporaryDirectory() as tmp:
+            scores = sides[side](train, val, args, tmp)
+        record = {"settings": settings, key[side]: scores, "machine": machine(),
+                  "load_average_before_after": [list(load_before), list(os.getloadavg())]}
+        (RUNS / run_name(side, settings)).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{side}: ROUGE-1 {scores['rouge1']:.2f}, distinct outputs {100 * scores['distinct_outputs']:.0f}%, "
+              f"examples {scores['examples'][:2]}")
+    if not args.only:
+        combine()
 
 
 if __name__ == "__main__":

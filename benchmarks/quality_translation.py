@@ -103,7 +103,9 @@ def plain_seq2seq(train_pairs, eval_pairs, args, out, source_max_length: int):
     trainer = Seq2SeqTrainer(model=model, args=targs, train_dataset=dataset(train_pairs),
                              data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100),
                              processing_class=tok)
+    cpu = time.process_time()
     train_metrics = trainer.train().metrics
+    train_metrics["train_cpu_seconds"] = time.process_time() - cpu
     return trainer, tok, dataset(eval_pairs), train_metrics
 
 
@@ -144,7 +146,8 @@ def tunepipe_recipe(task, train, val, args, out, data_extra=None):
         return score(predictions, references)
 
     pipe.trainer.compute_metrics, pipe.task.score = capture_ids, capture_texts
-    train_metrics = pipe.train().train_metrics
+    cpu = time.process_time()
+    train_metrics = {**pipe.train().train_metrics, "train_cpu_seconds": time.process_time() - cpu}
     t0 = time.perf_counter()
     metrics = pipe.evaluate(splits=("validation",))["validation"]
     return {"metrics": metrics, "train_metrics": train_metrics, "eval_seconds": time.perf_counter() - t0,
@@ -158,7 +161,7 @@ def machine() -> str:
 
 
 def arguments(doc: str, max_train: int, max_eval: int, epochs: float, lr: float, batch_size: int,
-              plain_reuse: bool = False):
+              plain_reuse: bool = False, one_side: bool = False):
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-train", type=int, default=max_train, help="first N training records, both recipes")
     ap.add_argument("--max-eval", type=int, default=max_eval, help="first M validation records, both recipes")
@@ -174,6 +177,11 @@ def arguments(doc: str, max_train: int, max_eval: int, epochs: float, lr: float,
         ap.add_argument("--plain-from", type=Path, metavar="JSON",
                         help="reuse the plain recipe's scores from an earlier result with the same data size, epochs, "
                              "learning rate, batch size and seed (the plain recipe does not change with tunepipe)")
+    if one_side:
+        ap.add_argument("--only", choices=["tunepipe", "plain"],
+                        help="run one recipe and keep its scores for --combine (the two can run in parallel)")
+        ap.add_argument("--combine", action="store_true",
+                        help="no training: pair the runs saved by --only into the results JSON")
     args = ap.parse_args()
     import torch
     args.threads = args.threads or (os.cpu_count() if os.getloadavg()[0] < 0.5 else 1)

@@ -1,6 +1,8 @@
 """Sequence to sequence: metrics on hand-checked cases, preprocessing, generation length, and train -> save ->
 reload with plain transformers -> identical generations (Python API and CLI), on tiny models built here."""
+import contextlib
 import json
+import logging
 import math
 import random
 import subprocess
@@ -209,7 +211,8 @@ def test_generation_kwargs_hold_only_what_applies():
 
 def test_pretrained_generation_options_the_specs_turn_off_are_unset():
     """A checkpoint saved for beam search and sampling, fine-tuned with greedy specs: the options that no longer
-    apply are dropped, else save_pretrained refuses the generation config."""
+    apply are dropped, else save_pretrained refuses the generation config; max_length gives way to
+    max_new_tokens."""
     from types import SimpleNamespace
 
     from transformers import GenerationConfig
@@ -219,7 +222,7 @@ def test_pretrained_generation_options_the_specs_turn_off_are_unset():
                             generation_config=gen)
     make_task(TextGenerationTask).configure_model(model, None)
     kept = {k: v for k, v in gen.to_diff_dict().items() if k != "transformers_version"}
-    assert kept == {"max_length": 20, "max_new_tokens": 64, "num_beams": 1, "do_sample": False,
+    assert kept == {"max_new_tokens": 64, "num_beams": 1, "do_sample": False,
                     "no_repeat_ngram_size": 0, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
 
 
@@ -232,16 +235,35 @@ def test_example_specs_load():
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def generation_warnings():
+    """Messages transformers' generate() logs (its loggers do not propagate to pytest's caplog)."""
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+    logger, handler = logging.getLogger("transformers.generation.utils"), Keep(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_train_save_reload_with_plain_transformers(tmp_path, mt_data):
     """A T5 built from config with a Unigram tokenizer trained on the data (source and target text)."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from tunepipe import FineTunePipeLine
-    specs = t5_specs(tmp_path, mt_data, None)
+    specs = t5_specs(tmp_path, mt_data, None, training={"per_device_eval_batch_size": 4})
     specs["tokenizer"] = {"train": {"type": "unigram", "vocab_size": 150}}
     pipe = FineTunePipeLine(specs)
-    pipe.run()
+    with generation_warnings() as warned:
+        pipe.run()
+    # Seq2SeqTrainer fills max_length=20 into the model's generation config after the first of the 3 batches
+    assert not [m for m in warned if "max_new_tokens" in m and "max_length" in m]
     texts = pipe.task.tokenizer_training_texts([json.loads(line) for line in open(mt_data["train"])])
     assert len(texts) == 2 * 64 and DE["dog"] in " ".join(texts)  # trained on source and target text
     out = Path(pipe.specs.output_dir)

@@ -204,6 +204,7 @@ class Seq2SeqTask(Task):
                 setattr(gen, key, getattr(config, key))
         kwargs = self.generation_kwargs()
         gen.update(**kwargs)
+        gen.max_length = None  # max_new_tokens rules; a pretrained max_length only makes generate() warn
         # a pretrained generation_config may carry beam or sampling options the specs turn off: unset them, or
         # save_pretrained refuses the combination
         unused = (() if kwargs["num_beams"] > 1 else BEAM_ONLY) + (() if kwargs["do_sample"] else SAMPLING_ONLY)

@@ -241,21 +241,24 @@ class NLPSeq2SeqTrainer(_TaskTrainerMixin, Seq2SeqTrainer):
         # The evaluations Trainer runs during training call evaluate() without generation arguments, and
         # Seq2SeqTrainer would then generate with the model's generation_config (20 tokens by default).
         gen_kwargs = {**self.task.generation_kwargs(), **gen_kwargs}
-        with self._generation_config_kept():
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
-                                    **gen_kwargs)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                                **gen_kwargs)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test", **gen_kwargs):
         gen_kwargs = {**self.task.generation_kwargs(), **gen_kwargs}
-        with self._generation_config_kept():
-            return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
-                                   **gen_kwargs)
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                               **gen_kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        with self._generation_config_kept(model):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
 
     @contextlib.contextmanager
-    def _generation_config_kept(self):
-        """Seq2SeqTrainer writes every library default (max_length=20, ...) into model.generation_config while
-        it evaluates; put the model's own back so saved models carry only the specs' settings."""
-        model = self.accelerator.unwrap_model(self.model)
+    def _generation_config_kept(self, model):
+        """Seq2SeqTrainer writes every library default (max_length=20, ...) into model.generation_config after
+        each batch it generates; put the model's own back, per batch: else generate() warns on every later batch
+        that max_length and max_new_tokens are both set, and a model saved after evaluating carries max_length."""
+        model = self.accelerator.unwrap_model(model)
         kept = copy.deepcopy(getattr(model, "generation_config", None))
         try:
             yield
