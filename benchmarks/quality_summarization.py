@@ -50,7 +50,8 @@ def distinct_outputs(texts: list[str]) -> float:
 
 def tunepipe_side(train, val, args, tmp) -> dict:
     from tunepipe.tasks.seq2seq_metrics import rouge
-    ours = tunepipe_recipe("summarization", train, val, args, f"{tmp}/tunepipe", {"max_length": SOURCE_MAX_LENGTH})
+    ours = tunepipe_recipe("summarization", train, val, args, f"{tmp}/tunepipe", {"max_length": SOURCE_MAX_LENGTH},
+                           overrides=args.overrides)
     return {**rouge(ours["texts"], ours["references"]), **ours["stats"],
             "distinct_outputs": distinct_outputs(ours["texts"]),
             "reported": {k: ours["metrics"][k] for k in (*ROUGE, "gen_len")}, "generation": ours["generation"],
@@ -84,13 +85,14 @@ def settings_of(args, n_train: int, n_eval: int) -> dict:
             "batch_size": args.batch_size, "seed": args.seed, "source_max_length": SOURCE_MAX_LENGTH}
 
 
-def run_name(side: str, s: dict) -> str:
+def run_name(side: str, s: dict, overrides=()) -> str:
+    """One file per recipe and settings; tunepipe runs with --set overrides (ablations) get their own."""
     return (f"{side}_n{s['n_train']}_v{s['n_eval']}_e{s['epochs']:g}_lr{s['learning_rate']:g}"
-            f"_b{s['batch_size']}_s{s['seed']}.json")
+            f"_b{s['batch_size']}_s{s['seed']}" + "".join(f"_{o}" for o in overrides) + ".json")
 
 
-def compare(settings: dict, ours: dict, plain: dict) -> dict:
-    row = {**settings, "tunepipe": ours, "plain_run_summarization": plain,
+def compare(settings: dict, ours: dict, plain: dict, overrides: list[str]) -> dict:
+    row = {**settings, "tunepipe_overrides": overrides, "tunepipe": ours, "plain_run_summarization": plain,
            "throughput_ratio_cpu_time": plain["train_cpu_seconds"] / ours["train_cpu_seconds"]
            if ours.get("train_cpu_seconds") and plain.get("train_cpu_seconds") else None,
            "throughput_ratio": ours["train_samples_per_second"] / plain["train_samples_per_second"]}
@@ -104,16 +106,19 @@ def combine() -> None:
     """Pair tunepipe and plain runs with equal settings; every configuration measured is kept."""
     rows = []
     for ours_file in sorted(RUNS.glob("tunepipe_*.json")):
-        plain_file = RUNS / ours_file.name.replace("tunepipe_", "plain_", 1)
+        ours = json.loads(ours_file.read_text())
+        plain_file = RUNS / run_name("plain", ours["settings"])
         if not plain_file.is_file():
             continue
-        ours, plain = json.loads(ours_file.read_text()), json.loads(plain_file.read_text())
-        rows.append(compare(ours["settings"], ours["tunepipe"], plain["plain_run_summarization"]))
+        plain = json.loads(plain_file.read_text())
+        rows.append(compare(ours["settings"], ours["tunepipe"], plain["plain_run_summarization"],
+                            ours.get("tunepipe_overrides", [])))
     if not rows:
         raise SystemExit(f"no configuration has both recipes in {RUNS}")
-    rows.sort(key=lambda r: (r["n_train"] * r["epochs"], r["learning_rate"]))
+    rows.sort(key=lambda r: (r["n_train"] * r["epochs"], r["learning_rate"], r["tunepipe_overrides"]))
     for r in rows:
-        print(f"{r['n_train']} papers x {r['epochs']:g} epochs, lr {r['learning_rate']:g}, {r['n_eval']} evaluated:")
+        print(f"{r['n_train']} papers x {r['epochs']:g} epochs, lr {r['learning_rate']:g}, {r['n_eval']} evaluated"
+              + (f", tunepipe with {' '.join(r['tunepipe_overrides'])}" if r["tunepipe_overrides"] else "") + ":")
         for name, s in (("tunepipe", r["tunepipe"]), ("plain run_summarization", r["plain_run_summarization"]),
                         ("plain, library default length", r["plain_run_summarization"]["library_default_length"])):
             print(f"  {name:<30} ROUGE-1/2/L/Lsum {s['rouge1']:5.2f} {s['rouge2']:5.2f} {s['rougeL']:5.2f} "
@@ -144,9 +149,10 @@ def main():
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory() as tmp:
             scores = sides[side](train, val, args, tmp)
-        record = {"settings": settings, key[side]: scores, "machine": machine(),
+        overrides = args.overrides if side == "tunepipe" else []
+        record = {"settings": settings, "tunepipe_overrides": overrides, key[side]: scores, "machine": machine(),
                   "load_average_before_after": [list(load_before), list(os.getloadavg())]}
-        (RUNS / run_name(side, settings)).write_text(json.dumps(record, indent=2) + "\n")
+        (RUNS / run_name(side, settings, overrides)).write_text(json.dumps(record, indent=2) + "\n")
         print(f"{side}: ROUGE-1 {scores['rouge1']:.2f}, distinct outputs {100 * scores['distinct_outputs']:.0f}%, "
               f"examples {scores['examples'][:2]}")
     if not args.only:

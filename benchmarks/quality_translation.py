@@ -125,7 +125,7 @@ def plain_generate(trainer, tok, eval_ds, max_length):
             "self_reported_gen_len": float(np.mean([np.count_nonzero(r != tok.pad_token_id) for r in ids]))}
 
 
-def tunepipe_recipe(task, train, val, args, out, data_extra=None):
+def tunepipe_recipe(task, train, val, args, out, data_extra=None, overrides=()):
     """FineTunePipeLine as a user runs it; the evaluation's generated ids and texts are captured on the way."""
     from tunepipe import FineTunePipeLine
     specs = {"task": task, "output_dir": out, "model": {"encoder_decoder": "minilm"},
@@ -133,7 +133,7 @@ def tunepipe_recipe(task, train, val, args, out, data_extra=None):
              "training": {"num_train_epochs": args.epochs, "learning_rate": args.lr, "seed": args.seed,
                           "per_device_train_batch_size": args.batch_size, "save_strategy": "no",
                           "eval_strategy": "no", "logging_steps": 50, "disable_tqdm": True}}
-    pipe = FineTunePipeLine(specs).setup()
+    pipe = FineTunePipeLine(specs, overrides=list(overrides)).setup()
     seen: dict = {}
     compute, score = pipe.trainer.compute_metrics, pipe.task.score
 
@@ -182,6 +182,8 @@ def arguments(doc: str, max_train: int, max_eval: int, epochs: float, lr: float,
                         help="run one recipe and keep its scores for --combine (the two can run in parallel)")
         ap.add_argument("--combine", action="store_true",
                         help="no training: pair the runs saved by --only into the results JSON")
+        ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a tunepipe spec for an ablation, e.g. model.cross_attention_init=random")
     args = ap.parse_args()
     import torch
     args.threads = args.threads or (os.cpu_count() if os.getloadavg()[0] < 0.5 else 1)
