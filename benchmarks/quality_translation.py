@@ -183,7 +183,7 @@ def arguments(doc: str, max_train: int, max_eval: int, epochs: float, lr: float,
         ap.add_argument("--combine", action="store_true",
                         help="no training: pair the runs saved by --only into the results JSON")
         ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a tunepipe spec for an ablation, e.g. model.cross_attention_init=random")
+                        help="override a tunepipe spec for an ablation, e.g. training.warmup_steps=0")
     args = ap.parse_args()
     import torch
     args.threads = args.threads or (os.cpu_count() if os.getloadavg()[0] < 0.5 else 1)
