@@ -125,10 +125,10 @@ def plain_generate(trainer, tok, eval_ds, max_length):
             "self_reported_gen_len": float(np.mean([np.count_nonzero(r != tok.pad_token_id) for r in ids]))}
 
 
-def tunepipe_recipe(task, train, val, args, out, data_extra=None, overrides=()):
+def tunepipe_recipe(task, train, val, args, out, data_extra=None, overrides=(), model=None):
     """FineTunePipeLine as a user runs it; the evaluation's generated ids and texts are captured on the way."""
     from tunepipe import FineTunePipeLine
-    specs = {"task": task, "output_dir": out, "model": {"encoder_decoder": "minilm"},
+    specs = {"task": task, "output_dir": out, "model": model or {"encoder_decoder": "minilm"},
              "data": {"train": train, "validation": val, **(data_extra or {})},
              "training": {"num_train_epochs": args.epochs, "learning_rate": args.lr, "seed": args.seed,
                           "per_device_train_batch_size": args.batch_size, "save_strategy": "no",
@@ -151,7 +151,7 @@ def tunepipe_recipe(task, train, val, args, out, data_extra=None, overrides=()):
     t0 = time.perf_counter()
     metrics = pipe.evaluate(splits=("validation",))["validation"]
     return {"metrics": metrics, "train_metrics": train_metrics, "eval_seconds": time.perf_counter() - t0,
-            "texts": seen["texts"], "references": seen["references"],
+            "texts": seen["texts"], "references": seen["references"], "ids": seen["ids"],
             "stats": output_stats(seen["ids"], pipe.tokenizer), "generation": pipe.task.generation_kwargs()}
 
 

@@ -229,7 +229,7 @@ def test_pretrained_generation_options_the_specs_turn_off_are_unset():
 def test_example_specs_load():
     root = Path(__file__).resolve().parents[1] / "examples"
     for name, task in (("translation", "translation"), ("summarization", "summarization"),
-                       ("text_generation", "text_generation")):
+                       ("summarization_decoder", "summarization"), ("text_generation", "text_generation")):
         specs = load_specs(root / f"{name}.yaml")
         assert specs.task == task and specs.generation.max_new_tokens > 20
 

@@ -220,7 +220,7 @@ def prepare_inputs(task, items: Sequence[Any]) -> list[Any]:
             elif not isinstance(x, str):
                 raise ValidationError(f"{where} must be a text, got {type(x).__name__}",
                                       suggestions=['pass "a text", or a pair ["text", "text pair"]'])
-        elif task.auto_model_class == "AutoModelForSeq2SeqLM":
+        elif task.generative:  # seq2seq, on an encoder-decoder or a decoder-only model
             text = x if isinstance(x, str) else task.input_from_record(x) if isinstance(x, dict) else None
             if not isinstance(text, str):
                 raise ValidationError(f"{where} must be a text or a record with the source text, got "
@@ -334,6 +334,8 @@ class InferencePipeLine:
         from .errors import ErrorHandler
         ck = self.checkpoint
         task = make_task(self._require_task(), ck.run_dir, ck.path if ck.kind == "model" else None)
+        from .models import adopt_model_config
+        adopt_model_config(task, ck.path)
         with ErrorHandler.guard(f"loading {ck.path}"):
             if ck.kind == "adapter":
                 from .peft_support import load_adapter

@@ -233,18 +233,19 @@ class ModelModules:
 
     def _load(self, task, tokenizer=None):
         import transformers
-        auto_cls = getattr(transformers, task.auto_model_class)
         spec = self.specs.model
         if spec.encoder_decoder:
             return self._encoder_decoder(task, tokenizer)
         if spec.from_config:
-            return self._from_config(auto_cls, task, tokenizer)
+            return self._from_config(task, tokenizer)
         if not spec.name_or_path:
             raise ConfigError("No model given", field="model.name_or_path",
                               suggestions=["set model.name_or_path (local dir, hub id, or 'minilm')",
                                            "or model.from_config for a fresh model"])
         name = resolve_model_path(spec.name_or_path)
         check_model_dir(name)
+        adopt_model_config(task, name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        auto_cls = getattr(transformers, task.auto_model_class)
         try:
             from .quantization import QuantizationManager
             quantized = QuantizationManager(self.specs).load_kwargs(
@@ -266,7 +267,8 @@ class ModelModules:
             raise _damaged_weights(e, name, "model.name_or_path") or _load_error(e, name, "model") from None
         return model
 
-    def _from_config(self, auto_cls, task, tokenizer):
+    def _from_config(self, task, tokenizer):
+        import transformers
         from transformers import AutoConfig
         cfg = dict(self.specs.model.from_config)
         model_type = cfg.pop("model_type", None)
@@ -283,7 +285,8 @@ class ModelModules:
         cfg.update(task.model_kwargs())
         try:
             config = AutoConfig.for_model(model_type, **cfg)
-            return auto_cls.from_config(config)
+            task.adopt_config(config)
+            return getattr(transformers, task.auto_model_class).from_config(config)
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"Cannot build a '{model_type}' model from model.from_config: "
                               f"{str(e).splitlines()[0]}", field="model.from_config",
@@ -315,6 +318,22 @@ class ModelModules:
                 target.eos_token_id = end
                 target.pad_token_id = tokenizer.pad_token_id
         return model
+
+
+def adopt_model_config(task, path, **kwargs) -> None:
+    """Show the task the config of the model it will get (a local folder, a hub id, or a tunepipe adapter folder,
+    whose base counts), so that it picks its model class. An unreadable config is left to the real load, which
+    reports it with more context."""
+    from transformers import AutoConfig
+
+    from .peft_support import is_adapter_dir, read_adapter_info, resolve_base
+    try:
+        if is_adapter_dir(path):
+            path = resolve_base(path, read_adapter_info(path))
+        config = AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if v})
+    except Exception:  # noqa: BLE001
+        return
+    task.adopt_config(config)
 
 
 def encoder_decoder_sides(value) -> tuple[str, str]:

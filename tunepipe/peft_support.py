@@ -65,7 +65,6 @@ def skeleton_for_specs(specs, task):
         import transformers
 
         from .models import resolve_model_path
-        auto_cls = getattr(transformers, task.auto_model_class)
         if specs.model.from_config:
             cfg = dict(specs.model.from_config)
             config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -73,7 +72,8 @@ def skeleton_for_specs(specs, task):
             config = transformers.AutoConfig.from_pretrained(resolve_model_path(specs.model.name_or_path),
                                                              revision=specs.model.revision,
                                                              trust_remote_code=specs.model.trust_remote_code)
-        return model_skeleton(auto_cls, config)
+        task.adopt_config(config)
+        return model_skeleton(getattr(transformers, task.auto_model_class), config)
     except Exception:  # noqa: BLE001
         return None
 

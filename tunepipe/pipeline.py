@@ -258,6 +258,8 @@ class FineTunePipeLine:
 
         from .peft_support import is_adapter_dir, load_adapter, peft_enabled
         path = Path(model_dir or self.output_dir / ("adapter" if peft_enabled(self.specs) else "model"))
+        from .models import adopt_model_config
+        adopt_model_config(self.task, path, trust_remote_code=self.specs.model.trust_remote_code)
         if is_adapter_dir(path):  # PEFT run: base model (quantized as trained) + adapter
             with ErrorHandler.guard(f"loading the adapter in {path}"):
                 self.model, self.tokenizer = load_adapter(path, self.task.auto_model_class,

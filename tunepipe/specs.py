@@ -82,6 +82,9 @@ class DataSpec(_Section):
                                                       "record (or a column of that name)")
     target_lang: str | None = Field(None, description="translation: target key, like source_lang")
     source_prefix: str | None = Field(None, description="seq2seq: text put before every source (T5 style)")
+    source_suffix: str | None = Field(None, description="seq2seq: text put after every source; with a decoder-only "
+                                                        "model it ends the prompt (default per task, e.g. "
+                                                        "'\\nTL;DR:' for summarization)")
     max_target_length: int | None = Field(None, gt=0, description="seq2seq: target tokens kept for training")
 
 

@@ -90,6 +90,10 @@ class Task:
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
 
     # ---- model -------------------------------------------------------------------------------------------
+    def adopt_config(self, config) -> None:
+        """Called with the model's config before the model is built or reloaded, for tasks whose model class
+        depends on the architecture (seq2seq: encoder-decoder or decoder-only)."""
+
     def model_kwargs(self) -> dict[str, Any]:
         if not self.labels:
             return {}

@@ -70,7 +70,6 @@ class CausalLMTask(Task):
                    "completion), optional packing; perplexity")
     auto_model_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
-    peft_task_type = "CAUSAL_LM"
     defaults = {
         "data": {"text_column": "text", "max_length": 512, "packing": False},
         "training": {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "learning_rate": 5e-5,

@@ -1,4 +1,5 @@
-"""Sequence to sequence: translation, summarization and text-to-text generation with encoder-decoder models.
+"""Sequence to sequence: translation, summarization and text-to-text generation with encoder-decoder models, or
+with decoder-only models, where the source becomes a prompt and the target its completion (seq2seq_decoder.py).
 
 Evaluation generates (predict-with-generate) with the specs' ``generation`` settings, never the library's 20-token
 default, and scores the generated text against the references *as written in the data* (all of them when a record
@@ -12,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from . import seq2seq_decoder
 from .base import Task
 from .seq2seq_metrics import bleu_chrf, exact_match, generated_lengths, rouge
 
@@ -37,6 +39,12 @@ class Seq2SeqTask(Task):
         self.tokenizer = None  # set by preprocess/predict: compute_metrics decodes with it
         self.decoder_start_token_id: int | None = None  # set once the model is known
         self._references: dict[str, dict[tuple[int, ...], list[str]]] = {}
+        self.decoder_only = False  # set by adopt_config: a causal LM completes prompts instead
+
+    def adopt_config(self, config) -> None:
+        self.decoder_only = seq2seq_decoder.is_decoder_only(config)
+        self.auto_model_class = "AutoModelForCausalLM" if self.decoder_only else "AutoModelForSeq2SeqLM"
+        self.peft_task_type = "CAUSAL_LM" if self.decoder_only else "SEQ_2_SEQ_LM"
 
     # ---- columns -----------------------------------------------------------------------------------------
     def column(self, role: str) -> str:
@@ -117,7 +125,16 @@ class Seq2SeqTask(Task):
     # ---- tokenizing --------------------------------------------------------------------------------------
     def _sources(self, texts: Sequence[str]) -> list[str]:
         prefix = self.specs.data.source_prefix or ""
-        return [prefix + t for t in texts]
+        suffix = "" if self.decoder_only else self.specs.data.source_suffix or ""
+        return [prefix + t + suffix for t in texts]
+
+    def _prompts(self, texts: Sequence[str], tokenizer) -> list[list[int]]:
+        data = self.specs.data
+        suffix = data.source_suffix
+        if suffix is None:
+            suffix = seq2seq_decoder.DEFAULT_SUFFIXES[self.name]
+        return seq2seq_decoder.encode_prompts(self._sources(texts), suffix, tokenizer, data.max_length,
+                                           data.max_target_length)
 
     def _start_to_strip(self, tokenizer) -> int | None:
         """The decoder is fed its start token before the first label; a label that repeats it (BERT's [CLS])
@@ -146,11 +163,17 @@ class Seq2SeqTask(Task):
     def preprocess(self, batch, tokenizer):
         self.tokenizer = tokenizer
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        targets = [self.target_text(r) for r in rows]
+        labelled = all(isinstance(t, str) for t in targets)
+        if self.decoder_only:
+            prompts = self._prompts([self.source_text(r) for r in rows], tokenizer)
+            limit = self.specs.data.max_target_length
+            completions = seq2seq_decoder.encode_completions(targets, tokenizer, limit) if labelled else None
+            return seq2seq_decoder.prompt_completion_rows(prompts, completions)
         enc = tokenizer(self._sources([self.source_text(r) for r in rows]), max_length=self.specs.data.max_length,
                         truncation=True)
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        targets = [self.target_text(r) for r in rows]
-        if all(isinstance(t, str) for t in targets):
+        if labelled:
             enc["labels"] = self.encode_targets(targets, tokenizer)
         return enc
 
@@ -161,12 +184,27 @@ class Seq2SeqTask(Task):
             return
         index: dict[tuple[int, ...], list[str]] = {}
         for record, labels in zip(records, features["labels"]):
-            index.setdefault(tuple(labels), self.references_of(record))
+            index.setdefault(tuple(t for t in labels if t >= 0), self.references_of(record))
         self._references[split] = index
 
     def collator(self, tokenizer):
+        if self.decoder_only:
+            from .causal_lm import CausalLMCollator
+            return CausalLMCollator(tokenizer.pad_token_id)
         from transformers import DataCollatorForSeq2Seq
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
+
+    def generation_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """What generate() gets from an evaluation batch: the source, or for a decoder-only model the prompts
+        (the tokens before each row's labels), left-padded."""
+        if not self.decoder_only:
+            return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        return seq2seq_decoder.left_padded(seq2seq_decoder.prompts_of_batch(batch), pad, batch["input_ids"].device)
+
+    def generated_part(self, ids, inputs: dict[str, Any]):
+        """The new tokens of generate()'s output: a decoder-only model returns the prompt in front of them."""
+        return ids[:, inputs["input_ids"].shape[1]:] if self.decoder_only else ids
 
     # ---- model -------------------------------------------------------------------------------------------
     def generation_kwargs(self) -> dict[str, Any]:
@@ -192,10 +230,12 @@ class Seq2SeqTask(Task):
         if tokenizer is not None:
             if getattr(config, "pad_token_id", None) is None:
                 config.pad_token_id = tokenizer.pad_token_id
-            if getattr(config, "decoder_start_token_id", None) is None:
+            if self.decoder_only and getattr(config, "eos_token_id", None) is None:
+                config.eos_token_id = tokenizer.eos_token_id  # where a completion ends
+            if getattr(config, "decoder_start_token_id", None) is None and not self.decoder_only:
                 config.decoder_start_token_id = (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                                                  else config.pad_token_id)
-        if getattr(config, "decoder_start_token_id", None) is None:
+        if getattr(config, "decoder_start_token_id", None) is None and not self.decoder_only:
             raise ConfigError("The model has no decoder_start_token_id", field="model",
                               suggestions=["set decoder_start_token_id in model.from_config",
                                            "or use a tokenizer with a bos or pad token"])
@@ -216,7 +256,7 @@ class Seq2SeqTask(Task):
         except ValueError as e:
             raise ConfigError(f"Invalid generation settings: {str(e).strip().splitlines()[1:2] or e}",
                               field="generation", suggestions=["check the generation section"]) from None
-        self.decoder_start_token_id = config.decoder_start_token_id
+        self.decoder_start_token_id = getattr(config, "decoder_start_token_id", None)
 
     def on_model_loaded(self, model) -> None:
         self.decoder_start_token_id = getattr(model.config, "decoder_start_token_id", None)
@@ -269,10 +309,14 @@ class Seq2SeqTask(Task):
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                enc = tokenizer(self._sources([texts[i] for i in idx]), max_length=self.specs.data.max_length,
-                                truncation=True, padding=True, return_tensors="pt")
-                ids = model.generate(input_ids=enc["input_ids"].to(device),
-                                     attention_mask=enc["attention_mask"].to(device), **kwargs)
+                if self.decoder_only:
+                    enc = seq2seq_decoder.left_padded(self._prompts([texts[i] for i in idx], tokenizer),
+                                                   tokenizer.pad_token_id, device)
+                else:
+                    enc = tokenizer(self._sources([texts[i] for i in idx]), max_length=self.specs.data.max_length,
+                                    truncation=True, padding=True, return_tensors="pt").to(device)
+                enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
+                ids = self.generated_part(model.generate(**enc, **kwargs), enc)
                 for i, text in zip(idx, tokenizer.batch_decode(ids, skip_special_tokens=True)):
                     out[i] = {self.output_key: text.strip()}
         return out

@@ -446,8 +446,7 @@ def prediction_step(model, batch: dict[str, Any], task, names: list[str], genera
         outputs = model(**batch)
         loss = outputs["loss"].detach().float() if has_labels and "loss" in outputs else None
         if task.generative:
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-            preds = (generator or model).generate(**inputs, **task.generation_kwargs())
+            preds = generate_batch(generator or model, batch, task)
         else:
             config = getattr(generator or model, "config", None)
             ignore = set(getattr(config, "keys_to_ignore_at_inference", []) or []) | {"loss"}
@@ -455,6 +454,13 @@ def prediction_step(model, batch: dict[str, Any], task, names: list[str], genera
             logits = logits[0] if len(logits) == 1 else logits
             preds = task.preprocess_logits_for_metrics(logits, labels)
     return loss, preds, labels
+
+
+def generate_batch(model, batch: dict[str, Any], task):
+    """The new token ids ``generate(**task.generation_kwargs())`` writes for an evaluation batch; the task says
+    what generation starts from (the source, or a decoder-only model's prompt) and which ids are new."""
+    inputs = task.generation_inputs(batch)
+    return task.generated_part(model.generate(**inputs, **task.generation_kwargs()), inputs)
 
 
 class EvalCollector:

@@ -11,8 +11,8 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, Trai
 
 from ..checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, resume_setting
 from ..errors import CheckpointError
-from .common import (JsonlLogWriter, TrainResult, data_state, strip_prefix, token_weighted_loss, train_sampler,
-                     training_arguments, training_schedule, truncate_log_after)
+from .common import (JsonlLogWriter, TrainResult, data_state, prediction_step, strip_prefix, token_weighted_loss,
+                     train_sampler, training_arguments, training_schedule, truncate_log_after)
 
 
 class _JsonlLogCallback(TrainerCallback):
@@ -250,6 +250,12 @@ class NLPSeq2SeqTrainer(_TaskTrainerMixin, Seq2SeqTrainer):
                                **gen_kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        if getattr(self.task, "decoder_only", False):
+            # Seq2SeqTrainer would generate from the whole prompt + target: the task's own step generates from
+            # the prompt and keeps the new tokens
+            inputs = self._prepare_inputs(inputs)
+            loss, preds, labels = prediction_step(model, inputs, self.task, self.label_names)
+            return (loss, None, None) if prediction_loss_only else (loss, preds, labels)
         with self._generation_config_kept(model):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
 
