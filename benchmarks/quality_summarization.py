@@ -91,8 +91,9 @@ def run_name(side: str, s: dict, overrides=()) -> str:
             f"_b{s['batch_size']}_s{s['seed']}" + "".join(f"_{o}" for o in overrides) + ".json")
 
 
-def compare(settings: dict, ours: dict, plain: dict, overrides: list[str]) -> dict:
-    row = {**settings, "tunepipe_overrides": overrides, "tunepipe": ours, "plain_run_summarization": plain,
+def compare(settings: dict, ours: dict, plain: dict, overrides: list[str],
+            plain_key: str = "plain_run_summarization") -> dict:
+    row = {**settings, "tunepipe_overrides": overrides, "tunepipe": ours, plain_key: plain,
            "throughput_ratio_cpu_time": plain["train_cpu_seconds"] / ours["train_cpu_seconds"]
            if ours.get("train_cpu_seconds") and plain.get("train_cpu_seconds") else None,
            "throughput_ratio": ours["train_samples_per_second"] / plain["train_samples_per_second"]}
@@ -102,17 +103,19 @@ def compare(settings: dict, ours: dict, plain: dict, overrides: list[str]) -> di
     return row
 
 
+def paired_runs(runs: Path):
+    """(tunepipe run, plain run) records with equal settings."""
+    for ours_file in sorted(runs.glob("tunepipe_*.json")):
+        ours = json.loads(ours_file.read_text())
+        plain_file = runs / run_name("plain", ours["settings"])
+        if plain_file.is_file():
+            yield ours, json.loads(plain_file.read_text())
+
+
 def combine() -> None:
     """Pair tunepipe and plain runs with equal settings; every configuration measured is kept."""
-    rows = []
-    for ours_file in sorted(RUNS.glob("tunepipe_*.json")):
-        ours = json.loads(ours_file.read_text())
-        plain_file = RUNS / run_name("plain", ours["settings"])
-        if not plain_file.is_file():
-            continue
-        plain = json.loads(plain_file.read_text())
-        rows.append(compare(ours["settings"], ours["tunepipe"], plain["plain_run_summarization"],
-                            ours.get("tunepipe_overrides", [])))
+    rows = [compare(ours["settings"], ours["tunepipe"], plain["plain_run_summarization"],
+                    ours.get("tunepipe_overrides", [])) for ours, plain in paired_runs(RUNS)]
     if not rows:
         raise SystemExit(f"no configuration has both recipes in {RUNS}")
     rows.sort(key=lambda r: (r["n_train"] * r["epochs"], r["learning_rate"], r["tunepipe_overrides"]))
@@ -142,21 +145,26 @@ def main():
     train = read_jsonl(DATA / "scitldr" / "train.jsonl", args.max_train)
     val = read_jsonl(DATA / "scitldr" / "validation.jsonl", args.max_eval)
     settings = settings_of(args, len(train), len(val))
-    sides = {"tunepipe": tunepipe_side, "plain": plain_side}
-    key = {"tunepipe": "tunepipe", "plain": "plain_run_summarization"}
-    RUNS.mkdir(parents=True, exist_ok=True)
-    for side in ([args.only] if args.only else ["tunepipe", "plain"]):
-        load_before = os.getloadavg()
-        with tempfile.TemporaryDirectory() as tmp:
-            scores = sides[side](train, val, args, tmp)
-        overrides = args.overrides if side == "tunepipe" else []
-        record = {"settings": settings, "tunepipe_overrides": overrides, key[side]: scores, "machine": machine(),
-                  "load_average_before_after": [list(load_before), list(os.getloadavg())]}
-        (RUNS / run_name(side, settings, overrides)).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"{side}: ROUGE-1 {scores['rouge1']:.2f}, distinct outputs {100 * scores['distinct_outputs']:.0f}%, "
-              f"examples {scores['examples'][:2]}")
+    run_recipes(args, settings, RUNS, {"tunepipe": lambda tmp: tunepipe_side(train, val, args, tmp),
+                                       "plain": lambda tmp: plain_side(train, val, args, tmp)},
+                {"tunepipe": "tunepipe", "plain": "plain_run_summarization"})
     if not args.only:
         combine()
+
+
+def run_recipes(args, settings: dict, runs: Path, sides: dict, keys: dict) -> None:
+    """Run the recipes --only names (else all), each in a temporary folder; keep each one's scores in its run file."""
+    runs.mkdir(parents=True, exist_ok=True)
+    for side in ([args.only] if args.only else list(sides)):
+        load_before = os.getloadavg()
+        with tempfile.TemporaryDirectory() as tmp:
+            scores = sides[side](tmp)
+        overrides = args.overrides if side == "tunepipe" else []
+        record = {"settings": settings, "tunepipe_overrides": overrides, keys[side]: scores, "machine": machine(),
+                  "load_average_before_after": [list(load_before), list(os.getloadavg())]}
+        (runs / run_name(side, settings, overrides)).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{side}: ROUGE-1 {scores['rouge1']:.2f}, distinct outputs {100 * scores['distinct_outputs']:.0f}%, "
+              f"examples {scores['examples'][:2]}")
 
 
 if __name__ == "__main__":

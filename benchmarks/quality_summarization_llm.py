@@ -26,15 +26,12 @@ its path, e.g. for examples/summarization_decoder.yaml.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_summarization import ROUGE, distinct_outputs  # noqa: E402
+from quality_summarization import ROUGE, compare, distinct_outputs, paired_runs, run_recipes  # noqa: E402
 from quality_translation import (DATA, RESULTS, arguments, machine, read_jsonl,  # noqa: E402
                                  tunepipe_recipe, write_result)
 
@@ -150,29 +147,14 @@ def plain_side(model_dir, train, val, args, tmp) -> dict:
             "eval_seconds": time.perf_counter() - t0, "examples": texts[:5]}
 
 
-def run_name(side: str, s: dict, overrides=()) -> str:
-    return (f"{side}_n{s['n_train']}_v{s['n_eval']}_e{s['epochs']:g}_lr{s['learning_rate']:g}"
-            f"_b{s['batch_size']}_s{s['seed']}" + "".join(f"_{o}" for o in overrides) + ".json")
-
-
 def combine() -> None:
     rows = []
-    for ours_file in sorted(RUNS.glob("tunepipe_*.json")):
-        ours = json.loads(ours_file.read_text())
-        plain_file = RUNS / run_name("plain", ours["settings"])
-        if not plain_file.is_file():
-            continue
-        o, p = ours["tunepipe"], json.loads(plain_file.read_text())["plain"]
-        row = {**ours["settings"], "tunepipe_overrides": ours.get("tunepipe_overrides", []), "tunepipe": o,
-               "plain": p, "throughput_ratio_cpu_time": p["train_cpu_seconds"] / o["train_cpu_seconds"],
-               "throughput_ratio": o["train_samples_per_second"] / p["train_samples_per_second"],
-               "acceptance": {**{f"{k}_ge_plain": o[k] >= p[k] for k in ROUGE},
-                              "not_stuck_at_cap": o["cut_at_cap"] < 0.5 and o["gen_len_max"] > 20},
-               "both_depend_on_input": min(o["distinct_outputs"], p["distinct_outputs"]) >= 0.5}
+    for ours, plain in paired_runs(RUNS):
+        row = compare(ours["settings"], ours["tunepipe"], plain["plain"], ours.get("tunepipe_overrides", []), "plain")
         rows.append(row)
         print(f"{row['n_train']} papers x {row['epochs']:g} epochs, lr {row['learning_rate']:g}, "
               f"{row['n_eval']} evaluated:")
-        for name, s in (("tunepipe", o), ("plain transformers", p)):
+        for name, s in (("tunepipe", row["tunepipe"]), ("plain transformers", row["plain"])):
             print(f"  {name:<20} ROUGE-1/2/L/Lsum {s['rouge1']:5.2f} {s['rouge2']:5.2f} {s['rougeL']:5.2f} "
                   f"{s['rougeLsum']:5.2f}  gen_len {s['gen_len']:5.1f} (max {s['gen_len_max']}, cut at cap "
                   f"{100 * s['cut_at_cap']:.0f}%)  distinct outputs {100 * s['distinct_outputs']:.0f}%")
@@ -196,17 +178,9 @@ def main():
     val = read_jsonl(DATA / "scitldr" / "validation.jsonl", args.max_eval)
     settings = {"n_train": len(train), "n_eval": len(val), "epochs": args.epochs, "learning_rate": args.lr,
                 "batch_size": args.batch_size, "seed": args.seed, "source_tokens": SOURCE_TOKENS}
-    RUNS.mkdir(parents=True, exist_ok=True)
-    for side in ([args.only] if args.only else ["tunepipe", "plain"]):
-        load_before = os.getloadavg()
-        with tempfile.TemporaryDirectory() as tmp:
-            scores = (tunepipe_side if side == "tunepipe" else plain_side)(model_dir, train, val, args, tmp)
-        overrides = args.overrides if side == "tunepipe" else []
-        record = {"settings": settings, "tunepipe_overrides": overrides, side: scores, "machine": machine(),
-                  "load_average_before_after": [list(load_before), list(os.getloadavg())]}
-        (RUNS / run_name(side, settings, overrides)).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"{side}: ROUGE-1 {scores['rouge1']:.2f}, distinct outputs {100 * scores['distinct_outputs']:.0f}%, "
-              f"examples {scores['examples'][:2]}")
+    run_recipes(args, settings, RUNS, {"tunepipe": lambda tmp: tunepipe_side(model_dir, train, val, args, tmp),
+                                       "plain": lambda tmp: plain_side(model_dir, train, val, args, tmp)},
+                {"tunepipe": "tunepipe", "plain": "plain"})
     if not args.only:
         combine()
 
