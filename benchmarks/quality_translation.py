@@ -151,7 +151,7 @@ def tunepipe_recipe(task, train, val, args, out, data_extra=None, overrides=(), 
     t0 = time.perf_counter()
     metrics = pipe.evaluate(splits=("validation",))["validation"]
     return {"metrics": metrics, "train_metrics": train_metrics, "eval_seconds": time.perf_counter() - t0,
-            "texts": seen["texts"], "references": seen["references"], "ids": seen["ids"],
+            "texts": seen["texts"], "references": seen["references"], "ids": seen["ids"], "pipe": pipe,
             "stats": output_stats(seen["ids"], pipe.tokenizer), "generation": pipe.task.generation_kwargs()}
 
 

@@ -199,3 +199,18 @@ def test_lora_on_a_decoder_only_model_saves_a_causal_lm_adapter(tmp_path):
     fresh.load_trained()
     assert fresh.task.auto_model_class == "AutoModelForCausalLM"
     assert fresh.predict(sources) == ours
+
+
+def test_decoder_only_models_decode_greedily_unless_the_specs_say_otherwise(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    decoder_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(decoder_dir)
+    base = {"task": "summarization", "data": {"train": "x"}}
+    for model in ({"from_config": TINY_GPT2}, str(decoder_dir), {"name_or_path": str(decoder_dir)}):
+        gen = load_specs({**base, "model": model}).generation
+        assert (gen.num_beams, gen.no_repeat_ngram_size, gen.max_new_tokens) == (1, 0, 128)
+    gen = load_specs({**base, "model": str(decoder_dir), "generation": {"num_beams": 3}}).generation
+    assert (gen.num_beams, gen.no_repeat_ngram_size) == (3, 0)
+    for model in ({"from_config": {"model_type": "t5"}}, {"encoder_decoder": "minilm"}, "not/a-local-model"):
+        gen = load_specs({**base, "model": model}).generation  # encoder-decoders (or unknown): beam search
+        assert (gen.num_beams, gen.no_repeat_ngram_size) == (4, 3)

@@ -500,7 +500,7 @@ def load_specs(source: "Specs | dict[str, Any] | str | Path", overrides: list[st
     task = get_task(str(d["task"]))
     d["task"] = task.name
     _check_section_keys(d)
-    d = deep_merge(task.default_specs(), d)
+    d = deep_merge(task.default_specs(model=d.get("model")), d)
     d.setdefault("output_dir", f"runs/{task.name}")
     try:
         specs = Specs.model_validate(d)

@@ -31,7 +31,8 @@ class Task:
 
     # ---- specs -------------------------------------------------------------------------------------------
     @classmethod
-    def default_specs(cls) -> dict[str, Any]:
+    def default_specs(cls, model: Any = None) -> dict[str, Any]:
+        """The task's defaults; ``model`` is the specs' model section, for tasks whose defaults depend on it."""
         import copy
         return copy.deepcopy(cls.defaults)
 

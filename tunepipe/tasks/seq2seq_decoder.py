@@ -23,6 +23,28 @@ def is_decoder_only(config) -> bool:
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING and kind not in MODEL_FOR_MASKED_LM_MAPPING
 
 
+def names_a_decoder_only_model(model: Any) -> bool:
+    """Whether the specs' model section (before anything loads) is a decoder-only LM: from_config's model_type, or
+    the config of a local folder or hub id. Anything unreadable counts as no: the real load reports it."""
+    try:
+        from transformers import AutoConfig
+
+        from ..models import resolve_model_path
+        model = {"name_or_path": model} if isinstance(model, str) else model
+        if not isinstance(model, dict) or model.get("encoder_decoder"):
+            return False
+        built = model.get("from_config")
+        if isinstance(built, dict) and built.get("model_type"):
+            return is_decoder_only(AutoConfig.for_model(built["model_type"]))
+        if not model.get("name_or_path"):
+            return False
+        return is_decoder_only(AutoConfig.from_pretrained(resolve_model_path(model["name_or_path"]),
+                                                          revision=model.get("revision"),
+                                                          trust_remote_code=bool(model.get("trust_remote_code"))))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def encode_prompts(sources: Sequence[str], suffix: str, tokenizer, max_length: int | None,
                    max_target_length: int | None) -> list[list[int]]:
     """Token ids of ``source + suffix``, as ``tokenizer(source + suffix)`` gives them (so plain transformers
