@@ -199,6 +199,12 @@ def test_lora_on_a_decoder_only_model_saves_a_causal_lm_adapter(tmp_path):
     fresh.load_trained()
     assert fresh.task.auto_model_class == "AutoModelForCausalLM"
     assert fresh.predict(sources) == ours
+    from tunepipe import InferencePipeLine, MultiAdapterManager
+    # prompts, not encoder inputs, after reloading
+    assert InferencePipeLine(checkpoint=str(adapter)).predict(sources) == ours
+    manager = MultiAdapterManager()
+    manager.register_adapter("colours", adapter)
+    assert manager.predict(sources, adapter="colours") == ours
 
 
 def test_decoder_only_models_decode_greedily_unless_the_specs_say_otherwise(tmp_path):

@@ -270,6 +270,7 @@ class Seq2SeqTask(Task):
         self.decoder_start_token_id = getattr(config, "decoder_start_token_id", None)
 
     def on_model_loaded(self, model) -> None:
+        self.adopt_config(model.config)  # a reloaded model (or an adapter's base) says how to prompt it
         self.decoder_start_token_id = getattr(model.config, "decoder_start_token_id", None)
 
     # ---- evaluation --------------------------------------------------------------------------------------
