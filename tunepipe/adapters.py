@@ -338,11 +338,14 @@ class MultiAdapterManager:
                 if not task_name:
                     raise TaskTypeError("The base model has no task of its own", field="task",
                                         suggestions=["name an adapter", "or pass the base model's task_type"])
-                from .tasks import get_task
-                group = self._group_for(get_task(task_name).auto_model_class, {}, None)
-                if self._base_task is None or self._base_task.name != task_name:
+                from .models import adopt_model_config
+                fresh = self._base_task is None or self._base_task.name != task_name
+                if fresh:
                     base_dir = self.base if Path(self.base).is_dir() else None
                     self._base_task = make_task(task_name, self.base_run_dir, base_dir)
+                    adopt_model_config(self._base_task, self.base)  # seq2seq: encoder-decoder or decoder-only
+                group = self._group_for(self._base_task.auto_model_class, {}, None)
+                if fresh:
                     self._base_task.on_model_loaded(group.model)
                 self._switch(group, None)
                 self.active = None
