@@ -207,6 +207,8 @@ def test_lora_on_a_decoder_only_model_saves_a_causal_lm_adapter(tmp_path):
     assert manager.predict(sources, adapter="colours") == ours
     base, _, base_task = manager.set_adapter(None, "text_generation")  # the base alone is a causal LM too
     assert base_task.decoder_only and base.__class__.__name__ == "GPT2LMHeadModel"
+    bare = manager.predict(sources, adapter=None, task="text_generation")  # the base keeps the trained tokenizer
+    assert len(bare) == len(sources) and all(isinstance(p["generated_text"], str) for p in bare)
 
 
 def test_decoder_only_models_decode_greedily_unless_the_specs_say_otherwise(tmp_path):

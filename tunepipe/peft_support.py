@@ -248,7 +248,7 @@ def finish_model(model, specs, task, tokenizer=None):
     from .quantization import QuantizationManager
     qm = QuantizationManager(specs)
     if peft_enabled(specs) and (specs.model.from_config or getattr(specs.model, "encoder_decoder", None)):
-        model = _persist_from_config_base(model, specs, task, qm)  # no checkpoint holds these initial weights
+        model = _persist_from_config_base(model, specs, task, qm, tokenizer)  # no checkpoint holds these weights
     if qm.enabled:
         QuantizationManager.fix_cpu_layers(model)
         QuantizationManager.check_peft_compatible(model, peft_method(specs))
@@ -268,14 +268,20 @@ def finish_model(model, specs, task, tokenizer=None):
                                        "or pass a complete peft.config"]) from None
 
 
-def _persist_from_config_base(model, specs, task, qm):
+def _persist_from_config_base(model, specs, task, qm, tokenizer=None):
     """A base built from config (or a warm-started encoder-decoder, whose cross-attention is new) has no checkpoint:
-    write its initial full-precision weights as the adapter's base."""
+    write its initial full-precision weights as the adapter's base, with the tokenizer (the base served without an
+    adapter needs it)."""
     import transformers
 
     from .output import atomic_dir
     target = Path(specs.output_dir).resolve() / BASE_MODEL_DIR
-    atomic_dir(target, lambda tmp: model.save_pretrained(tmp))
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    atomic_dir(target, write)
     if qm.enabled:
         auto_cls = getattr(transformers, task.auto_model_class)
         model = qm.load(auto_cls, str(target))
