@@ -320,20 +320,26 @@ class ModelModules:
         return model
 
 
-def adopt_model_config(task, path, **kwargs) -> None:
-    """Show the task the config of the model it will get (a local folder, a hub id, or a tunepipe adapter folder,
-    whose base counts), so that it picks its model class. An unreadable config is left to the real load, which
-    reports it with more context."""
+def read_model_config(path, **kwargs):
+    """The config of a model folder, hub id (after aliases such as 'minilm') or tunepipe adapter folder (its base);
+    None when it cannot be read: the real load reports that with more context."""
     from transformers import AutoConfig
 
     from .peft_support import is_adapter_dir, read_adapter_info, resolve_base
     try:
+        path = resolve_model_path(str(path))
         if is_adapter_dir(path):
             path = resolve_base(path, read_adapter_info(path))
-        config = AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if v})
+        return AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if v})
     except Exception:  # noqa: BLE001
-        return
-    task.adopt_config(config)
+        return None
+
+
+def adopt_model_config(task, path, **kwargs) -> None:
+    """Show the task the config of the model it will get, so that it picks its model class."""
+    config = read_model_config(path, **kwargs)
+    if config is not None:
+        task.adopt_config(config)
 
 
 def encoder_decoder_sides(value) -> tuple[str, str]:

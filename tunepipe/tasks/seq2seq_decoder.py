@@ -26,23 +26,22 @@ def is_decoder_only(config) -> bool:
 def names_a_decoder_only_model(model: Any) -> bool:
     """Whether the specs' model section (before anything loads) is a decoder-only LM: from_config's model_type, or
     the config of a local folder or hub id. Anything unreadable counts as no: the real load reports it."""
-    try:
-        from transformers import AutoConfig
-
-        from ..models import resolve_model_path
-        model = {"name_or_path": model} if isinstance(model, str) else model
-        if not isinstance(model, dict) or model.get("encoder_decoder"):
-            return False
-        built = model.get("from_config")
-        if isinstance(built, dict) and built.get("model_type"):
-            return is_decoder_only(AutoConfig.for_model(built["model_type"]))
-        if not model.get("name_or_path"):
-            return False
-        return is_decoder_only(AutoConfig.from_pretrained(resolve_model_path(model["name_or_path"]),
-                                                          revision=model.get("revision"),
-                                                          trust_remote_code=bool(model.get("trust_remote_code"))))
-    except Exception:  # noqa: BLE001
+    from ..models import read_model_config
+    model = {"name_or_path": model} if isinstance(model, str) else model
+    if not isinstance(model, dict) or model.get("encoder_decoder"):
         return False
+    built = model.get("from_config")
+    if isinstance(built, dict) and built.get("model_type"):
+        from transformers import AutoConfig
+        try:
+            return is_decoder_only(AutoConfig.for_model(built["model_type"]))
+        except Exception:  # noqa: BLE001 (an unknown model_type: the model load names it)
+            return False
+    if not model.get("name_or_path"):
+        return False
+    config = read_model_config(model["name_or_path"], revision=model.get("revision"),
+                               trust_remote_code=bool(model.get("trust_remote_code")))
+    return config is not None and is_decoder_only(config)
 
 
 def encode_prompts(sources: Sequence[str], suffix: str, tokenizer, max_length: int | None,
