@@ -153,8 +153,8 @@ def test_a_batch_naming_several_adapters_is_grouped(runs, monkeypatch):
     items = [TEXTS[0], REVIEWS[0], TEXTS[1], TEXTS[2], REVIEWS[1], TEXTS[0], TEXTS[1]]
     got = ip.predict_grouped(items, order)
     assert sorted(calls) == [("a", 3), ("b", 2), ("c", 2)]  # one batched call per adapter
-    for name, item, result in zip(order, items, got):
-        assert result == ip.predict(item, adapter=name)
+    for name, item, result in zip(order, items, got):  # grouped in batches, compared alone: padding's last bits
+        assert result == close_to(ip.predict(item, adapter=name))
     with pytest.raises(Exception, match="adapter names"):
         ip.predict_grouped(items, order[:2])
 
