@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import close_to
 from tunepipe.errors import ConfigError, ModelNotFoundError, TaskTypeError, ValidationError
 
 QUICK = {"max_steps": 6, "eval_strategy": "no", "bf16": False, "learning_rate": 5e-3}
@@ -293,7 +294,7 @@ def test_cli_predict_file_with_progress(ner_run, tmp_path, capsys):
     assert main(["predict", "--model", str(ner_run.output_dir), "--input", str(inputs), "--output",
                  str(tmp_path / "out.jsonl"), "--batch-size", "2"]) == 0
     got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert got == ner_run.predict([t.split() for t in TEXTS])
+    assert got == close_to(ner_run.predict([t.split() for t in TEXTS]))  # batches of 2 here: padding's last bits
     err = capsys.readouterr().err
     assert "3/3" in err  # the progress bar on files
     assert not list(tmp_path.glob(".out.jsonl.tmp-*"))
