@@ -74,6 +74,36 @@ def stats(ids, tok) -> dict:
     return {"gen_len": float(np.mean(lengths)), "gen_len_max": int(max(lengths)), "cut_at_cap": float(np.mean(cut))}
 
 
+def prompt(tok, doc: str) -> list[int]:
+    """The plain recipe's prompt: the abstract cut to SOURCE_TOKENS, then the cue."""
+    ids = tok(doc, max_length=SOURCE_TOKENS, truncation=True)["input_ids"]
+    return ids + tok(SUFFIX, add_special_tokens=False)["input_ids"]
+
+
+def decode_plainly(model, tok, val, batch_size: int) -> dict:
+    """The plain recipe's evaluation: greedy generate() in fp32 from left-padded prompts, scored with rouge-score."""
+    import torch
+
+    from tunepipe.tasks.seq2seq_metrics import rouge
+    model.eval()
+    tok.padding_side = "left"
+    texts, new_ids = [], []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(val), batch_size):
+            enc = tok.pad({"input_ids": [prompt(tok, r["document"]) for r in val[start:start + batch_size]]},
+                          return_tensors="pt")
+            out = model.generate(**enc, max_new_tokens=TARGET_TOKENS, do_sample=False)[:, enc["input_ids"].shape[1]:]
+            texts += [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+            new_ids += [row for row in out.tolist()]
+    width = max(len(r) for r in new_ids)
+    new_ids = [r + [tok.pad_token_id] * (width - len(r)) for r in new_ids]
+    refs = [r.get("references") or [r["summary"]] for r in val]
+    return {**rouge(texts, refs), **stats(new_ids, tok), "distinct_outputs": distinct_outputs(texts),
+            "generation": {"max_new_tokens": TARGET_TOKENS, "num_beams": 1},
+            "eval_seconds": time.perf_counter() - t0, "examples": texts[:5]}
+
+
 def tunepipe_side(model_dir, train, val, args, tmp) -> dict:
     from transformers import AutoTokenizer
 
@@ -91,8 +121,15 @@ def tunepipe_side(model_dir, train, val, args, tmp) -> dict:
         pipe.specs.generation.num_beams, pipe.specs.generation.no_repeat_ngram_size = 1, 0
         greedy = pipe.evaluate(splits=("validation",))["validation"]
         greedy = {k: greedy[k] for k in (*ROUGE, "gen_len", "gen_len_max", "loss")}
+    # the saved model decoded by the plain recipe's own code (fp32, its prompts): training compared alone
+    plain_decoding = None
+    if args.plain_decoding:
+        from transformers import AutoModelForCausalLM
+        saved = AutoModelForCausalLM.from_pretrained(pipe.output_dir / "model")
+        plain_decoding = decode_plainly(saved, AutoTokenizer.from_pretrained(model_dir), val, args.batch_size)
     return {**rouge(ours["texts"], ours["references"]), **stats(ours["ids"], tok),
             "distinct_outputs": distinct_outputs(ours["texts"]), "greedy_decoding": greedy,
+            "plain_decoding": plain_decoding,
             "validation_loss": ours["metrics"]["loss"],
             "reported": {k: ours["metrics"][k] for k in (*ROUGE, "gen_len")}, "generation": ours["generation"],
             "train_samples_per_second": ours["train_metrics"]["train_samples_per_second"],
@@ -102,23 +139,16 @@ def tunepipe_side(model_dir, train, val, args, tmp) -> dict:
 
 def plain_side(model_dir, train, val, args, tmp) -> dict:
     import datasets
-    import torch
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainingArguments, set_seed)
-
-    from tunepipe.tasks.seq2seq_metrics import rouge
     set_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
 
-    def prompt(doc):
-        ids = tok(doc, max_length=SOURCE_TOKENS, truncation=True)["input_ids"]
-        return ids + tok(SUFFIX, add_special_tokens=False)["input_ids"]
-
     def preprocess(batch):
         out = {"input_ids": [], "attention_mask": [], "labels": []}
         for doc, summary in zip(batch["document"], batch["summary"]):
-            p = prompt(doc)
+            p = prompt(tok, doc)
             c = tok(" " + summary, add_special_tokens=False, max_length=TARGET_TOKENS - 1,
                     truncation=True)["input_ids"] + [tok.eos_token_id]
             out["input_ids"].append(p + c)
@@ -138,25 +168,8 @@ def plain_side(model_dir, train, val, args, tmp) -> dict:
     cpu = time.process_time() - cpu
     val_ds = datasets.Dataset.from_list([{"document": r["document"], "summary": r["summary"]} for r in val])
     val_loss = trainer.evaluate(val_ds.map(preprocess, batched=True, remove_columns=val_ds.column_names))["eval_loss"]
-    model.eval()
-    tok.padding_side = "left"
-    texts, new_ids = [], []
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for start in range(0, len(val), args.batch_size):
-            enc = tok.pad({"input_ids": [prompt(r["document"]) for r in val[start:start + args.batch_size]]},
-                          return_tensors="pt")
-            out = model.generate(**enc, max_new_tokens=TARGET_TOKENS, do_sample=False)[:, enc["input_ids"].shape[1]:]
-            texts += [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
-            new_ids += [row for row in out.tolist()]
-    width = max(len(r) for r in new_ids)
-    new_ids = [r + [tok.pad_token_id] * (width - len(r)) for r in new_ids]
-    refs = [r.get("references") or [r["summary"]] for r in val]
-    return {**rouge(texts, refs), **stats(new_ids, tok), "distinct_outputs": distinct_outputs(texts),
-            "generation": {"max_new_tokens": TARGET_TOKENS, "num_beams": 1},
-            "validation_loss": val_loss,
-            "train_samples_per_second": metrics["train_samples_per_second"], "train_cpu_seconds": cpu,
-            "eval_seconds": time.perf_counter() - t0, "examples": texts[:5]}
+    return {**decode_plainly(model, tok, val, args.batch_size), "validation_loss": val_loss,
+            "train_samples_per_second": metrics["train_samples_per_second"], "train_cpu_seconds": cpu}
 
 
 def combine() -> None:
@@ -188,7 +201,11 @@ def combine() -> None:
 def main():
     if sys.argv[1:] == ["--prepare-model"]:
         return print(smollm2_dir(CACHE))
-    args = arguments(__doc__, max_train=400, max_eval=100, epochs=1, lr=5e-5, batch_size=8, one_side=True)
+    args = arguments(__doc__, max_train=400, max_eval=100, epochs=1, lr=5e-5, batch_size=8, one_side=True,
+                     extra=lambda ap: ap.add_argument(
+                         "--plain-decoding", action="store_true",
+                         help="also decode tunepipe's saved model with the plain recipe's code (fp32 generate, its "
+                              "prompts): tells training and decoding apart"))
     if args.combine:
         return combine()
     model_dir = smollm2_dir(CACHE)

@@ -161,7 +161,8 @@ def machine() -> str:
 
 
 def arguments(doc: str, max_train: int, max_eval: int, epochs: float, lr: float, batch_size: int,
-              plain_reuse: bool = False, one_side: bool = False):
+              plain_reuse: bool = False, one_side: bool = False, extra=None):
+    """The benchmarks' common command line; ``extra(parser)`` adds a script's own options."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-train", type=int, default=max_train, help="first N training records, both recipes")
     ap.add_argument("--max-eval", type=int, default=max_eval, help="first M validation records, both recipes")
@@ -184,6 +185,8 @@ def arguments(doc: str, max_train: int, max_eval: int, epochs: float, lr: float,
                         help="no training: pair the runs saved by --only into the results JSON")
         ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a tunepipe spec for an ablation, e.g. training.warmup_steps=0")
+    if extra:
+        extra(ap)
     args = ap.parse_args()
     import torch
     args.threads = args.threads or (os.cpu_count() if os.getloadavg()[0] < 0.5 else 1)
