@@ -5,8 +5,10 @@ gradient-scaler states, the RNG states (python, numpy, torch, CUDA), the data po
 in it), the TrainerState, and ``manifest.json``: the SHA-256 of every file plus the training-relevant specs and
 their hash. :class:`CheckpointManager` writes it atomically (temporary directory, fsync, rename: a crash while
 saving leaves the previous checkpoint usable), verifies it before loading (a missing manifest, a changed file or
-changed training specs is a ``CHECKPOINT_ERROR`` that says what to do), finds the newest complete one for
-``resume: auto``, and removes old ones (``keep_last_n``) while keeping the best (``keep_best``).
+changed training specs is a ``CHECKPOINT_ERROR`` that says what to do), finds the newest intact one for
+``resume: auto`` (a damaged newer one is skipped with a warning), and removes old ones (``keep_last_n``) while
+keeping the best (``keep_best``). A save that fills the disk is an ``IO_ERROR`` naming the space it needs, with
+the partial write removed and the previous checkpoint untouched.
 
 Loading is safe: weights come from safetensors and every other state from ``torch.load(weights_only=True)``; the
 RNG states are stored as lists and tensors so that no pickled Python object is needed.
@@ -16,6 +18,8 @@ manifest; the Accelerate and Lightning loops write ``step-N`` through :meth:`Che
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -26,9 +30,9 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError, TrainingError, TunepipeIOError
 
 log = logging.getLogger("tunepipe")
 
@@ -55,6 +59,12 @@ NOT_TRAINING_RELEVANT = {
 }
 NOT_TRAINING_SECTIONS = {"output_dir", "overwrite_output_dir", "tracking", "generation", "distributed", "backend"}
 NOT_TRAINING_DATA = {"train", "validation", "test", "max_eval_samples", "format"}
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint that is incomplete (no manifest), or whose files are missing, changed or truncated. Still a
+    ``CHECKPOINT_ERROR``; ``resume: auto`` skips such a checkpoint for the newest intact one, while a checkpoint
+    named explicitly stays an error. Other specs or other data are not damage: those stop ``resume: auto`` too."""
 
 
 class TrainingInterrupted(TrainingError):
@@ -166,6 +176,103 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# ---- disk full while saving ------------------------------------------------------------------------------------
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "storagefull", "not enough space")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT, also when a library re-raised it as its own error (safetensors reports the OS error in
+    its message) or chained it."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(exc).lower() for text in DISK_FULL_TEXT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "an unknown amount"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def model_weight_bytes(model) -> int | None:
+    """The bytes of the model's parameters as saved (their own dtypes)."""
+    try:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    except Exception:  # noqa: BLE001 - an estimate only
+        return None
+
+
+def model_checkpoint_bytes(model) -> int | None:
+    """Weights + AdamW's two fp32 moments of the trainable parameters: a checkpoint's size when none was
+    written yet to measure."""
+    weights = model_weight_bytes(model)
+    if weights is None:
+        return None
+    return weights + sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+
+def free_bytes(path: Path) -> int | None:
+    for p in [Path(path), *Path(path).parents]:
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def disk_full_error(exc: BaseException, target: Path, needed: int | None, how: str, what: str = "checkpoint",
+                    previous: Path | None = None) -> TunepipeIOError | None:
+    """The rule for a save that failed, in one place: a TunepipeIOError naming ``target``, the space the save
+    needs (``how`` says how it was estimated) and the space free, when ``exc`` means a full disk; else None.
+    torch.save reports a failed write without its OS error ("unexpected pos ..."), so a failed write also counts as
+    a full disk when less space is free than the save needs. Call it after removing the partial write."""
+    free = free_bytes(Path(target).parent)
+    short_of_space = (isinstance(exc, (OSError, RuntimeError)) and needed is not None and free is not None
+                      and free < needed)
+    if not (is_disk_full(exc) or short_of_space):
+        return None
+    short = needed - free if needed is not None and free is not None and needed > free else needed
+    suggestions = [f"free at least {human_bytes(short)} on the filesystem of {Path(target).parent}"]
+    if what == "checkpoint":
+        suggestions.append("or keep less on this disk: a larger training.save_steps, training.keep_last_n: 1")
+    if previous is not None:
+        suggestions.append(f"{previous} is intact: continue from it with `--set training.resume=auto` once there "
+                           "is space")
+    return TunepipeIOError(f"Disk full while saving the {what} {target}: it needs about {human_bytes(needed)} "
+                           f"({how}) and {human_bytes(free)} are free; the partial write was removed"
+                           + (f", {previous} is intact" if previous is not None else ""),
+                           file=str(target), suggestions=suggestions)
+
+
+@contextlib.contextmanager
+def disk_full_as_io_error(target: Path, needed: int | None, how: str, what: str) -> Iterator[None]:
+    """Around a save that removes its own partial write (``output.atomic_dir``): a full disk becomes the
+    IO_ERROR of :func:`disk_full_error`. For the final model, e.g. ``with disk_full_as_io_error(target,
+    model_weight_bytes(model), "the model's weights", "final model"): atomic_dir(target, write)``."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - anything else is re-raised unchanged
+        error = disk_full_error(e, target, needed, how, what=what)
+        if error is not None:
+            raise error from e
+        raise
+
+
 class CheckpointManager:
     """Saves, verifies, lists, rotates and resolves checkpoints under ``directory`` (``<output_dir>/checkpoints``).
 
@@ -224,16 +331,31 @@ class CheckpointManager:
         return tmp
 
     def save(self, step: int, write: Callable[[Path], None], data_state: dict[str, Any] | None = None,
-             tmp: Path | None = None) -> Path:
+             tmp: Path | None = None, model=None) -> Path:
         """``write(tmpdir)`` then :meth:`seal`: never a half-written checkpoint under its final name. ``tmp``: a
-        staging directory other processes already wrote into (their RNG states)."""
+        staging directory other processes already wrote into (their RNG states). A full disk is an ``IO_ERROR``
+        naming the space needed (``model`` sizes it when no checkpoint exists yet to measure)."""
         tmp = Path(tmp) if tmp is not None else self.staging_dir(step)
         try:
             write(tmp)
             return self.seal(tmp, step, data_state)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            full = self.disk_full(e, step, model) if isinstance(e, Exception) else None
+            if full is not None:
+                raise full from e
             raise
+
+    def disk_full(self, exc: BaseException, step: int, model=None) -> TunepipeIOError | None:
+        """:func:`disk_full_error` for a save of ``step``: the space needed is the newest checkpoint's size, or
+        the model's weights and optimizer moments when there is none yet to measure."""
+        previous = self.latest()
+        if previous is not None:
+            needed, how = directory_bytes(previous), f"the size of {previous.name}"
+        else:
+            needed = model_checkpoint_bytes(model) if model is not None else None
+            how = "weights plus optimizer state" if needed is not None else "no earlier checkpoint to measure"
+        return disk_full_error(exc, self.path(step), needed, how, previous=previous)
 
     def seal(self, tmp: Path, step: int, data_state: dict[str, Any] | None = None) -> Path:
         """Add data_state.json and the manifest (file hashes, specs) to ``tmp``, fsync everything, and rename it to
@@ -314,7 +436,7 @@ class CheckpointManager:
             torch.save(capture_rng_state(), tmp / RNG_STATE)
             state.save_to_json(str(tmp / "trainer_state.json"))
 
-        return self.save(step, write, data_state, tmp=tmp)
+        return self.save(step, write, data_state, tmp=tmp, model=model)
 
     def load_loop_state(self, path: Path, *, model, optimizer=None, scheduler=None, scaler=None,
                         data_state: dict[str, Any] | None = None, restore_rng: bool = True, verify: bool = True,
@@ -356,24 +478,24 @@ class CheckpointManager:
                                                                            "complete checkpoint"])
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
-            raise CheckpointError(f"{path} is incomplete: it has no {MANIFEST} (the save was interrupted, or it "
-                                  "was not written by tunepipe)", file=str(path), field=field,
-                                  suggestions=self._other_choices(path) + ["delete this directory"])
+            raise DamagedCheckpoint(f"{path} is incomplete: it has no {MANIFEST} (the save was interrupted, or it "
+                                    "was not written by tunepipe)", file=str(path), field=field,
+                                    suggestions=self._other_choices(path) + ["delete this directory"])
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            files = manifest["files"]
+            files = dict(manifest["files"])
         except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"The manifest of {path} is unreadable", file=str(manifest_path), field=field,
-                                  suggestions=self._other_choices(path) + ["delete this directory"]) from None
+            raise DamagedCheckpoint(f"The manifest of {path} is unreadable", file=str(manifest_path), field=field,
+                                    suggestions=self._other_choices(path) + ["delete this directory"]) from None
         for name, info in files.items():
             f = path / name
             if not f.is_file():
-                raise CheckpointError(f"{path} is missing {name}", file=str(f), field=field,
-                                      suggestions=self._other_choices(path) + ["delete this directory"])
+                raise DamagedCheckpoint(f"{path} is missing {name}", file=str(f), field=field,
+                                        suggestions=self._other_choices(path) + ["delete this directory"])
             if f.stat().st_size != info.get("size") or file_sha256(f) != info.get("sha256"):
-                raise CheckpointError(f"{f} is corrupt: its content does not match the manifest (truncated or "
-                                      "changed after the save)", file=str(f), field=field,
-                                      suggestions=self._other_choices(path) + ["delete this checkpoint"])
+                raise DamagedCheckpoint(f"{f} is corrupt: its content does not match the manifest (truncated or "
+                                        "changed after the save)", file=str(f), field=field,
+                                        suggestions=self._other_choices(path) + ["delete this checkpoint"])
         if self.specs is not None and "specs_hash" in manifest:
             now = training_relevant_specs(self.specs)
             if specs_hash(now) != manifest["specs_hash"]:
@@ -403,23 +525,46 @@ class CheckpointManager:
 
     # ---- resume: auto | <path> ----------------------------------------------------------------------------
     def resolve(self, resume: str | None) -> Path | None:
-        """``None``: start fresh. ``auto``: the newest complete checkpoint here, or fresh (logged) when there is
-        none. A path: that checkpoint, verified."""
+        """``None``: start fresh. ``auto``: the newest intact checkpoint here (a damaged newer one is skipped with
+        a warning naming it and why), or fresh (logged) when there is none; every checkpoint damaged is an error,
+        never a silent restart. A path: that checkpoint, verified (damaged: an error)."""
         if not resume:
             return None
         if str(resume).lower() in ("auto", "true", "latest"):
-            self.remove_partial()
-            latest = self.latest()
-            if latest is None:
-                log.warning("resume: auto found no complete checkpoint in %s: starting fresh", self.directory)
-                return None
-            self.verify(latest)
-            log.warning("resuming from %s", latest)
-            return latest
+            return self._newest_intact()
         path = Path(resume)
         self.verify(path)
         log.warning("resuming from %s", path)
         return path
+
+    def _newest_intact(self) -> Path | None:
+        """Newest first, the first checkpoint that verifies. Only damage (no manifest, missing, changed or
+        truncated files) is skipped: a checkpoint of other specs still stops the run."""
+        self.remove_partial()
+        found = self.checkpoints(complete=False)
+        if not found:
+            log.warning("resume: auto found no complete checkpoint in %s: starting fresh", self.directory)
+            return None
+        skipped: list[tuple[Path, str]] = []
+        for path in reversed(found):
+            try:
+                self.verify(path)
+            except DamagedCheckpoint as e:
+                log.warning("resume: auto skips the damaged checkpoint %s: %s", path, e.message)
+                skipped.append((path, e.message))
+                continue
+            if skipped:
+                log.warning("resuming from %s, the newest intact checkpoint (skipped %s)", path,
+                            ", ".join(p.name for p, _ in skipped))
+            else:
+                log.warning("resuming from %s", path)
+            return path
+        raise DamagedCheckpoint(
+            f"resume: auto found no intact checkpoint in {self.directory}: "
+            + "; ".join(f"{p.name}: {why}" for p, why in skipped[:3]) + (" ..." if len(skipped) > 3 else ""),
+            file=str(self.directory), field="training.resume",
+            suggestions=[f"delete the damaged checkpoints in {self.directory} to start the run afresh",
+                         "or point training.resume at a checkpoint copied from elsewhere"])
 
 
 def save_rank_rng(directory: Path, rank: int) -> None:

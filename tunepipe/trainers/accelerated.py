@@ -18,6 +18,7 @@ from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, L
                      keep_model_columns, label_names, log_metrics, new_state, prediction_step,
                      prepare_model_for_training, reorder, speed_metrics, train_sampler, training_schedule,
                      token_weighted_loss, training_settings, truncate_log_after)
+from .finite import flag_non_finite_metrics
 
 
 def make_accelerator(args, specs):
@@ -145,6 +146,7 @@ class _AcceleratedTrainer(LoopBookkeeping):
                         loss = model(**batch)["loss"]
                         if weighting is not None:
                             loss = weighting(loss, batch)
+                        self.finite_guard.observe_loss(loss)
                         acc.backward(loss)
                         step_loss = loss.detach() / args.gradient_accumulation_steps
                         tr_loss += step_loss if torch.isfinite(step_loss) else tr_loss / max(
@@ -153,6 +155,8 @@ class _AcceleratedTrainer(LoopBookkeeping):
                         if acc.sync_gradients:
                             grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
                                 if args.max_grad_norm and args.max_grad_norm > 0 else None
+                            # NaN / inf stops here, before optimizer.step(): the weights stay finite
+                            self._check_finite(grad_norm, model.parameters(), acc.scaler)
                             self.control = self.handler.on_pre_optimizer_step(args, state, self.control)
                         optimizer.step()
                         if acc.sync_gradients:
@@ -213,6 +217,9 @@ class _AcceleratedTrainer(LoopBookkeeping):
     def _mean_over_ranks(self, tensor) -> float:
         return self.accelerator.gather(tensor).mean().item()  # as the Trainer's nested_gather(...).mean()
 
+    def _max_over_ranks(self, tensor) -> float:
+        return self.accelerator.gather(tensor.reshape(1)).max().item()
+
     def _barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
@@ -228,7 +235,8 @@ class _AcceleratedTrainer(LoopBookkeeping):
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:
-        return self._evaluate(dataset if dataset is not None else self.eval_dataset, split, prefixed=False)
+        metrics = self._evaluate(dataset if dataset is not None else self.eval_dataset, split, prefixed=False)
+        return flag_non_finite_metrics(metrics, split)
 
     def _eval_loader(self, dataset):
         from torch.utils.data import DataLoader

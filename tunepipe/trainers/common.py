@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -559,6 +560,24 @@ class LoopBookkeeping:
     stop_guard = None  # a checkpoints.StopOnSignal while training
     stopped_by_signal = False
     last_checkpoint: Path | None = None
+    _finite_guard = None
+
+    @property
+    def finite_guard(self):
+        """The shared NaN / inf rule (trainers/finite.py): the loop reports each micro-batch's loss to it and calls
+        :meth:`_check_finite` before every optimizer step."""
+        if self._finite_guard is None:
+            from .finite import NonFiniteGuard
+            self._finite_guard = NonFiniteGuard(self.args)
+        return self._finite_guard
+
+    def _check_finite(self, grad_norm=None, parameters=None, scaler=None) -> None:
+        """Before the optimizer step: stop with NON_FINITE_LOSS (every rank at the same step) if this step's loss
+        or, without a gradient scaler, its gradients are NaN / inf."""
+        reduce_max = self._max_over_ranks if getattr(self.args, "world_size", 1) > 1 else None
+        self.finite_guard.check(self.state.global_step + 1, grad_norm=grad_norm, parameters=parameters,
+                                scaler=scaler, reduce_max=reduce_max,
+                                last_checkpoint=self.checkpoint_manager().latest)
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, learning_rate, total_loss: float, last_logged: int):
         args, state = self.args, self.state
@@ -610,7 +629,9 @@ class LoopBookkeeping:
             return False
         value = metrics.get(name if name.startswith("eval_") else f"eval_{name}")
         best = self.state.best_metric
-        if value is None or not (best is None or (value > best if self.args.greater_is_better else value < best)):
+        if value is None or not math.isfinite(value):  # a NaN metric is never the best (as in the Trainer)
+            return False
+        if not (best is None or (value > best if self.args.greater_is_better else value < best)):
             return False
         self.state.best_metric = value
         return True

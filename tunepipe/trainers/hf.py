@@ -13,6 +13,7 @@ from ..checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, resume_setti
 from ..errors import CheckpointError
 from .common import (JsonlLogWriter, TrainResult, data_state, prediction_step, strip_prefix, token_weighted_loss,
                      train_sampler, training_arguments, training_schedule, truncate_log_after)
+from .finite import NonFiniteGuard, flag_non_finite_metrics
 
 
 class _JsonlLogCallback(TrainerCallback):
@@ -43,6 +44,25 @@ class _TaskTrainerMixin:
                          callbacks=[_JsonlLogCallback(JsonlLogWriter(output_dir / "train_log.jsonl"))]
                          + list(callbacks or []))
         self.loss_weighting = token_weighted_loss(specs, datasets.get("train"))
+        self.finite_guard = NonFiniteGuard(self.args)
+
+    # ---- NaN / inf: the shared rule (trainers/finite.py) replaces the Trainer's "log nan and keep going" --------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.finite_guard.observe_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer calls this once per optimizer step, after clipping and before ``optimizer.step()``: the
+        pre-clipping norm, then the non-finite check, so a NaN step never reaches the weights."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        reduce_max = None
+        if self.args.world_size > 1:
+            def reduce_max(tensor):
+                return self.accelerator.gather(tensor.reshape(1)).max().item()
+        self.finite_guard.check(self.state.global_step + 1, grad_norm=grad_norm, scaler=self.accelerator.scaler,
+                                reduce_max=reduce_max, last_checkpoint=self.checkpoint_manager().latest)
+        return grad_norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = {"labels": inputs.get("labels")}  # kept: a label smoother pops them from inputs
@@ -105,17 +125,26 @@ class _TaskTrainerMixin:
         self.accelerator.wait_for_everyone()
         self._staging_root = staging
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        self.accelerator.wait_for_everyone()
-        staged = staging / f"checkpoint-{step}"
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_root = None
+            self.accelerator.wait_for_everyone()
+            staged = staging / f"checkpoint-{step}"
+            if self.args.should_save:
+                best = self.state.best_model_checkpoint
+                if best and Path(best).parent == staging:  # the Trainer recorded the staging path
+                    self.state.best_model_checkpoint = str(manager.path(step))
+                    self.state.save_to_json(str(staged / "trainer_state.json"))
+                manager.seal(staged, step, self._data_state())
+        except BaseException as e:  # nothing half-written stays; the previous checkpoint is untouched
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            full = manager.disk_full(e, step, self.model) if isinstance(e, Exception) else None
+            if full is not None:
+                raise full from e
+            raise
         if self.args.should_save:
-            best = self.state.best_model_checkpoint
-            if best and Path(best).parent == staging:  # the Trainer recorded the staging path
-                self.state.best_model_checkpoint = str(manager.path(step))
-                self.state.save_to_json(str(staged / "trainer_state.json"))
-            manager.seal(staged, step, self._data_state())
             shutil.rmtree(staging, ignore_errors=True)
             manager.rotate(self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
@@ -197,7 +226,8 @@ class _TaskTrainerMixin:
                            log_history=list(self.state.log_history))
 
     def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:
-        return strip_prefix(self.evaluate(eval_dataset=dataset, metric_key_prefix=split), f"{split}_")
+        metrics = strip_prefix(self.evaluate(eval_dataset=dataset, metric_key_prefix=split), f"{split}_")
+        return flag_non_finite_metrics(metrics, split)
 
     def trained_model(self):
         """The plain model: no DDP wrapper, and no mixed-precision autocast left around its forward (accelerate
@@ -274,4 +304,4 @@ class NLPSeq2SeqTrainer(_TaskTrainerMixin, Seq2SeqTrainer):
 
     def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:
         metrics = self.evaluate(eval_dataset=dataset, metric_key_prefix=split)
-        return strip_prefix(metrics, f"{split}_")
+        return flag_non_finite_metrics(strip_prefix(metrics, f"{split}_"), split)

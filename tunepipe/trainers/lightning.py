@@ -36,6 +36,7 @@ from .common import (DictCollator, EvalCollector, FlopCounter, JsonlLogWriter, L
                      prepare_model_for_training, speed_metrics, token_weighted_loss, train_sampler, training_schedule,
                      training_settings, truncate_log_after)
 from .distributed import check_launch, lightning_devices, lightning_strategy
+from .finite import flag_non_finite_metrics
 
 warnings.filterwarnings("ignore", message=".*You defined a `validation_step` but have no `val_dataloader`.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers which may be a bottleneck.*")
@@ -200,6 +201,7 @@ class TaskModule(pl.LightningModule):
         loss = self.model(**batch)["loss"]
         if owner.loss_weighting is not None:
             loss = owner.loss_weighting(loss, batch)
+        owner.finite_guard.observe_loss(loss)
         step_loss = loss.detach() / owner.args.gradient_accumulation_steps
         if owner.tr_loss is None:
             owner.tr_loss = torch.zeros((), device=step_loss.device)
@@ -214,18 +216,25 @@ class TaskModule(pl.LightningModule):
         owner.control = owner.handler.on_pre_optimizer_step(owner.args, owner.state, owner.control)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip as the Trainer does, then the shared NaN / inf check: Lightning calls this hook after backward and
+        before the optimizer steps (also in combined mode and under fp16's scaler), so a NaN step never reaches
+        the weights."""
         owner, max_norm = self._owner, self._owner.args.max_grad_norm
         owner.grad_norm = None
-        if not max_norm or max_norm <= 0:
-            return
+        scaler = owner._grad_scaler()
         if not isinstance(self.trainer.strategy, (pl.strategies.DDPStrategy, pl.strategies.SingleDeviceStrategy)):
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
-            return  # sharded strategies clip their own way
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scaler.unscale_(optimizer)  # Lightning leaves unscaling to fused optimizers; clipping needs it now
+            if max_norm and max_norm > 0:
+                self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            owner._check_finite(scaler=scaler)  # sharded gradients clip their own way: the loss is checked
+            return
         params = [p for p in self.model.parameters() if p.grad is not None]
-        owner.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if max_norm and max_norm > 0:
+            plugin_scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            if plugin_scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+                # Lightning leaves unscaling to fused optimizers; clipping needs it now
+                plugin_scaler.unscale_(optimizer)
+            owner.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        owner._check_finite(owner.grad_norm, params, scaler)
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
@@ -504,6 +513,12 @@ class _LightningTrainer(LoopBookkeeping):
             return float(tensor)
         return float(trainer.strategy.reduce(tensor.to(trainer.strategy.root_device), reduce_op="mean"))
 
+    def _max_over_ranks(self, tensor) -> float:
+        trainer = self._pl
+        if trainer is None or trainer.world_size <= 1:
+            return float(tensor)
+        return float(trainer.strategy.reduce(tensor.to(trainer.strategy.root_device), reduce_op="max"))
+
     def _barrier(self) -> None:
         if self._pl is not None and self._pl.world_size > 1:
             self._pl.strategy.barrier()
@@ -536,7 +551,7 @@ class _LightningTrainer(LoopBookkeeping):
         # global_rank / world_size come from the cluster environment, valid before Lightning launches processes
         loader = self.eval_loader(dataset, trainer.world_size, trainer.global_rank)
         trainer.validate(self.module, dataloaders=loader, verbose=False)
-        return self.last_metrics
+        return flag_non_finite_metrics(self.last_metrics, split)
 
     def _evaluate(self, dataset, split: str) -> dict[str, Any]:
         """Evaluation inside fit, at the steps DefaultFlowCallback asks for: the module's validation hooks run
