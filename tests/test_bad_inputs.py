@@ -437,6 +437,7 @@ def write_prior_run(specs: dict, kind: str) -> None:
     (out / "specs.yaml").write_text(resolved.to_yaml())
     (out / "model" / "config.json").write_text('{"model_type": "bert"}')
     (out / "model" / "model.safetensors").write_bytes(b"previous good weights")
+    (out / ".tunepipe.json").write_text('{"kind": "run"}')  # tunepipe's mark on the directories it writes
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -101,7 +101,8 @@ class MultiAdapterManager:
     """
 
     def __init__(self, base_model: str | None = None, task_type: str | None = None, base_run_dir: Path | None = None,
-                 max_adapters_in_memory: int = 8, device: str | None = None, dtype: Any = None):
+                 max_adapters_in_memory: int = 8, device: str | None = None, dtype: Any = None,
+                 trust_remote_code: bool = False):
         from .inference import canonical_task, default_device, resolve_dtype
         from .models import resolve_model_path
         if max_adapters_in_memory < 1:
@@ -109,6 +110,7 @@ class MultiAdapterManager:
         self.base = resolve_model_path(base_model) if base_model else None
         self.task_type = canonical_task(task_type)
         self.base_run_dir = base_run_dir
+        self.trust_remote_code = bool(trust_remote_code)  # the caller's choice; an adapter's record never sets it
         self.max_adapters_in_memory = max_adapters_in_memory
         self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
@@ -235,8 +237,9 @@ class MultiAdapterManager:
             run_dir = record.path.parent if record.path.name == "adapter" else None
             record.task = make_task(record.task_name, run_dir)
             record.task.on_model_loaded(group.model)
-            from .peft_support import _load_tokenizer
-            record.tokenizer = _load_tokenizer(record.path, self.base) or self._tokenizer_of_base()
+            from .peft_support import load_adapter_tokenizer
+            record.tokenizer = (load_adapter_tokenizer(record.path, self.base, self.trust_remote_code)
+                                or self._tokenizer_of_base())
             record.loaded, record.group = True, group.key
             record.load_count += 1
             self.total_loads += 1
@@ -281,12 +284,13 @@ class MultiAdapterManager:
 
         from .errors import ErrorHandler
         from .inference import place
+        from .load_policy import remote_code
         key = (auto_model_class, json.dumps(model_kwargs, sort_keys=True, default=str), family)
         if key in self._groups:
             return self._groups[key]
         if self.base is None:
             raise ModelNotFoundError("No base model", suggestions=["pass base_model or register an adapter first"])
-        kwargs = dict(model_kwargs)
+        kwargs = {**model_kwargs, **remote_code(self.trust_remote_code)}
         if "num_labels" in kwargs:
             kwargs["ignore_mismatched_sizes"] = True  # a base with a head of another size: the adapter brings its own
         verbosity = transformers.logging.get_verbosity()
@@ -324,7 +328,7 @@ class MultiAdapterManager:
     def _tokenizer_of_base(self):
         if self._base_tokenizer is None:
             from .inference import load_tokenizer
-            self._base_tokenizer = load_tokenizer(self.base)
+            self._base_tokenizer = load_tokenizer(self.base, self.trust_remote_code)
         return self._base_tokenizer
 
     # ---- switching -----------------------------------------------------------------------------------------
@@ -343,7 +347,8 @@ class MultiAdapterManager:
                 if fresh:
                     base_dir = self.base if Path(self.base).is_dir() else None
                     self._base_task = make_task(task_name, self.base_run_dir, base_dir)
-                    adopt_model_config(self._base_task, self.base)  # seq2seq: encoder-decoder or decoder-only
+                    # seq2seq: the base's config tells encoder-decoder from decoder-only
+                    adopt_model_config(self._base_task, self.base, trust_remote_code=self.trust_remote_code)
                 group = self._group_for(self._base_task.auto_model_class, {}, None)
                 if fresh:
                     self._base_task.on_model_loaded(group.model)

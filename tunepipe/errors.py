@@ -84,6 +84,17 @@ class TrainingError(TunepipeError):
     code = "TRAINING_ERROR"
 
 
+class NonFiniteLossError(TrainingError):
+    """The training loss or the gradients became NaN / inf: training stopped before the optimizer step, so the
+    weights and the checkpoints already written stay finite. ``step``: the optimizer step that failed; ``kind``:
+    'loss' or 'gradients'."""
+    code = "NON_FINITE_LOSS"
+
+    def __init__(self, message: str, *, step: int | None = None, kind: str | None = None, **kwargs):
+        self.step, self.kind = step, kind
+        super().__init__(message, **kwargs)
+
+
 class TunepipeIOError(TunepipeError):
     code = "IO_ERROR"
 
@@ -123,8 +134,24 @@ class ErrorHandler:
                                    suggestions=["Choose an output_dir you can write to"])
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             return TunepipeIOError(f"Disk full{where}", suggestions=["Free disk space or lower checkpoint frequency"])
+        loop = _symlink_loop(exc)
+        if loop is not None:
+            return TunepipeIOError(f"Symbolic link loop{where}: {loop} points (through other links) back to itself",
+                                   file=loop, suggestions=["remove or fix the link, or use another path"])
+        if isinstance(exc, FileNotFoundError) and exc.filename:
+            return TunepipeIOError(f"File or directory not found{where}: {exc.filename}", file=str(exc.filename),
+                                   suggestions=["check the path (it may have been moved or deleted while running)"])
+        damaged = _damaged_file(exc, context)
+        if damaged is not None:
+            return damaged
         return TrainingError(f"{name}{where}: {text.splitlines()[0] if text else ''}",
                              suggestions=["Re-run with --debug for the full traceback"])
+
+    @staticmethod
+    def is_internal(error: TunepipeError) -> bool:
+        """True for translate's catch-all (an exception no rule knows: a bug to report, exit code 1); every typed
+        error is something the user or the machine can fix (exit code 2)."""
+        return type(error) is TrainingError and bool(error.suggestions) and "--debug" in error.suggestions[-1]
 
     @staticmethod
     @contextlib.contextmanager
@@ -137,3 +164,43 @@ class ErrorHandler:
             raise
         except Exception as exc:  # noqa: BLE001 - the point is to translate everything
             raise ErrorHandler.translate(exc, context) from exc
+
+
+def _symlink_loop(exc: BaseException) -> str | None:
+    """The path of a symlink loop: OSError ELOOP, or pathlib's RuntimeError('Symlink loop from ...') (< 3.13)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return str(exc.filename or "")
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and text.startswith("Symlink loop from "):
+        return text[len("Symlink loop from "):].strip("'\"")
+    return None
+
+
+def _damaged_file(exc: BaseException, context: str) -> TunepipeError | None:
+    """A JSON file that does not parse while loading a model / tokenizer / adapter directory (the context names
+    it): the file and line, instead of 'JSONDecodeError: Expecting value'. tokenizers' 'untagged enum' means a
+    tokenizer.json this version of tokenizers cannot read."""
+    import json
+    from pathlib import Path
+    text = str(exc)
+    untagged = "untagged enum" in text
+    if not isinstance(exc, json.JSONDecodeError) and not untagged:
+        return None
+    words = [w.strip("'\"") for w in context.split()]
+    directory = next((Path(w) for w in words if w and Path(w).is_dir()), None)
+    suggestions = ["copy the files again (an interrupted copy or download cuts files short), or re-save them "
+                   "with save_pretrained"]
+    if directory is not None:
+        for path in sorted(directory.glob("*.json")):
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                return ModelError(f"{path.name} is damaged: {str(e).splitlines()[0]}", file=str(path),
+                                  line=getattr(e, "lineno", None), suggestions=suggestions)
+        if untagged and (directory / "tokenizer.json").is_file():
+            return ModelError(f"tokenizer.json cannot be read by this version of tokenizers: {text.splitlines()[0]}",
+                              file=str(directory / "tokenizer.json"), suggestions=suggestions)
+    if not context.startswith("loading"):
+        return None  # a JSON error elsewhere: not known to be a damaged file
+    return ModelError(f"A damaged JSON file while {context}: {text.splitlines()[0] if text else type(exc).__name__}",
+                      line=getattr(exc, "lineno", None), suggestions=suggestions)

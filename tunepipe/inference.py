@@ -93,7 +93,9 @@ def make_task(task_name: str, run_dir: Path | None = None, model_dir: str | Path
     from .specs import load_specs
     from .tasks import get_task
     if run_dir is not None and (Path(run_dir) / SPECS_FILE).is_file():
-        specs = load_specs(Path(run_dir) / SPECS_FILE, overrides=[f"output_dir={run_dir}"])
+        # a run directory's specs describe the data and the head; they never switch on remote code (load_policy)
+        specs = load_specs(Path(run_dir) / SPECS_FILE,
+                           overrides=[f"output_dir={run_dir}", "model.trust_remote_code=false"])
         if specs.task != task_name:
             raise TaskTypeError(f"The run in {run_dir} was trained for {specs.task}, not {task_name}",
                                 field="task", suggestions=[f"use task_type='{specs.task}' (or leave it out)"])
@@ -273,9 +275,11 @@ def place(model, device: str, dtype: Any):
     return model
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    from .load_policy import remote_code
+    tokenizer = AutoTokenizer.from_pretrained(path, **remote_code(trust_remote_code))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -290,13 +294,14 @@ class InferencePipeLine:
     ``task_type`` may be left out when training recorded it. ``adapter_config`` adds PEFT adapters on the
     checkpoint as base: one directory (used by default), or ``{name: directory}`` (each chosen per call with
     ``adapter=``; no adapter = the base model). ``dtype``: None (full precision), 'bfloat16', 'auto' (bf16 where
-    the device runs it fast) or 'int8' (CPU dynamic quantization).
+    the device runs it fast) or 'int8' (CPU dynamic quantization). ``trust_remote_code``: run code shipped with
+    the model (its ``auto_map``); only this argument turns it on, never a setting saved in the model's folder.
     """
 
     def __init__(self, task_type: str | None = None, checkpoint: str | Path | None = None,
                  adapter_config: str | Path | dict[str, str] | Sequence[str] | None = None,
                  device: str | None = None, dtype: Any = None, batch_size: int = 32,
-                 max_adapters_in_memory: int = 8):
+                 max_adapters_in_memory: int = 8, trust_remote_code: bool = False):
         if checkpoint is None:
             raise ConfigError("InferencePipeLine needs a checkpoint", field="checkpoint",
                               suggestions=["InferencePipeLine('token_classification', 'runs/ner')"])
@@ -304,6 +309,7 @@ class InferencePipeLine:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.batch_size = batch_size
+        self.trust_remote_code = bool(trust_remote_code)
         self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         requested = canonical_task(task_type)
@@ -334,15 +340,17 @@ class InferencePipeLine:
         from .errors import ErrorHandler
         ck = self.checkpoint
         task = make_task(self._require_task(), ck.run_dir, ck.path if ck.kind == "model" else None)
+        from .load_policy import remote_code
         from .models import adopt_model_config
-        adopt_model_config(task, ck.path)
+        trust = self.trust_remote_code
+        adopt_model_config(task, ck.path, **remote_code(trust))
         with ErrorHandler.guard(f"loading {ck.path}"):
             if ck.kind == "adapter":
                 from .peft_support import load_adapter
-                model, tokenizer = load_adapter(ck.path, task.auto_model_class)
+                model, tokenizer = load_adapter(ck.path, task.auto_model_class, trust_remote_code=trust)
             else:
-                model = getattr(transformers, task.auto_model_class).from_pretrained(ck.path)
-                tokenizer = load_tokenizer(ck.path)
+                model = getattr(transformers, task.auto_model_class).from_pretrained(ck.path, **remote_code(trust))
+                tokenizer = load_tokenizer(ck.path, trust)
         if tokenizer is None:
             raise ModelNotFoundError(f"No tokenizer saved with {ck.path}", file=ck.path,
                                      suggestions=["save the tokenizer next to the model (save_pretrained)"])
@@ -360,7 +368,7 @@ class InferencePipeLine:
             base, base_run = resolve_base(ck.path, read_adapter_info(ck.path)), None
         self.adapters = MultiAdapterManager(base, task_type=self.task_name, base_run_dir=base_run,
                                             max_adapters_in_memory=max_in_memory, device=self.device,
-                                            dtype=self.dtype)
+                                            dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         if ck.kind == "adapter":
             adapters = {"default": ck.path, **adapters}
         for name, path in adapters.items():

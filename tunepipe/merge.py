@@ -23,11 +23,13 @@ def find_adapter(path: str | Path) -> Path:
                                           "a full fine-tuning run already has a full model in <output_dir>/model"])
 
 
-def merge_and_unload(output_dir: str | Path, target: str | Path | None = None) -> Path:
+def merge_and_unload(output_dir: str | Path, target: str | Path | None = None, trust_remote_code: bool = False) -> Path:
     """Merge the run's adapter into its full-precision base and save model + tokenizer to ``target``
-    (default ``<output_dir>/merged``) atomically; returns the directory written."""
+    (default ``<output_dir>/merged``) atomically; returns the directory written. ``trust_remote_code`` is the
+    caller's to give: the adapter's own record never turns it on."""
     from .output import atomic_dir
-    from .peft_support import MERGEABLE_METHODS, load_adapter, read_adapter_info
+    from .ownership import write_marker
+    from .peft_support import MERGEABLE_METHODS, load_adapter, read_adapter_info, resolve_base
     adapter = find_adapter(output_dir)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     peft_type = str(cfg.get("peft_type", "")).lower()
@@ -40,9 +42,9 @@ def merge_and_unload(output_dir: str | Path, target: str | Path | None = None) -
                                        "adapter"])
     info = read_adapter_info(adapter)
     root = adapter.parent if adapter.name == "adapter" else adapter
-    target = Path(target) if target else root / "merged"
+    target = _merge_target(root, target, adapter, resolve_base(adapter, info))
     with ErrorHandler.guard(f"merging the adapter in {adapter}"):
-        model, tokenizer = load_adapter(adapter, full_precision=True)
+        model, tokenizer = load_adapter(adapter, full_precision=True, trust_remote_code=trust_remote_code)
         try:
             merged = model.merge_and_unload()
         except (ValueError, AttributeError, NotImplementedError) as e:
@@ -54,6 +56,20 @@ def merge_and_unload(output_dir: str | Path, target: str | Path | None = None) -
         def write(tmp: Path) -> None:
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            write_marker(tmp, "merged")
 
         atomic_dir(target, write)
     return target
+
+
+def _merge_target(root: Path, target: str | Path | None, adapter: Path, base: str) -> Path:
+    """Where the merged model may go (ownership): a new or empty directory, a previous merge, or the run's own
+    ``merged/``; never the adapter, its base or a directory holding them."""
+    from .ownership import check_claim, expand, read_marker
+    default = root / "merged"
+    path = expand(target) if target else default
+    inputs = {"adapter": [adapter], "base model": [base]}
+    if path.resolve() == default.resolve() and read_marker(root) is not None:
+        check_claim(path.parent, kind="run", inputs=inputs, writes=("merged",), field="--to")
+        return path
+    return check_claim(path, kind="merged", inputs=inputs, field="--to")

@@ -330,7 +330,8 @@ def read_model_config(path, **kwargs):
         path = resolve_model_path(str(path))
         if is_adapter_dir(path):
             path = resolve_base(path, read_adapter_info(path))
-        return AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if v})
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return AutoConfig.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
     except Exception:  # noqa: BLE001
         return None
 

@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 from .errors import ConfigError, TunepipeIOError
 
-RUN_MARKER = "specs.yaml"
-# What a run writes (and replaces) inside output_dir.
+RUN_MARKER = "specs.yaml"  # the specs a run was trained with (ownership.MARKER says that tunepipe wrote the dir)
+# What a run writes (and replaces) inside output_dir; what `tunepipe evaluate` writes there.
 RUN_ENTRIES = ("model", "adapter", "checkpoints", "merged", RUN_MARKER, "README.md", "metrics.json", "train_log.jsonl")
+EVALUATION_ENTRIES = ("README.md", "metrics.json")
 # Settings that do not change what a run trains: rerunning with other values is the same run.
 SAME_RUN_KEYS = ("output_dir", "overwrite_output_dir", "tracking.", "training.resume", "training.keep_",
                  "training.save_total_limit", "training.logging_steps", "training.disable_tqdm")
@@ -28,29 +29,13 @@ def first_missing_dir(path: Path) -> Path | None:
     return missing
 
 
-def check_data_outside(output_dir: Path, data_files: dict[str, set[str]]) -> None:
-    """Refuse data files that the run's own writes would replace: in output_dir itself or in model/, adapter/..."""
-    out = output_dir.expanduser().resolve()
-    for split, files in data_files.items():
-        for name in sorted(files):
-            path = Path(name).expanduser().resolve()
-            if out not in path.parents:
-                continue
-            rel = path.relative_to(out)
-            if len(rel.parts) == 1 or rel.parts[0] in RUN_ENTRIES:
-                where = "is the directory of" if len(rel.parts) == 1 else f"has {rel.parts[0]}/ holding"
-                raise ConfigError(f"output_dir {output_dir} {where} the {split} data: saving the run would write "
-                                  "over or next to it", field="output_dir", file=str(path),
-                                  suggestions=["choose another output_dir (e.g. runs/<name>)",
-                                               "or move the data out of it"])
-
-
-def check_previous_run(output_dir: Path, specs) -> None:
-    """An output_dir that holds a run of other specs is not silently overwritten (its model would be replaced
-    by one that does not match its specs.yaml, logs and card)."""
+def previous_run_differs(output_dir: Path, specs) -> list[str]:
+    """The settings in which the run already in ``output_dir`` differs from ``specs`` (empty: the same run, or
+    none). A run of other specs is not silently replaced (its model would no longer match its specs.yaml, logs
+    and card): without ``overwrite_output_dir`` that is an error."""
     marker = output_dir / RUN_MARKER
-    if getattr(specs, "overwrite_output_dir", False) or not marker.is_file():
-        return
+    if not marker.is_file():
+        return []
     from .specs import load_specs
     try:
         previous = dict(_flat(load_specs(marker).to_dict()))
@@ -59,16 +44,19 @@ def check_previous_run(output_dir: Path, specs) -> None:
     hints = ["choose another output_dir", "or set overwrite_output_dir: true (tunepipe train --overwrite) to "
                                           "replace that run"]
     if previous is None:
+        if getattr(specs, "overwrite_output_dir", False):
+            return ["specs.yaml"]
         raise ConfigError(f"output_dir {output_dir} holds a run whose specs.yaml cannot be read ({unreadable})",
                           field="output_dir", file=str(marker), suggestions=hints)
     current = dict(_flat(specs.to_dict()))
     differ = [k for k in sorted(set(previous) | set(current)) if not k.startswith(SAME_RUN_KEYS)
               and previous.get(k) != current.get(k)]
-    if differ:
+    if differ and not getattr(specs, "overwrite_output_dir", False):
         shown = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in differ[:3])
         raise ConfigError(f"output_dir {output_dir} holds a run trained with other specs ({shown}"
                           f"{', ...' if len(differ) > 3 else ''})", field="output_dir", file=str(marker),
                           suggestions=hints)
+    return differ
 
 
 def _flat(d: dict[str, Any], prefix: str = ""):
@@ -79,7 +67,7 @@ def _flat(d: dict[str, Any], prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def ensure_writable(output_dir: Path, fingerprint: str | None = None, overwrite: bool = True) -> None:
+def ensure_writable(output_dir: Path) -> None:
     """Fail before training, not after, when output_dir cannot be written."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +84,7 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
+        follow_umask(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
                 with f.open("rb") as fh:
@@ -110,6 +99,29 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells it (/proc), else set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give a tree written through temporary files (mkdtemp: 0700, some writers: 0600) the permissions the
+    user's umask gives any other file: a saved model is as readable as the rest of their files."""
+    mask = current_umask()
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def atomic_text(path: Path, text: str) -> None:

@@ -350,24 +350,37 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_adapter_info(path: str | Path) -> dict[str, Any]:
-    """tunepipe's record next to the adapter; for a plain peft adapter, what adapter_config.json tells."""
+    """tunepipe's record next to the adapter, for a plain peft adapter what adapter_config.json tells; reduced to
+    what a folder may decide (load_policy: no remote code, no load arguments beyond the head description)."""
+    from .load_policy import check_peft_config, sanitize_adapter_info
     path = Path(path)
+    cfg = check_peft_config(path)
     if (path / ADAPTER_INFO).is_file():
-        return json.loads((path / ADAPTER_INFO).read_text())
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    return {"base_model": cfg.get("base_model_name_or_path"),
-            "auto_model_class": _AUTO_CLASS_BY_TASK_TYPE.get(cfg.get("task_type") or ""), "model_kwargs": {}}
+        try:
+            raw = json.loads((path / ADAPTER_INFO).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"The adapter record cannot be read: {e}", file=str(path / ADAPTER_INFO),
+                              suggestions=["re-save the adapter with tunepipe, or remove the file to load it as "
+                                           "a plain peft adapter"]) from None
+        return sanitize_adapter_info(raw, path / ADAPTER_INFO)
+    base = cfg.get("base_model_name_or_path")
+    return sanitize_adapter_info({"base_model": base if isinstance(base, str) else None,
+                                  "auto_model_class": _AUTO_CLASS_BY_TASK_TYPE.get(str(cfg.get("task_type") or ""))},
+                                 path / "adapter_config.json")
 
 
 def resolve_base(path: str | Path, info: dict[str, Any]) -> str:
     """The base model for an adapter: the copy next to it (from_config runs), else the recorded path or hub id."""
-    rel = info.get("base_model_relative")
-    if rel and (Path(path) / rel / "config.json").is_file():
-        return str((Path(path) / rel).resolve())
+    from .load_policy import relative_base
+    beside = relative_base(path, info)
+    if beside is not None:
+        return str(beside)
     base = info.get("base_model")
     if not base:
         raise ModelNotFoundError(f"The adapter in {path} does not name its base model", file=str(path),
-                                 suggestions=["set base_model_name_or_path in adapter_config.json"])
+                                 suggestions=["set base_model_name_or_path in adapter_config.json",
+                                              "or pass the base model explicitly (tunepipe predict --model BASE "
+                                              "--adapter NAME=DIR)"])
     return base
 
 
@@ -379,6 +392,7 @@ def load_adapter(path: str | Path, auto_model_class: str | None = None, full_pre
     import transformers
     from peft import PeftModel
 
+    from .load_policy import remote_code
     from .quantization import QuantizationManager
     path = Path(path)
     if not is_adapter_dir(path):
@@ -395,8 +409,7 @@ def load_adapter(path: str | Path, auto_model_class: str | None = None, full_pre
     if "id2label" in kwargs:
         kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
     kwargs.update({k: info[k] for k in ("revision",) if info.get(k)})
-    if trust_remote_code:
-        kwargs["trust_remote_code"] = True
+    kwargs.update(remote_code(trust_remote_code))
     qm = QuantizationManager.from_info(info.get("quantization"))
     try:
         if qm.enabled and not full_precision:
@@ -412,16 +425,19 @@ def load_adapter(path: str | Path, auto_model_class: str | None = None, full_pre
         model.resize_token_embeddings(vocab)
     model = PeftModel.from_pretrained(model, str(path))
     model.eval()
-    return model, _load_tokenizer(path, base)
+    return model, load_adapter_tokenizer(path, base, trust_remote_code)
 
 
-def _load_tokenizer(adapter: Path, base: str):
-    """The tokenizer saved with the adapter, else the base model's, else None (an adapter saved without one)."""
+def load_adapter_tokenizer(adapter: Path, base: str, trust_remote_code: bool = False):
+    """The tokenizer saved with the adapter, else the base model's, else None (an adapter saved without one).
+    A tokenizer that needs remote code the caller did not allow is skipped like a missing one."""
     import transformers
+
+    from .load_policy import remote_code
     for source in (adapter, base):
         if (Path(source) / "tokenizer_config.json").is_file() or not Path(source).exists():
             try:
-                return transformers.AutoTokenizer.from_pretrained(source)
+                return transformers.AutoTokenizer.from_pretrained(source, **remote_code(trust_remote_code))
             except (OSError, ValueError):
                 continue
     return None

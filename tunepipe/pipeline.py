@@ -72,6 +72,8 @@ class FineTunePipeLine:
         self.specs: Specs = load_specs(_resolve_source(source), overrides=list(overrides or []), **extras)
         from .tasks import get_task
         self.task = get_task(self.specs.task)(self.specs)
+        from .ownership import expand
+        self.specs.output_dir = str(expand(self.specs.output_dir))  # `~/runs/x`, everywhere the specs are read
         self.output_dir = Path(self.specs.output_dir)
         self.model = None
         self.tokenizer = None
@@ -81,6 +83,8 @@ class FineTunePipeLine:
         self.metrics: dict[str, Any] = {}
         self.tracking = None  # tracking.Tracking: resource monitor + MLflow run (set up in setup())
         self._in_run = False
+        self._locked = False  # holds output_dir's write lock (ownership.acquire)
+        self._replace_previous = False
 
     # ---- steps -------------------------------------------------------------------------------------------
     def _check_supported(self) -> None:
@@ -98,34 +102,63 @@ class FineTunePipeLine:
         import shutil
 
         from .output import first_missing_dir
-        created = first_missing_dir(Path(self.output_dir).expanduser())
+        created = first_missing_dir(Path(self.output_dir))
         try:
             return self._setup(trained_dir)
         except BaseException:
+            self._unlock()
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
             raise
 
+    def _input_paths(self, trained_dir) -> dict[str, set[str]]:
+        """What this run reads from disk, which its writes must never replace (ownership.check_inputs)."""
+        from .models import encoder_decoder_sides
+        inputs = {f"{split} data": {f for f, _ in records.origins}
+                  for split, records in self.data.records.items()}
+        spec = self.specs.model
+        models = {spec.name_or_path, self.specs.tokenizer.name_or_path, trained_dir}
+        if spec.encoder_decoder:
+            models |= set(encoder_decoder_sides(spec.encoder_decoder))
+        inputs["model being loaded"] = {str(m) for m in models if m and Path(str(m)).expanduser().exists()}
+        return inputs
+
     def _check_before_writing(self, trained_dir) -> None:
-        """Data and specs that fit, yet would fail (or destroy something) once training starts."""
-        from .output import check_data_outside, check_previous_run
-        files = {split: {f for f in {f for f, _ in records.origins} if Path(f).is_file()}
-                 for split, records in self.data.records.items()}
-        check_data_outside(self.output_dir, files)
-        if trained_dir is not None:
-            return
+        """Data and specs that fit, yet would fail (or destroy something) once training starts; then the
+        output_dir is claimed (ownership: a fresh directory or a tunepipe run, locked for this process)."""
+        from .output import EVALUATION_ENTRIES, RUN_ENTRIES, previous_run_differs
+        from .ownership import check_claim, make_claimed
+        writes = EVALUATION_ENTRIES if trained_dir is not None else RUN_ENTRIES
+        target = check_claim(self.output_dir, kind="run", writes=writes, inputs=self._input_paths(trained_dir))
         t = self.specs.training
-        if not getattr(t, "resume", None) and not t.resume_from_checkpoint:
-            check_previous_run(self.output_dir, self.specs)
-        if self.data.records.get("validation") and self.data.records["validation"].rows:
-            return
-        hint = "add validation data: data.validation (a file) or data.validation_split: 0.1"
-        if t.load_best_model_at_end:
-            raise ConfigError("load_best_model_at_end needs validation data to tell the best model", suggestions=[
-                hint, "or set training.load_best_model_at_end: false"], field="training.load_best_model_at_end")
-        if t.eval_strategy == "steps":
-            raise ConfigError("eval_strategy 'steps' evaluates on validation data, and there is none",
-                              field="training.eval_strategy", suggestions=[hint, "or set training.eval_strategy: no"])
+        if trained_dir is None and not getattr(t, "resume", None) and not t.resume_from_checkpoint:
+            # --overwrite of a run with other specs: its files go when training starts, not before
+            self._replace_previous = bool(previous_run_differs(self.output_dir, self.specs))
+        if trained_dir is None and not (self.data.records.get("validation")
+                                        and self.data.records["validation"].rows):
+            hint = "add validation data: data.validation (a file) or data.validation_split: 0.1"
+            if t.load_best_model_at_end:
+                raise ConfigError("load_best_model_at_end needs validation data to tell the best model",
+                                  suggestions=[hint, "or set training.load_best_model_at_end: false"],
+                                  field="training.load_best_model_at_end")
+            if t.eval_strategy == "steps":
+                raise ConfigError("eval_strategy 'steps' evaluates on validation data, and there is none",
+                                  field="training.eval_strategy",
+                                  suggestions=[hint, "or set training.eval_strategy: no"])
+        make_claimed(target, kind="run")
+        self._locked = True
+
+    def _unlock(self) -> None:
+        if self._locked:
+            from .ownership import release
+            release(Path(self.output_dir).resolve())
+            self._locked = False
+
+    def _lock(self) -> None:
+        if not self._locked:
+            from .ownership import acquire
+            acquire(Path(self.output_dir).resolve())
+            self._locked = True
 
     def _check_metric_for_best_model(self) -> None:
         """A metric name the task does not report fails at the first evaluation, after a whole epoch: check it
@@ -187,6 +220,12 @@ class FineTunePipeLine:
         """Step 5-6: train, then save the final model (atomically) with specs and logs."""
         if self.trainer is None:
             self.setup()
+        self._lock()
+        if self._replace_previous and self.trainer.is_main_process:
+            from .output import RUN_ENTRIES
+            from .ownership import remove_entries
+            remove_entries(self.output_dir, [e for e in RUN_ENTRIES if e != "specs.yaml"])
+            self._replace_previous = False
         self.tracking.start(self.trainer.is_main_process)
         saved = None
         try:
@@ -197,16 +236,27 @@ class FineTunePipeLine:
                 saved = self.save()
         except BaseException as e:  # the MLflow run ends FAILED (KILLED on Ctrl-C), then the error goes on
             self.tracking.finish(error=e)
+            if not self._in_run:
+                self._unlock()
             raise
         self.tracking.training_done(saved, self.train_result.global_step)
         if not self._in_run:
             self.tracking.finish()
+            self._unlock()
         return self.train_result
 
     def evaluate(self, splits: Sequence[str] = ("validation", "test")) -> dict[str, Any]:
         """Step 7: task metrics on each labelled split -> metrics.json."""
         if self.trainer is None:
             self.setup()
+        self._lock()
+        try:
+            return self._evaluate(splits)
+        finally:
+            if not self._in_run:
+                self._unlock()
+
+    def _evaluate(self, splits: Sequence[str]) -> dict[str, Any]:
         for split in splits:
             ds = self.datasets.get(split)
             if ds is None or not self.task.can_evaluate(ds):
@@ -237,6 +287,7 @@ class FineTunePipeLine:
             raise
         finally:
             self._in_run = False
+            self._unlock()
         self.tracking.finish()
         return self.model, self.tokenizer
 
@@ -271,8 +322,9 @@ class FineTunePipeLine:
             raise ModelNotFoundError(f"No trained model in {path}", file=str(path),
                                      suggestions=["run `tunepipe train` first, or pass the model directory"])
         auto_cls = getattr(transformers, self.task.auto_model_class)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        self.model = auto_cls.from_pretrained(path)
+        trust = {"trust_remote_code": self.specs.model.trust_remote_code}  # the caller's specs, explicit
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, **trust)
+        self.model = auto_cls.from_pretrained(path, **trust)
         self.task.on_model_loaded(self.model)
         return self.model, self.tokenizer
 
