@@ -37,6 +37,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from tunepipe.checkpoints import DamagedCheckpoint
 from tunepipe.errors import (CheckpointError, ConfigError, CudaError, DatasetLoadError, DependencyError,
                              ModelError, ModelNotFoundError, TaskTypeError, TunepipeIOError, ValidationError)
 
@@ -406,10 +407,10 @@ def _truncate(checkpoint: Path) -> None:
 
 CHECKPOINT_CASES = [
     Case("ckpt-not-a-checkpoint", lambda e: _resume(e, e.write("notckpt/weights.bin", b"\0" * 8).rsplit("/", 1)[0]),
-         CheckpointError, "CHECKPOINT_ERROR", field="training.resume", file="notckpt", hint="checkpoint-2"),
+         DamagedCheckpoint, "CHECKPOINT_ERROR", field="training.resume", file="notckpt", hint="checkpoint-2"),
     Case("ckpt-missing", lambda e: _resume(e, str(e.out / "checkpoints" / "checkpoint-9")), CheckpointError,
          "CHECKPOINT_ERROR", field="training.resume", file="checkpoint-9", hint="resume: auto"),
-    Case("ckpt-truncated-weights", lambda e: _resume(e, damage=_truncate), CheckpointError, "CHECKPOINT_ERROR",
+    Case("ckpt-truncated-weights", lambda e: _resume(e, damage=_truncate), DamagedCheckpoint, "CHECKPOINT_ERROR",
          field="training.resume", file="checkpoint-2/model.safetensors", hint="checkpoint-1"),
     Case("ckpt-different-specs", lambda e: _resume(e, learning_rate=3e-3), CheckpointError, "CHECKPOINT_ERROR",
          field="training.learning_rate", file="checkpoint-2/manifest.json", hint="specs the checkpoint was trained"),

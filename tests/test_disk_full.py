@@ -143,3 +143,20 @@ def test_final_model_helper_wraps_an_atomic_save(tmp_path):
     with pytest.raises(ValueError):  # anything else passes through unchanged
         with disk_full_as_io_error(target, 4096, "the model's weights", "final model"):
             raise ValueError("not a disk problem")
+
+
+def test_disk_full_while_saving_the_final_model(tiny_specs, ner_data, monkeypatch):
+    """The final save is atomic too: IO_ERROR naming model/ and its size, no model/ and no temporary dir left."""
+    import transformers
+    specs = tiny_specs("token_classification", ner_data, training={"max_steps": 2, "eval_strategy": "no"})
+    out = Path(specs["output_dir"])
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(TunepipeIOError) as err:
+        FineTunePipeLine(specs).train()
+    assert err.value.file == str(out / "model") and "final model" in err.value.message
+    assert "needs about" in err.value.message
+    assert not (out / "model").exists() and not list(out.glob(".model.tmp-*"))

@@ -345,7 +345,9 @@ class FineTunePipeLine:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
 
-        with ErrorHandler.guard(f"saving the model to {target}"):
+        from .checkpoints import disk_full_as_io_error, model_weight_bytes
+        with ErrorHandler.guard(f"saving the model to {target}"), disk_full_as_io_error(
+                target, model_weight_bytes(self.model), "the model's weights", "final model"):
             atomic_dir(target, write)
             atomic_text(self.output_dir / "specs.yaml", self.specs.to_yaml())
         return target
