@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_checkpoints import _save, _specs
 from tunepipe.checkpoints import MANIFEST, CheckpointManager, DamagedCheckpoint
 from tunepipe.errors import CheckpointError
 from tunepipe.pipeline import FineTunePipeLine
@@ -96,30 +97,6 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tiny_specs, ner_
 
 
 # ---- the rule itself, on CheckpointManager -----------------------------------------------------------------------
-def _specs(**training):
-    return load_specs({"task": "token_classification", "model": "m", "data": {"train": "x"},
-                       "training": {"learning_rate": 1e-3, **training}})
-
-
-class _Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 3)
-
-    def save_pretrained(self, path, safe_serialization=True):
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(Path(path) / "model.safetensors"))
-
-
-def _save(manager: CheckpointManager, step: int) -> Path:
-    from transformers import TrainerState, get_scheduler
-    model = _Model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=1, num_training_steps=10)
-    return manager.save_loop_state(step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                   state=TrainerState(global_step=step))
-
-
 def test_every_damaged_checkpoint_skipped_and_named(tmp_path, caplog):
     manager = CheckpointManager(tmp_path, _specs())
     first = _save(manager, 2)
