@@ -8,12 +8,15 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import DatasetLoadError, ErrorHandler, ValidationError
+from .errors import ConfigError, DatasetLoadError, ErrorHandler, ValidationError
+
+log = logging.getLogger("tunepipe")
 
 SPLITS = ("train", "validation", "test")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
@@ -39,6 +42,15 @@ class Records:
 def _looks_like_path(source: str) -> bool:
     return (source.startswith((".", "/", "~")) or Path(source).suffix.lower() in EXTENSIONS
             or "\\" in source or source.count("/") > 1)
+
+
+def _source_key(source: str) -> str:
+    """The same file however it is spelt (./a.jsonl, a.jsonl, a symlink to it); hub ids as written."""
+    path = Path(source).expanduser()
+    try:
+        return str(path.resolve()) if path.exists() else source
+    except (OSError, RuntimeError):  # a symlink loop: reported as a missing file when it is read
+        return source
 
 
 def _missing_file_error(path: Path, split: str | None = None) -> DatasetLoadError:
@@ -202,12 +214,21 @@ class DatasetModules:
                 out.add(dict(row), (f"<{split} records>", i))
             return out
         sources = source if isinstance(source, list) else [source]
+        listed: dict[str, str] = {}
         for item in sources:
             if not isinstance(item, (str, Path)):
                 raise DatasetLoadError(f"data.{split} must be a path, a list of paths, a hub id, a DataFrame or a "
                                        f"list of dicts; got {type(item).__name__}", field=f"data.{split}",
                                        suggestions=[f"e.g. data.{split}: data/{split}.jsonl (a path, in quotes if "
                                                     "it looks like a number)"])
+            key = _source_key(str(item))
+            if key in listed:
+                raise DatasetLoadError(f"data.{split} lists the same file twice ('{listed[key]}' and '{item}'): "
+                                       "its records would silently count twice", field=f"data.{split}",
+                                       file=str(item), suggestions=["list each file once",
+                                                                    "to weight a file up, copy its records "
+                                                                    "into a file of their own"])
+            listed[key] = str(item)
             self._load_one(str(item), split, out)
         return out
 
@@ -266,13 +287,56 @@ class DatasetModules:
             self.records[split] = records
         if "validation" not in self.records or not self.records["validation"].rows:
             self._split_validation()
+        self._warn_shared_files()
         self._validate("train")
         if self.task.labels is None:
             self.task.labels = self.task.infer_labels(self.records["train"].rows)
         for split in ("validation", "test"):
             self._validate(split)
+        for split in SPLITS:  # after the task's own checks, whose messages are more specific
+            self._check_value_kinds(split)
         self._limit()
         return self.records
+
+    def _warn_shared_files(self) -> None:
+        """The same file in train and in validation/test: the scores measure memory, not generalisation."""
+        train = {_source_key(f) for f, _ in self.records.get("train", Records()).origins}
+        for split in ("validation", "test"):
+            if getattr(self.specs.data, split) is None:  # carved out of train (validation_split): disjoint records
+                continue
+            shared = sorted({f for f, _ in self.records.get(split, Records()).origins if _source_key(f) in train})
+            if shared:
+                log.warning("data.%s reads %s, which data.train reads too: its metrics score training data",
+                            split, ", ".join(shared))
+
+    def _check_value_kinds(self, split: str) -> None:
+        """One kind of value per column (text, number, true/false, list, mapping), and one kind inside list
+        values: Arrow needs it to build the dataset ("ArrowInvalid: Could not convert 'pos' with type str"), and
+        labels given sometimes as ids and sometimes as names (1 and 'pos') are ambiguous. The first record that
+        differs is reported, with its file and line."""
+        records = self.records.get(split)
+        if not records or not records.rows:
+            return
+        first: dict[tuple[str, bool], tuple[str, tuple[str, int]]] = {}
+        for row, origin in zip(records.rows, records.origins):
+            for column, value in row.items():
+                kinds = [(False, _kind(value))]
+                if isinstance(value, list):
+                    kinds += [(True, _kind(v)) for v in value]
+                for inner, kind in kinds:
+                    if kind is None:
+                        continue
+                    seen = first.setdefault((column, inner), (kind, origin))
+                    if seen[0] == kind:
+                        continue
+                    where = f"items of column '{column}'" if inner else f"column '{column}'"
+                    (file0, line0) = seen[1]
+                    raise ValidationError(
+                        f"Bad record in the {split} data: {where} mixes {seen[0]} ({file0}:{line0}) and {kind} "
+                        f"values{' (ids and names?)' if {seen[0], kind} == {'number', 'text'} else ''}",
+                        file=origin[0], line=origin[1], field=_column_field(self.task, column),
+                        suggestions=[f"write every value of {where} the same way (e.g. all label names as text)",
+                                     "fix or remove that record"])
 
     def _check_columns(self, records: Records, split: str) -> None:
         present = set().union(*(row.keys() for row in records.rows[:100]))
@@ -346,9 +410,131 @@ class DatasetModules:
             with ErrorHandler.guard(f"tokenizing the {split} data"):
                 prepared[split] = ds.map(fn, batched=True, fn_kwargs={"tokenizer": tokenizer},
                                          remove_columns=ds.column_names, desc=f"tokenizing {split}")
+            from .limits import check_sequences
+            check_sequences(self.task, prepared[split], split, records.origins)  # within the model's positions
             if split != "train":
                 self.task.bind_eval_data(split, records.rows, prepared[split])
+        if "train" in prepared:
+            self._check_accumulation(len(prepared["train"]))
         return prepared
+
+    def _check_accumulation(self, examples: int) -> None:
+        """gradient_accumulation_steps larger than the batches in an epoch: every optimizer step would take the
+        whole (smaller) epoch instead of the effective batch the specs promise."""
+        import math
+        import os
+        t = self.specs.training
+        world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+        batches = math.ceil(examples / (t.per_device_train_batch_size * world))
+        if t.gradient_accumulation_steps > batches:
+            raise ConfigError(
+                f"training.gradient_accumulation_steps is {t.gradient_accumulation_steps}, but the training data "
+                f"({examples} examples) makes only {batches} batch(es) of {t.per_device_train_batch_size}"
+                + (f" per process ({world} processes)" if world > 1 else "") + " per epoch",
+                field="training.gradient_accumulation_steps",
+                suggestions=[f"set training.gradient_accumulation_steps: {batches} (or less)",
+                             "or lower training.per_device_train_batch_size, or add training data"])
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__
+
+
+def _column_field(task, column: str) -> str | None:
+    """The specs field that names ``column`` (data.label_column ...), when the task requires that column."""
+    try:
+        required = set(task.required_columns())
+    except Exception:  # noqa: BLE001
+        return None
+    if column not in required:
+        return None
+    for role in ("source", "target", "text", "text_pair", "label"):
+        try:
+            if task.column(role) == column:
+                return f"data.{role}_column"
+        except Exception:  # noqa: BLE001 - a task without that role
+            continue
+    return None
+
+
+PREDICT_INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "text")
+
+
+def looks_like_path(text: str) -> bool:
+    """Whether a `predict --input` value is meant as a file: one line with a data-file extension, a leading
+    ./ ../ ~/ or /, or a path separator inside one word (not a URL). Such a value that is not a readable file is
+    an error: predicting on the path's own characters would be a silent wrong result."""
+    value = text.strip()
+    if not value or "\n" in value or len(value) > 4096:
+        return False
+    if Path(value).suffix.lower() in EXTENSIONS or value.startswith(("/", "./", "../", "~/", ".\\", "..\\", "~\\")):
+        return True
+    return not any(c.isspace() for c in value) and ("/" in value or "\\" in value) and "://" not in value
+
+
+def read_predict_inputs(text: str) -> tuple[list[Any], bool]:
+    """(inputs, whether they came from a file) for `tunepipe predict --input`: a file's records (jsonl / json /
+    csv / tsv / parquet) or lines (txt), else the text itself. A value that looks like a path but is not a readable
+    file, an unsupported file, and a file with no inputs are errors."""
+    path = Path(text.strip()).expanduser()
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: text
+        is_file = exists = False
+    if not is_file:
+        if not looks_like_path(text):
+            return [text], False
+        if exists:
+            raise DatasetLoadError(f"--input {text}: not a file" + (" (a directory)" if path.is_dir() else ""),
+                                   field="--input", file=str(path),
+                                   suggestions=["point --input at one file (.jsonl, .json, .csv, .tsv, .parquet, "
+                                                ".txt)"])
+        error = _missing_file_error(path)
+        raise DatasetLoadError(f"--input {text}: no such file (it looks like a path, so it is not predicted on as "
+                               "text)", field="--input", file=str(path),
+                               suggestions=error.suggestions[:-1] + [
+                                   "to predict on a text that looks like a path, put it in a .txt file (one input "
+                                   "per line)"])
+    fmt = EXTENSIONS.get(path.suffix.lower())
+    if fmt not in PREDICT_INPUT_FORMATS:
+        raise DatasetLoadError(f"--input {text}: cannot read {path.suffix or 'a file without extension'} files for "
+                               "prediction", field="--input", file=str(path),
+                               suggestions=["use JSON Lines (one record per line), .json, .csv, .tsv, .parquet, "
+                                            "or .txt (one input per line)"])
+    records = Records()
+    try:
+        if fmt == "jsonl":
+            read_jsonl(path, records)
+        elif fmt == "json":
+            read_json(path, records)
+        elif fmt in ("csv", "tsv"):
+            read_delimited(path, records, "," if fmt == "csv" else "\t")
+        elif fmt == "parquet":
+            for i, row in enumerate(_read_parquet(path, "input").to_dict(orient="records"), start=1):
+                records.add({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}, (str(path), i))
+        else:
+            read_text(path, records, "text")
+    except OSError as e:
+        raise DatasetLoadError(f"--input {text}: cannot read the file: {e.strerror or e}", field="--input",
+                               file=str(path), suggestions=["check the file's permissions"]) from None
+    if not records.rows:
+        raise DatasetLoadError(f"--input {text}: the file holds no inputs", field="--input", file=str(path),
+                               suggestions=["check that it is the right file and not empty"])
+    if fmt == "text":
+        return [r["text"] for r in records.rows], True
+    return list(records.rows), True
 
 
 def _class_label_names(ds) -> dict[str, Any]:

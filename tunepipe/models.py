@@ -91,14 +91,49 @@ def _damaged_weights(exc: Exception, path: str, field: str) -> ModelError | None
                                    "re-save it with save_pretrained"])
 
 
-def _load_error(exc: Exception, name: str, what: str) -> Exception:
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json", "config.json")
+
+
+def tokenizer_load_error(exc: Exception, name: str, field: str) -> Exception:
+    """A typed error for a tokenizer that failed to load: a damaged JSON file in a local tokenizer directory is
+    named with its line (instead of a raw JSONDecodeError), anything else a local directory cannot give is a
+    ModelError on that directory; names that are not found keep _load_error's MODEL_NOT_FOUND."""
+    import json
+    directory = Path(name)
+    if directory.is_dir():
+        for fname in TOKENIZER_JSON_FILES:
+            path = directory / fname
+            if not path.is_file():
+                continue
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                return ModelError(f"The tokenizer file {fname} is damaged: {str(e).splitlines()[0]}", field=field,
+                                  file=str(path), line=getattr(e, "lineno", None),
+                                  suggestions=["copy the tokenizer again (an interrupted copy or download cuts "
+                                               "files short), or re-save it with save_pretrained"])
+    if isinstance(exc, (ImportError, MemoryError)):
+        return ErrorHandler.translate(exc, f"loading the tokenizer '{name}'")
+    err = _load_error(exc, name, "tokenizer", field=field)
+    if directory.is_dir() and not isinstance(err, (ModelNotFoundError, TaskTypeError)):
+        tokenizer_json = directory / "tokenizer.json"
+        return ModelError(f"The tokenizer in {name} cannot be loaded: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}", field=field,
+                          file=str(tokenizer_json if tokenizer_json.is_file() else directory),
+                          suggestions=["re-save the tokenizer with save_pretrained (tokenizers' version may differ "
+                                       "from the one that wrote it)", "or point the field at another tokenizer"])
+    return err
+
+
+def _load_error(exc: Exception, name: str, what: str, field: str = "model.name_or_path") -> Exception:
     text = str(exc)
     if isinstance(exc, (OSError, ValueError)) and ("offline" in text.lower() or "does not appear" in text
                                                     or "not a valid" in text or "Can't load" in text
                                                     or "couldn't connect" in text.lower() or "not found" in text.lower()
                                                     or "Repository" in text):
         return ModelNotFoundError(f"Could not load the {what} '{name}': {text.splitlines()[0]}",
-                                  field="model.name_or_path",
+                                  field=field,
                                   suggestions=["check the name or local path",
                                                "HF_HUB_OFFLINE=1 is set: only local directories and the local cache "
                                                "are used; download the model where there is network (or unset "
@@ -143,7 +178,7 @@ class TokenizerModules:
                     tokenizer, "add_prefix_space", None) is False:
                 tokenizer = AutoTokenizer.from_pretrained(name, add_prefix_space=True, **kwargs)
         except Exception as e:  # noqa: BLE001
-            raise _load_error(e, name, "tokenizer") from None
+            raise tokenizer_load_error(e, name, self.field()) from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if tokenizer.pad_token is None:
@@ -211,6 +246,8 @@ class ModelModules:
         model = self._load(task, tokenizer)
         if tokenizer is not None:
             self._check_vocabulary(model, tokenizer)
+        from .limits import check_lengths
+        check_lengths(task, model.config)  # a length over the model's positions: refused before any training
         configure = getattr(task, "configure_model", None)  # settings the saved model must carry (generation)
         if configure is not None:
             configure(model, tokenizer)

@@ -10,8 +10,10 @@ import copy
 import difflib
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -88,22 +90,70 @@ class DataSpec(_Section):
     max_target_length: int | None = Field(None, gt=0, description="seq2seq: target tokens kept for training")
 
 
+MAX_STEPS = 10 ** 9  # far beyond any real run; larger values are typos (1e30) that overflow step arithmetic
+# key -> (smallest whole value, fraction of all steps allowed (0 < x < 1), values allowed besides)
+STEP_COUNT_RULES: dict[str, tuple[int, bool, tuple]] = {
+    "max_steps": (1, False, (-1,)), "gradient_accumulation_steps": (1, False, ()),
+    "per_device_train_batch_size": (1, False, ()), "per_device_eval_batch_size": (1, False, ()),
+    "save_steps": (1, True, ()), "eval_steps": (1, True, (None,)), "logging_steps": (1, True, ()),
+    "warmup_steps": (1, True, (0,)), "keep_last_n": (1, False, (None,)), "save_total_limit": (1, False, (None,)),
+}
+STEP_COUNT_HINTS = {
+    "max_steps": "-1 (the default) trains for num_train_epochs; a positive number stops after that many steps",
+    "save_steps": "to save no checkpoints set training.save_strategy: no",
+    "eval_steps": "to evaluate only per epoch set training.eval_strategy: epoch",
+    "logging_steps": "e.g. 25 (steps) or 0.05 (a fraction of all steps)",
+    "keep_last_n": "keep at least 1 checkpoint (needed to resume); to write none set training.save_strategy: no",
+    "save_total_limit": "keep at least 1 checkpoint; to write none set training.save_strategy: no",
+}
+
+
+def check_count(field: str, value: Any, minimum: int, fraction: bool, also: tuple = ()) -> None:
+    """One rule for every count in the specs: a whole number >= ``minimum`` and <= MAX_STEPS, or (``fraction``)
+    a ratio in (0, 1), or one of ``also``. Non-numbers are left to the type check, which names them."""
+    if value is None or isinstance(value, str) or (not isinstance(value, bool) and value in also):
+        return
+    key = field.rsplit(".", 1)[-1]
+    hints = [STEP_COUNT_HINTS[key]] if key in STEP_COUNT_HINTS else []
+    if isinstance(value, bool):  # pydantic would read true as 1
+        raise ConfigError(f"{field} is a count, not true/false (got {value})", field=field,
+                          suggestions=hints or [f"set {field} to a whole number"])
+    if not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{field} must be a finite number, got {value}", field=field,
+                          suggestions=hints or [f"set {field} to a whole number"])
+    if fraction and 0 < value < 1:
+        return
+    allowed = " or ".join([f"a whole number >= {minimum}"] + (["a fraction of all steps in (0, 1)"] if fraction
+                                                                else []) + [repr(a) for a in also if a is not None])
+    if value != int(value):
+        raise ConfigError(f"{field} is a count and must be {allowed}, got {value}", field=field,
+                          suggestions=[f"write a whole number, e.g. {field}: {max(minimum, round(value))}"] + hints)
+    if value < minimum:
+        raise ConfigError(f"{field}: {value!r} is not allowed: it must be {allowed}", field=field,
+                          suggestions=hints or [f"set {field} to {minimum} or more"])
+    if value > MAX_STEPS:
+        raise ConfigError(f"{field}: {value:g} is absurdly large (over {MAX_STEPS:,}); was it a typo?", field=field,
+                          suggestions=[f"set {field} to a realistic value"] + hints)
+
+
 class TrainingSpec(BaseModel):
     """transformers ``TrainingArguments`` names. Listed fields carry tunepipe's defaults; any other
     TrainingArguments name is accepted and passed through."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    num_train_epochs: float = Field(3.0, gt=0)
+    num_train_epochs: float = Field(3.0, gt=0, le=1_000_000)
     max_steps: int = -1
     learning_rate: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     per_device_train_batch_size: int = Field(16, gt=0)
     per_device_eval_batch_size: int = Field(32, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = Field(1.0, ge=0, description="0 = no clipping")
     warmup_steps: float = Field(0, ge=0, description="int = steps; float in [0, 1) = fraction of all steps")
     lr_scheduler_type: str = "linear"
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2 ** 32 - 1, description="numpy takes seeds in [0, 2**32)")
     eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
     save_strategy: Literal["no", "steps", "epoch", "best"] = "epoch"
     save_total_limit: int | None = 1
@@ -120,10 +170,21 @@ class TrainingSpec(BaseModel):
     resume_from_checkpoint: str | None = Field(None, description="older name of `resume`")
     resume: str | None = Field(None, description="auto = the newest complete checkpoint in <output_dir>/checkpoints "
                                                  "(a fresh start when there is none), or a checkpoint directory")
-    keep_last_n: int | None = Field(None, ge=0, description="checkpoints kept; overrides save_total_limit")
+    keep_last_n: int | None = Field(None, gt=0, description="checkpoints kept; overrides save_total_limit")
     keep_best: bool | str | None = Field(None, description="never rotate out the best checkpoint (default when a "
                                                            "metric is chosen); a metric name sets "
                                                            "metric_for_best_model; false: rotate it too")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _step_counts(cls, data: Any) -> Any:
+        """Counts of steps, examples and checkpoints are whole numbers in a sane range (see STEP_COUNT_RULES):
+        ``max_steps: 0`` or ``save_steps: 2.5`` would otherwise train nothing or be rounded silently."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if key in STEP_COUNT_RULES:
+                    check_count(f"training.{key}", value, *STEP_COUNT_RULES[key])
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -433,7 +494,7 @@ def parse_assignment(assignment: str, example: str = "--set training.learning_ra
                           suggestions=[f"e.g. {example}"])
     path, _, text = assignment.partition("=")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text, where=assignment) if text.strip() else None
     except yaml.YAMLError:
         value = text
     keys = [k for k in path.strip().split(".") if k]
@@ -456,18 +517,118 @@ def set_override(d: dict[str, Any], assignment: str) -> None:
     node[keys[-1]] = value
 
 
+# ---- reading YAML / JSON: no silent surprises ---------------------------------------------------------------
+MAX_YAML_VALUES = 100_000  # values after alias expansion; real specs have a few hundred
+
+
+class SpecsYamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads ``3e-5`` (no dot) as a number, as YAML 1.2 and JSON do: PyYAML's YAML 1.1
+    reads it as the *string* '3e-5', which a passed-through TrainingArguments field would receive as text."""
+
+
+SpecsYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                      list("-+0123456789"))
+
+
+def load_yaml(text: str, file: str | None = None, where: str | None = None) -> Any:
+    """Parse one YAML document, refusing (before building any Python object) what yaml.safe_load accepts
+    silently: a key given twice in one mapping (the second would replace the first) and aliases that expand
+    to more than MAX_YAML_VALUES values (an alias bomb: tiny to parse, huge once copied and hashed)."""
+    loader = SpecsYamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_node(node, file, where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_node(root: yaml.Node, file: str | None, where: str | None) -> None:
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    at = f" in {where}" if where else ""
+
+    def size(node: yaml.Node, path: str) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"Recursive YAML alias at '{path or '<top>'}'{at}: a value contains itself",
+                              field=path or None, file=file, line=node.start_mark.line + 1,
+                              suggestions=["remove the alias (*name) that points back to its own anchor"])
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                child = f"{path}.{name}" if path and name is not None else (name or path)
+                if name is not None and key_node.tag != "tag:yaml.org,2002:merge":
+                    line = key_node.start_mark.line + 1
+                    if (key_node.tag, name) in seen:
+                        raise ConfigError(
+                            f"Duplicate key '{child}'{at}: it is given at line {seen[(key_node.tag, name)]} and "
+                            f"again at line {line}; YAML would silently keep only the second", field=child,
+                            file=file, line=line,
+                            suggestions=["merge the two into one entry (or delete one of them)"])
+                    seen[(key_node.tag, name)] = line
+                total += size(key_node, child) + size(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                total += size(item, path)
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(f"The YAML{at} expands to more than {MAX_YAML_VALUES:,} values through its aliases "
+                              f"(at '{path or '<top>'}'): refused before it is built", field=path or None,
+                              file=file, line=node.start_mark.line + 1,
+                              suggestions=["write the values out, or use fewer nested aliases (*name)"])
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root, "")
+
+
+def load_json(text: str, file: str | None = None) -> Any:
+    """json.loads, refusing a key given twice in one object (the second would replace the first silently)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                hits = [m.start() for m in re.finditer(re.escape(json.dumps(key)) + r"\s*:", text)]
+                line = text.count("\n", 0, hits[1]) + 1 if len(hits) > 1 else None
+                raise ConfigError(f"Duplicate key '{key}': JSON would silently keep only the last one", field=key,
+                                  file=file, line=line, suggestions=["merge the two into one entry"])
+            out[key] = value
+        return out
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
 def read_specs_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"Specs file not found: {p}", file=str(p),
                           suggestions=["check the path", "`tunepipe init TASK` writes a starter file"])
-    text = p.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raw = p.read_bytes()
+        raise ConfigError(f"Specs file is not valid UTF-8 (byte {e.start})", file=str(p),
+                          line=raw[:e.start].count(b"\n") + 1, suggestions=["save it as UTF-8"]) from None
+    try:
+        data = load_json(text, str(p)) if p.suffix == ".json" else load_yaml(text, file=str(p))
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
         raise ConfigError(f"Invalid YAML: {e.problem}", file=str(p), line=line,
                           suggestions=["check indentation and `key: value` syntax on that line"]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Invalid YAML: {e}", file=str(p), suggestions=["check the file's syntax"]) from e
+    except RecursionError:
+        raise ConfigError("Specs file is nested too deeply to read", file=str(p),
+                          suggestions=["specs are a few levels deep: check for runaway brackets"]) from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"Invalid JSON: {e.msg}", file=str(p), line=e.lineno,
                           suggestions=["check commas and quotes on that line"]) from e
@@ -500,8 +661,15 @@ def load_specs(source: "Specs | dict[str, Any] | str | Path", overrides: list[st
     task = get_task(str(d["task"]))
     d["task"] = task.name
     _check_section_keys(d)
-    d = deep_merge(task.default_specs(model=d.get("model")), d)
+    defaults = task.default_specs(model=d.get("model"))
+    if task.capped_lengths:  # a default length the model cannot read is lowered to its limit (limits.py)
+        from .limits import limits_for_model_section, virtual_tokens
+        limits = limits_for_model_section(d.get("model"))
+        if limits:
+            defaults = task.fit_default_lengths(defaults, limits, virtual_tokens(d.get("peft")))
+    d = deep_merge(defaults, d)
     d.setdefault("output_dir", f"runs/{task.name}")
+    _refuse_non_finite(d)  # before pydantic, whose message for NaN would be "greater than or equal to 0"
     try:
         specs = Specs.model_validate(d)
     except PydanticValidationError as e:
@@ -511,8 +679,44 @@ def load_specs(source: "Specs | dict[str, Any] | str | Path", overrides: list[st
         lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in errs]
         raise ConfigError("Invalid specs: " + "; ".join(lines), field=field,
                           suggestions=_value_suggestions(first, field)) from None
+    _check_values(specs)
     _check_combinations(specs)
     return specs
+
+
+def _refuse_non_finite(tree: dict[str, Any]) -> None:
+    """No NaN or infinity anywhere in the specs (the data splits' in-memory records aside)."""
+    data = tree.get("data")
+    if isinstance(data, dict):
+        tree = {**tree, "data": {k: v for k, v in data.items() if k not in ("train", "validation", "test")}}
+    for path in _non_finite(tree, ""):
+        raise ConfigError(f"{path} is not a finite number (NaN or infinity)", field=path,
+                          suggestions=[f"give {path} a finite value, or remove it to use the default"])
+
+
+def _non_finite(value: Any, path: str) -> Iterator[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _non_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _non_finite(v, f"{path}[{i}]")
+
+
+def _check_values(specs: Specs) -> None:
+    """Values that type-check yet would make a run silently wrong: NaN / inf anywhere (``.inf``, ``'nan'``: a
+    learning rate of inf trains NaN weights, a NaN max_grad_norm turns clipping off), and an output_dir whose
+    path cannot be resolved (a symlink loop)."""
+    _refuse_non_finite(specs.model_dump(mode="python", exclude={"data": {"train", "validation", "test"}}))
+    out = Path(specs.output_dir).expanduser()
+    try:
+        out.resolve()
+    except (RuntimeError, OSError) as e:  # Python < 3.13 raises RuntimeError("Symlink loop from ...")
+        raise ConfigError(f"output_dir cannot be resolved: {e}", field="output_dir", file=str(out),
+                          suggestions=["a symbolic link in the path points (through others) back to itself: "
+                                       "remove or fix it, or choose another output_dir"]) from None
 
 
 def _value_suggestions(err: dict[str, Any], field: str) -> list[str]:

@@ -22,12 +22,17 @@ class Task:
     ordered_eval: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     example_data: ClassVar[dict[str, Any]] = {}
+    # Default lengths lowered to the model's position limit when the specs are resolved (limits.py): (field, side,
+    # positions used beyond the value). Empty for tasks whose lengths are training block sizes (LM tasks): there a
+    # default over the limit is refused like a chosen one.
+    capped_lengths: ClassVar[tuple[tuple[str, str, int], ...]] = (("data.max_length", "input", 0),)
 
     def __init__(self, specs):
         self.specs = specs
         self.labels: list[str] | None = specs.data.labels
         self.eval_data: dict[str, Any] = {}
         self.eval_split = "validation"
+        self.position_limits = None  # {side: limits.PositionLimit | None}, set once the model is known
 
     # ---- specs -------------------------------------------------------------------------------------------
     @classmethod
@@ -35,6 +40,29 @@ class Task:
         """The task's defaults; ``model`` is the specs' model section, for tasks whose defaults depend on it."""
         import copy
         return copy.deepcopy(cls.defaults)
+
+    @classmethod
+    def fit_default_lengths(cls, defaults: dict[str, Any], limits: dict[str, Any],
+                            input_extra: int = 0) -> dict[str, Any]:
+        """``defaults`` (from default_specs) with each of ``capped_lengths`` lowered to the model's hard position
+        limit: a default the model cannot read is not what the user asked for (limits.py). ``input_extra``:
+        positions taken before the input (prompt tuning's virtual tokens)."""
+        from ..specs import SECTIONS
+        for field, side, extra in cls.capped_lengths:
+            extra += input_extra if side == "input" else 0
+            section, key = field.split(".", 1)
+            info = SECTIONS[section].model_fields.get(key)
+            value = defaults.get(section, {}).get(key, info.default if info is not None else None)
+            limit = limits.get(side)
+            if isinstance(value, int) and limit is not None and limit.hard and value + extra > limit.tokens:
+                defaults.setdefault(section, {})[key] = max(1, limit.tokens - extra)
+        return defaults
+
+    def length_settings(self) -> list[Any]:
+        """The specs values that bound the sequences the model reads (limits.LengthSetting), checked against
+        its position limits once it is loaded."""
+        from ..limits import LengthSetting
+        return [LengthSetting("data.max_length", self.specs.data.max_length, "input")]
 
     def column(self, role: str) -> str:
         """Column name for a role ('text', 'label', 'text_pair'), from specs or the task default."""
@@ -65,6 +93,8 @@ class Task:
         id2label = getattr(model.config, "id2label", None)
         if self.uses_labels and id2label:
             self.labels = [id2label[i] for i in range(len(id2label))]
+        from ..limits import check_lengths
+        check_lengths(self, model.config, predicting=True)  # a default length over the limit is lowered to it
 
     def preprocess(self, batch: dict[str, list], tokenizer) -> dict[str, list]:
         raise NotImplementedError

@@ -150,6 +150,14 @@ class CausalLMTask(Task):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id(tokenizer)
         return CausalLMCollator(pad if pad is not None else 0)
 
+    capped_lengths = ()  # the block size defines the training examples: a default over the limit is refused
+
+    def length_settings(self) -> list[Any]:
+        from ..limits import LengthSetting
+        packing = bool(self.specs.data.packing)
+        return [LengthSetting("data.chunk_size" if packing and self.specs.data.chunk_size else "data.max_length",
+                              self.block_size() if packing else (self.specs.data.max_length or 512))]
+
     def configure_model(self, model, tokenizer) -> None:
         packing = bool(self.specs.data.packing)
         check_positions(model, self.block_size() if packing else (self.specs.data.max_length or 512),

@@ -70,8 +70,9 @@ def check_block_size(size: int, tokenizer, field: str) -> None:
 
 def check_positions(model, size: int, field: str) -> None:
     """Blocks longer than the model's position table fail deep inside the forward pass: say so before training."""
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    from ..limits import config_limit
+    found = config_limit(getattr(model, "config", None))
+    limit = found.tokens if found is not None and found.hard else None  # rotary: longer runs (limits.py)
     if isinstance(limit, int) and size > limit:
         raise ConfigError(f"Blocks of {size} tokens are longer than the model's {limit} positions", field=field,
                           suggestions=[f"set {field} to {limit} or less",
@@ -153,6 +154,12 @@ class MaskedLMTask(Task):
 
     def tokenizer_training_texts(self, records: Sequence[dict[str, Any]]) -> list[str]:
         return [r[self.column("text")] for r in records if isinstance(r.get(self.column("text")), str)]
+
+    capped_lengths = ()  # the block size defines the training examples: a default over the limit is refused
+
+    def length_settings(self) -> list[Any]:
+        from ..limits import LengthSetting
+        return [LengthSetting("data.chunk_size" if self.packing else "data.max_length", self.block_size())]
 
     def configure_model(self, model, tokenizer) -> None:
         check_positions(model, self.block_size(), "data.chunk_size" if self.packing else "data.max_length")

@@ -194,6 +194,29 @@ class QuestionAnsweringTask(Task):
         self.last_predictions: dict[str, list[dict[str, Any]]] = {}
 
     # ---- settings ------------------------------------------------------------------------------------------
+    @classmethod
+    def fit_default_lengths(cls, defaults, limits, input_extra: int = 0):
+        """A lowered default max_length takes the default stride down with it (run_qa's 1:3), so the windows
+        still overlap by less than their length."""
+        before = defaults.get("data", {}).get("max_length")
+        defaults = super().fit_default_lengths(defaults, limits, input_extra)
+        data = defaults.get("data", {})
+        if data.get("max_length") != before and isinstance(data.get("stride"), int) and data["stride"] >= data[
+                "max_length"] // 3:
+            data["stride"] = data["max_length"] // 3
+        return defaults
+
+    def on_model_loaded(self, model) -> None:
+        super().on_model_loaded(model)
+        data = self.specs.data
+        if data.stride in (None, self.defaults["data"]["stride"]) and self._setting("stride") >= self._setting(
+                "max_length"):  # the default max_length was lowered to the model's limit: the stride follows
+            data.stride = self._setting("max_length") // 3
+
+    def length_settings(self):
+        from ..limits import LengthSetting
+        return [LengthSetting("data.max_length", self._setting("max_length"), "input")]
+
     def _setting(self, name: str):
         value = getattr(self.specs.data, name)
         return self.defaults["data"].get(name) if value is None else value

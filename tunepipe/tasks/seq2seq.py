@@ -32,6 +32,9 @@ class Seq2SeqTask(Task):
     """Shared by the three seq2seq tasks; subclasses choose columns, generation defaults and metrics."""
 
     generative = True
+    # generation.max_new_tokens is not lowered with them: on a decoder-only model the prompt shares its positions,
+    # so no single value is right; over an encoder-decoder's decoder limit it is refused at setup (limits.py)
+    capped_lengths = (("data.max_length", "input", 0), ("data.max_target_length", "output", 0))
     auto_model_class = "AutoModelForSeq2SeqLM"
     peft_task_type = "SEQ_2_SEQ_LM"
     output_key = "generated_text"
@@ -272,6 +275,19 @@ class Seq2SeqTask(Task):
     def on_model_loaded(self, model) -> None:
         self.adopt_config(model.config)  # a reloaded model (or an adapter's base) says how to prompt it
         self.decoder_start_token_id = getattr(model.config, "decoder_start_token_id", None)
+        super().on_model_loaded(model)  # lengths held to the model's positions
+
+    def length_settings(self) -> list[Any]:
+        """Encoder-decoder: sources on the encoder; targets and generated tokens (after the start token) on the
+        decoder. Decoder-only: prompt and completion share one stack, within data.max_length."""
+        from ..limits import LengthSetting
+        data = self.specs.data
+        settings = [LengthSetting("data.max_length", data.max_length, "input")]
+        if not self.decoder_only:
+            settings += [LengthSetting("data.max_target_length", data.max_target_length, "output"),
+                         LengthSetting("generation.max_new_tokens", self.specs.generation.max_new_tokens, "output",
+                                       extra=1)]
+        return settings
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def preprocess_logits_for_metrics(self, logits, labels):
