@@ -2,6 +2,7 @@
 bundled MiniLM base; requests alternating between them each get their own adapter's output and no adapter is
 loaded twice; adapters are listed, loaded, unloaded and removed over the API; bad requests get a 4xx with a clear
 message, never a 500."""
+import os
 import socket
 import threading
 import time
@@ -61,11 +62,13 @@ def server(adapters):
     import uvicorn
 
     from tunepipe import InferencePipeLine
-    from tunepipe.serve import Limits, create_app
+    from tunepipe.serve import Limits, create_app, uvicorn_config
     pipeline = InferencePipeLine(checkpoint="minilm", adapter_config=adapters["dirs"])
-    app = create_app(pipeline, Limits(max_batch=8, max_input_chars=200, max_body_bytes=4000))
+    limits = Limits(max_batch=8, max_input_chars=200, max_body_bytes=4000)
+    root = os.path.dirname(adapters["dirs"]["ner"])
+    app = create_app(pipeline, limits, allow_adapter_management=True, adapter_roots=[root])
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
@@ -92,6 +95,8 @@ def test_health_and_openapi(server):
     spec = client.get("/openapi.json").json()
     assert {"/health", "/v1/predict", "/v1/adapters", "/v1/adapters/{name}"} <= set(spec["paths"])
     assert "PredictRequest" in spec["components"]["schemas"]
+    listed = client.get("/v1/adapters").json()["adapters"]
+    assert listed and all("path" not in a and not str(a.get("base_model")).startswith("/") for a in listed)
 
 
 def test_alternating_requests_get_their_own_adapter_without_reloading(server, adapters):
@@ -167,27 +172,56 @@ def test_bad_requests_get_a_clear_4xx(server, body, status, needle):
     assert needle in error["message"] and error["code"]
 
 
-def test_malformed_oversized_and_adapter_mistakes(server, tmp_path):
+def test_malformed_oversized_and_adapter_mistakes(server, adapters, tmp_path):
     client, _ = server
     r = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_ERROR"
     r = client.post("/v1/predict", json={"inputs": ["word " * 30] * 40, "adapter": "sst"})
     assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
     r = client.post("/v1/adapters", json={"name": "ghost", "path": str(tmp_path / "missing")})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "MODEL_NOT_FOUND" and r.json()["error"]["suggestions"]
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "ADAPTER_PATH_REFUSED" and error["suggestions"]
     assert "ghost" not in [a["name"] for a in client.get("/v1/adapters").json()["adapters"]]
-    assert client.post("/v1/adapters", json={"name": "has space", "path": str(tmp_path)}).status_code == 400
-    assert client.post("/v1/adapters", json={"name": "ner", "path": str(tmp_path)}).status_code == 400  # taken
+    ner_dir = adapters["dirs"]["ner"]
+    r = client.post("/v1/adapters", json={"name": "has space", "path": ner_dir})
+    assert r.status_code == 400 and "Invalid adapter name" in r.json()["error"]["message"]
+    r = client.post("/v1/adapters", json={"name": "ner", "path": ner_dir})
+    assert r.status_code == 400 and "already registered" in r.json()["error"]["message"]
     assert client.delete("/v1/adapters/nope").status_code == 404
     assert client.post("/v1/adapters/nope/load").status_code == 404
 
 
-def test_cli_serve_binds_localhost_by_default(monkeypatch, adapters):
+def test_cli_serve_binds_localhost_by_default(monkeypatch, adapters, capsys):
     import tunepipe.serve
     from tunepipe.cli import main
     seen = {}
+    monkeypatch.delenv("TUNEPIPE_API_KEY", raising=False)
     monkeypatch.setattr(tunepipe.serve, "serve", lambda pipeline, host, port, limits, **kw: seen.update(
         host=host, port=port, limits=limits, adapters=pipeline.adapters.list_adapters(), **kw))
     assert main(["serve", "--model", "minilm", "--adapter", f"sst={adapters['dirs']['sst']}", "--max-batch", "4"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000 and seen["limits"].max_batch == 4
-    assert [a["name"] for a in seen["adapters"]] == ["sst"] and seen["allow_adapter_loading"] is True
+    assert [a["name"] for a in seen["adapters"]] == ["sst"]
+    assert seen["allow_adapter_management"] is False and seen["api_key"] is None and seen["scheduling"] == "fair"
+    assert "loopback" in capsys.readouterr().err
+
+
+def test_cli_serve_takes_the_key_from_the_environment(monkeypatch, adapters, tmp_path, capsys):
+    import tunepipe.serve
+    from tunepipe.cli import main
+    seen = {}
+    monkeypatch.setattr(tunepipe.serve, "serve", lambda pipeline, host, port, limits, **kw: seen.update(
+        host=host, limits=limits, **kw))
+    monkeypatch.setenv("TUNEPIPE_API_KEY", "k" * 32)
+    root = os.path.dirname(adapters["dirs"]["sst"])
+    assert main(["serve", "--model", "minilm", "--adapter", f"sst={adapters['dirs']['sst']}", "--host", "0.0.0.0",
+                 "--allow-adapter-management", "--adapter-root", root, "--max-body-bytes", "1000",
+                 "--header-timeout", "3"]) == 0
+    assert seen["host"] == "0.0.0.0" and seen["api_key"] == "k" * 32 and seen["allow_adapter_management"] is True
+    assert seen["adapter_roots"] == [root] and seen["limits"].max_body_bytes == 1000
+    assert seen["limits"].header_timeout == 3
+    capsys.readouterr()
+    # management without a root, and a limit that could never admit a full request, are refused at start
+    assert main(["serve", "--model", "minilm", "--allow-adapter-management"]) == 2
+    assert "--adapter-root" in capsys.readouterr().err
+    assert main(["serve", "--model", "minilm", "--max-batch", "5000"]) == 2
+    assert "--max-queued-inputs" in capsys.readouterr().err

@@ -1,31 +1,53 @@
-"""`tunepipe serve`: an HTTP JSON API over an InferencePipeLine (FastAPI + uvicorn).
+"""`tunepipe serve`: an HTTP JSON API over an InferencePipeLine (FastAPI + uvicorn), fit to be exposed.
 
-``create_app(pipeline)`` builds the app without starting a server (tests and ASGI hosts use it directly);
-``serve(pipeline, host, port)`` runs it with uvicorn, on 127.0.0.1 unless told otherwise. Every user mistake is a
-4xx with ``{"error": {"code", "message", "field", "suggestions"}}``; only a fault of the server itself is a 500.
-Requests are served one at a time by the model (a lock): adapters are switched per request, and torch already
-uses every core for one batch.
+``create_app(pipeline, limits, api_key=...)`` builds the app without starting a server (tests and ASGI hosts use
+it directly); ``serve(...)`` runs it with uvicorn and refuses a non-loopback address without an API key. Every
+user mistake is a 4xx with ``{"error": {"code", "message", "field", "suggestions"}}``; only a fault of the server
+itself is a 500. What guards the server is in serve_guard.py (key, body size and encoding, requests in flight,
+connection timeouts); who gets the model when is in serve_scheduler.py (one model thread, micro-batches served
+round robin between requests). docs/serving.md is the operator's guide.
 """
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass
-from typing import Any
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError, DependencyError, TunepipeError, ValidationError
 
 log = logging.getLogger("tunepipe.serve")
+API_KEY_ENV = "TUNEPIPE_API_KEY"
+MIN_KEY_CHARS = 16
 
 
 @dataclass
 class Limits:
-    """Request limits: inputs per request, characters per input, and bytes per request body."""
-    max_batch: int = 64
-    max_input_chars: int = 20_000
-    max_body_bytes: int = 2_000_000
+    """What the server takes: per request, in total, and per connection (each has a `tunepipe serve` flag)."""
+    max_batch: int = 64                  # inputs in one request
+    max_input_chars: int = 20_000        # characters in one input
+    max_body_bytes: int = 2_000_000      # bytes in one request body, counted while it is read
+    max_concurrent_requests: int = 64    # requests in progress at once (reading, waiting, predicting)
+    max_queued_inputs: int = 2048        # inputs admitted and not yet answered, all requests together
+    max_connections: int = 1000          # open connections; a request on one beyond this gets 503
+    header_timeout: float = 10.0         # seconds for a request head to arrive
+    body_timeout: float = 30.0           # seconds for a request body to arrive, after its head
+    keep_alive_timeout: float = 5.0      # seconds an idle connection stays open between requests
+    max_header_bytes: int = 16_384       # bytes in a request head
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"Server limit {f.name} must be a positive number, got {value!r}", field=f.name,
+                                  suggestions=[f"e.g. --{f.name.replace('_', '-')} {f.default}"])
+        if self.max_batch > self.max_queued_inputs:
+            raise ConfigError(f"max_batch ({self.max_batch}) is over max_queued_inputs ({self.max_queued_inputs}): "
+                              "a full request could never be admitted", field="max_queued_inputs",
+                              suggestions=[f"raise --max-queued-inputs to at least {self.max_batch}"])
 
 
 class PredictRequest(BaseModel):
@@ -52,9 +74,18 @@ class AdapterRequest(BaseModel):
     """Body of POST /v1/adapters."""
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., description="name to use in requests")
-    path: str = Field(..., description="adapter directory on the server (or a run's output_dir)")
+    path: str = Field(..., description="adapter directory (or a run's output_dir) under one of the server's "
+                                       "adapter roots: absolute, or relative to a root")
     task: str | None = Field(None, description="task, when the adapter does not record it")
     load: bool = Field(True, description="load it now (else at its first request)")
+
+
+class AdapterPathError(TunepipeError):
+    code = "ADAPTER_PATH_REFUSED"
+
+
+class ForbiddenError(TunepipeError):
+    code = "FORBIDDEN"
 
 
 def _require_fastapi():
@@ -66,19 +97,22 @@ def _require_fastapi():
                               suggestions=["pip install 'tunepipe[serving]'"]) from None
 
 
-def _error(status: int, code: str, message: str, field: str | None = None, suggestions=()):
+def _error(status: int, code: str, message: str, field: str | None = None, suggestions=(), headers=None):
     from fastapi.responses import JSONResponse
-    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message, "field": field,
-                                                               "suggestions": list(suggestions)}})
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"code": code, "message": message, "field": field,
+                                           "suggestions": list(suggestions)}})
 
 
 def _status_of(e: TunepipeError) -> int:
     from .adapters import AdapterNotFoundError
     if isinstance(e, AdapterNotFoundError):
         return 404
+    if isinstance(e, ForbiddenError):
+        return 403
     if e.code == "ADAPTER_SWITCH_ERROR":
         return 500
-    return 400 if e.code != "MEMORY_ERROR" else 503
+    return 503 if e.code in ("MEMORY_ERROR", "SERVER_BUSY") else 400
 
 
 def _size(value: Any) -> int:
@@ -92,37 +126,131 @@ def _size(value: Any) -> int:
     return 0
 
 
-def create_app(pipeline, limits: Limits | None = None, allow_adapter_loading: bool = True):
-    """The FastAPI app for ``pipeline`` (an InferencePipeLine)."""
+# ---- who may bind where, with which key -------------------------------------------------------------------
+def read_api_key(key: str | None = None, key_file: str | None = None) -> str | None:
+    """The key from --api-key, else --api-key-file, else $TUNEPIPE_API_KEY; None when none is set."""
+    if key and key_file:
+        raise ConfigError("Give --api-key or --api-key-file, not both", field="api_key")
+    if key_file:
+        try:
+            key = Path(key_file).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"Cannot read the API key file {key_file}: {e.strerror}", field="api_key_file",
+                              suggestions=["check the path and its permissions"]) from None
+    key = key if key is not None else os.environ.get(API_KEY_ENV)
+    if key is None or key == "":
+        return None
+    key = key.strip()
+    if len(key) < MIN_KEY_CHARS or not key.isascii() or not key.isprintable() or " " in key:
+        raise ConfigError(f"The API key must be at least {MIN_KEY_CHARS} printable ASCII characters without spaces",
+                          field="api_key", suggestions=["make one: python -c 'import secrets; "
+                                                        "print(secrets.token_urlsafe(32))'"])
+    return key
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Without a key the server answers anyone who reaches it: loopback only."""
+    from .serve_guard import is_loopback
+    if api_key is None and not is_loopback(host):
+        raise ConfigError(f"Refusing to bind --host {host} without an API key: anyone who can reach it could use it",
+                          field="host", suggestions=[f"set {API_KEY_ENV} (or --api-key-file FILE) to require a key",
+                                                     "or bind 127.0.0.1 and put a reverse proxy in front "
+                                                     "(docs/serving.md)"])
+
+
+def _real_roots(roots: Sequence[str | Path]) -> list[str]:
+    out = []
+    for root in roots:
+        real = os.path.realpath(os.path.expanduser(str(root)))
+        if not os.path.isdir(real):
+            raise ConfigError(f"Adapter root {root} is not a directory", field="adapter_root",
+                              suggestions=["give an existing directory holding adapters"])
+        out.append(real)
+    return out
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(os.path.commonpath([path, root]) == root for root in roots)
+
+
+def adapter_dir_under(path: str, roots: list[str]) -> str:
+    """The real adapter directory ``path`` names, if it lies under one of ``roots``. One answer for outside the
+    roots, missing, not a directory and not an adapter: the route must not tell which paths exist. Checked here,
+    before the adapter manager sees the path (it would take a name that is not a directory as a hub id)."""
+    refused = AdapterPathError(f"'{path[:200]}' is not an adapter directory under this server's adapter roots",
+                               field="path", suggestions=["give an adapter directory (or a run's output_dir) inside "
+                                                          "an --adapter-root of the server, absolute or relative "
+                                                          "to the root"])
+    if not path or "\x00" in path or len(path) > 4096:
+        raise refused
+    try:
+        candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in roots]
+        for candidate in candidates:
+            real = os.path.realpath(candidate)
+            for _ in range(4):  # a run's output_dir holds adapter/; follow it as the manager would
+                if not _under(real, roots) or not os.path.isdir(real):
+                    break
+                inner = os.path.join(real, "adapter")
+                if os.path.isfile(os.path.join(inner, "adapter_config.json")):
+                    real = os.path.realpath(inner)
+                    continue
+                if os.path.isfile(os.path.join(real, "adapter_config.json")):
+                    return real
+                break
+    except (OSError, ValueError):
+        pass
+    raise refused
+
+
+# ---- the app ----------------------------------------------------------------------------------------------
+def create_app(pipeline, limits: Limits | None = None, *, api_key: str | None = None,
+               allow_adapter_management: bool = False, adapter_roots: Sequence[str | Path] = (),
+               scheduling: str = "fair"):
+    """The FastAPI app for ``pipeline`` (an InferencePipeLine). Adapter registration, loading and removal over the
+    API need ``allow_adapter_management`` and at least one adapter root."""
     _require_fastapi()
+    import asyncio
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     from . import __version__
+    from .serve_guard import GuardMiddleware, InFlight
+    from .serve_scheduler import ModelWorker
     limits = limits or Limits()
-    lock = threading.Lock()
+    if scheduling not in ("fair", "fifo"):
+        raise ConfigError(f"Unknown scheduling {scheduling!r}", field="scheduling", suggestions=["fair or fifo"])
+    roots = _real_roots(adapter_roots)
+    if allow_adapter_management and not roots:
+        raise ConfigError("Adapter management needs at least one adapter root", field="adapter_root",
+                          suggestions=["add --adapter-root DIR: only adapters under it can be registered"])
+    worker = ModelWorker(pipeline, micro_batch=pipeline.batch_size, max_queued_inputs=limits.max_queued_inputs,
+                         scheduling=scheduling)
 
-    app = FastAPI(title="tunepipe", version=__version__,
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        yield
+        await asyncio.to_thread(worker.stop)  # lets the micro-batch in progress finish
+
+    app = FastAPI(title="tunepipe", version=__version__, lifespan=lifespan,
                   description="Predictions from a fine-tuned model: entities, labels, answers, generated text; "
-                              "PEFT adapters chosen per request.")
+                              "PEFT adapters chosen per request. Every route but /health needs the API key "
+                              "(Authorization: Bearer <key>) when the server has one.")
     app.state.pipeline = pipeline
     app.state.limits = limits
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return _error(413, "REQUEST_TOO_LARGE", f"Request body over {limits.max_body_bytes} bytes",
-                          suggestions=["send fewer or shorter inputs per request"])
-        if length is None and request.method in ("POST", "PUT", "PATCH"):
-            if len(await request.body()) > limits.max_body_bytes:
-                return _error(413, "REQUEST_TOO_LARGE", f"Request body over {limits.max_body_bytes} bytes",
-                              suggestions=["send fewer or shorter inputs per request"])
-        return await call_next(request)
+    app.state.worker = worker
+    in_flight = InFlight()
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=limits.max_body_bytes,
+                       max_concurrent_requests=limits.max_concurrent_requests, in_flight=in_flight)
 
     @app.exception_handler(TunepipeError)
     async def tunepipe_error(request: Request, e: TunepipeError):
-        return _error(_status_of(e), e.code, e.message, e.field, e.suggestions)
+        status = _status_of(e)
+        return _error(status, e.code, e.message, e.field, e.suggestions,
+                      headers={"Retry-After": "1"} if status == 503 else None)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, e: RequestValidationError):
@@ -134,20 +262,36 @@ def create_app(pipeline, limits: Limits | None = None, allow_adapter_loading: bo
         return _error(422, "VALIDATION_ERROR", f"Invalid request: {message}", where,
                       ["see /docs or /openapi.json for the request schema"])
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return _error(e.status_code, "HTTP_ERROR", str(e.detail), headers=getattr(e, "headers", None))
+
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
         log.exception("internal error on %s", request.url.path)
-        return _error(500, "INTERNAL_ERROR", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        return _error(500, "INTERNAL_ERROR", f"Internal error ({type(e).__name__})",
                       suggestions=["this is a server fault, not a problem with the request: see the server log"])
 
-    @app.get("/health", summary="Liveness and what is loaded")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", **pipeline.describe()}
+    described = pipeline.describe()  # now: later it would wait for the model thread's lock
+    ck = pipeline.checkpoint
+    about = {"model": (ck.run_dir or Path(ck.path)).name, "kind": described["kind"], "task": described["task"],
+             "device": described["device"], "dtype": described["dtype"], "batch_size": described["batch_size"],
+             "default_adapter": described["default_adapter"]}
+    counts = {"adapters": described["adapters"]}
+
+    def count_adapters():  # on the model thread, after a change
+        counts["adapters"] = len(pipeline.adapters.list_adapters())
+
+    @app.get("/health", summary="Liveness, what is served and the queue (no key needed; no paths)")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", **about, "adapters": counts["adapters"],
+                "queue": {"requests_in_progress": in_flight.count, **worker.stats()}}
 
     @app.post("/v1/predict", response_model=PredictResponse, summary="Predict for one input or a batch",
-              responses={400: {"description": "bad input or setting"}, 404: {"description": "unknown adapter"},
-                         413: {"description": "request too large"}, 422: {"description": "malformed request"}})
-    def predict(body: PredictRequest) -> PredictResponse:
+              responses={400: {"description": "bad input or setting"}, 401: {"description": "missing or wrong key"},
+                         404: {"description": "unknown adapter"}, 413: {"description": "request too large"},
+                         422: {"description": "malformed request"}, 503: {"description": "busy: retry later"}})
+    async def predict(body: PredictRequest) -> PredictResponse:
         from .inference import is_single_input
         single = is_single_input(body.inputs)
         items = [body.inputs] if single else body.inputs
@@ -176,15 +320,21 @@ def create_app(pipeline, limits: Limits | None = None, allow_adapter_loading: bo
         if body.adapters is not None and (single or body.adapter is not None):
             raise ValidationError("Give either adapter (one for all inputs) or adapters (one per input in a list)",
                                   field="adapters", suggestions=["drop one of the two fields"])
-        with lock:
-            if body.adapters is not None:
-                results = pipeline.predict_grouped(items, body.adapters, **body.parameters)
-            else:
-                results = pipeline.predict(items, adapter=body.adapter, **body.parameters)
-            task = pipeline.task_for(body.adapter).name if body.adapters is None else None
+        if body.adapters is not None and len(body.adapters) != len(items):
+            raise ValidationError(f"{len(items)} inputs but {len(body.adapters)} adapter names", field="adapters",
+                                  suggestions=["give one adapter name per input"])
+        results, task = await worker.predict(items, body.adapter, body.adapters, body.parameters)
         return PredictResponse(predictions=results[0] if single else results, task=task)
 
+    def _require_management():
+        if not allow_adapter_management:
+            raise ForbiddenError("Adapter management over the API is off on this server", field="adapter",
+                                 suggestions=["the operator can turn it on: --allow-adapter-management "
+                                              "--adapter-root DIR", "or serve the adapter from the start: "
+                                                                    "--adapter NAME=DIR"])
+
     def _manager():
+        _require_management()
         if pipeline.adapters is None:
             raise ConfigError("This server runs one model without adapters", field="adapter",
                               suggestions=["start it with --adapter NAME=DIR to serve adapters"])
@@ -195,56 +345,97 @@ def create_app(pipeline, limits: Limits | None = None, allow_adapter_loading: bo
         if pipeline.adapters is None:
             return {"adapters": [], "max_adapters_in_memory": 0}
         manager = pipeline.adapters
-        return {"adapters": manager.list_adapters(), "max_adapters_in_memory": manager.max_adapters_in_memory,
-                "default_adapter": pipeline.default_adapter}
+        return {"adapters": [_public(a) for a in manager.list_adapters()],
+                "max_adapters_in_memory": manager.max_adapters_in_memory, "default_adapter": pipeline.default_adapter}
 
-    @app.post("/v1/adapters", status_code=201, summary="Register (and load) an adapter from a server directory")
-    def add_adapter(body: AdapterRequest) -> dict[str, Any]:
-        if not allow_adapter_loading:
-            raise ConfigError("Loading adapters over the API is turned off on this server", field="path",
-                              suggestions=["restart the server with the adapter: --adapter NAME=DIR"])
+    @app.post("/v1/adapters", status_code=201, summary="Register (and load) an adapter from under an adapter root",
+              responses={403: {"description": "adapter management is off"}})
+    async def add_adapter(body: AdapterRequest) -> dict[str, Any]:
+        _require_management()
+        directory = adapter_dir_under(body.path, roots)  # first: nothing else may see an unchecked path
         manager = _manager()
-        with lock:
-            manager.register_adapter(body.name, body.path, task=body.task)
+
+        def register():
+            manager.register_adapter(body.name, directory, task=body.task)
             if body.load:
                 try:
                     manager.load_adapter(body.name)
                 except Exception:
                     manager.unregister_adapter(body.name)
                     raise
-        return {"adapter": _find(manager, body.name)}
+            count_adapters()
+            return _find(manager, body.name)
 
-    @app.post("/v1/adapters/{name}/load", summary="Load a registered adapter into memory")
-    def load_adapter(name: str) -> dict[str, Any]:
+        return {"adapter": await worker.call(register)}
+
+    @app.post("/v1/adapters/{name}/load", summary="Load a registered adapter into memory",
+              responses={403: {"description": "adapter management is off"}})
+    async def load_adapter(name: str) -> dict[str, Any]:
         manager = _manager()
-        with lock:
+
+        def load():
             manager.load_adapter(name)
-        return {"adapter": _find(manager, name)}
+            return _find(manager, name)
 
-    @app.post("/v1/adapters/{name}/unload", summary="Free an adapter's memory (it stays registered)")
-    def unload_adapter(name: str) -> dict[str, Any]:
+        return {"adapter": await worker.call(load)}
+
+    @app.post("/v1/adapters/{name}/unload", summary="Free an adapter's memory (it stays registered)",
+              responses={403: {"description": "adapter management is off"}})
+    async def unload_adapter(name: str) -> dict[str, Any]:
         manager = _manager()
-        with lock:
+
+        def unload():
             manager.unload_adapter(name)
-        return {"adapter": _find(manager, name)}
+            return _find(manager, name)
 
-    @app.delete("/v1/adapters/{name}", summary="Unload and unregister an adapter")
-    def delete_adapter(name: str) -> dict[str, Any]:
+        return {"adapter": await worker.call(unload)}
+
+    @app.delete("/v1/adapters/{name}", summary="Unload and unregister an adapter",
+                responses={403: {"description": "adapter management is off"}})
+    async def delete_adapter(name: str) -> dict[str, Any]:
         manager = _manager()
-        with lock:
+        def delete():
             manager.unregister_adapter(name)
+            count_adapters()
+
+        await worker.call(delete)
         return {"deleted": name}
 
     return app
 
 
+def _public(adapter: dict[str, Any]) -> dict[str, Any]:
+    """An adapter's record without server paths."""
+    out = {k: v for k, v in adapter.items() if k != "path"}
+    if out.get("base_model"):
+        out["base_model"] = Path(str(out["base_model"])).name
+    return out
+
+
 def _find(manager, name: str) -> dict[str, Any]:
-    return next(a for a in manager.list_adapters() if a["name"] == name)
+    return _public(next(a for a in manager.list_adapters() if a["name"] == name))
 
 
-def serve(pipeline, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
-          allow_adapter_loading: bool = True, log_level: str = "info") -> None:
-    """Run the API with uvicorn until interrupted."""
-    app = create_app(pipeline, limits, allow_adapter_loading)
+def uvicorn_config(app, host: str, port: int, limits: Limits, log_level: str = "info"):
+    """uvicorn settings from ``limits``: the guarded h11 protocol (head and body deadlines), keep-alive, open
+    connections, head size."""
     import uvicorn
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+    from .serve_guard import guarded_protocol
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", ws="none",
+                          http=guarded_protocol(limits.header_timeout, limits.body_timeout),
+                          timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
+                          limit_concurrency=limits.max_connections,
+                          h11_max_incomplete_event_size=limits.max_header_bytes, server_header=False)
+
+
+def serve(pipeline, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None, *,
+          api_key: str | None = None, allow_adapter_management: bool = False,
+          adapter_roots: Sequence[str | Path] = (), scheduling: str = "fair", log_level: str = "info") -> None:
+    """Run the API with uvicorn until interrupted. Without ``api_key`` only a loopback address is allowed."""
+    check_bind(host, api_key)
+    limits = limits or Limits()
+    app = create_app(pipeline, limits, api_key=api_key, allow_adapter_management=allow_adapter_management,
+                     adapter_roots=adapter_roots, scheduling=scheduling)
+    import uvicorn
+    uvicorn.Server(uvicorn_config(app, host, port, limits, log_level)).run()
