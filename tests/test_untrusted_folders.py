@@ -173,25 +173,12 @@ def test_server_adapter_route_runs_no_code_from_the_folder(crafted, tmp_path, on
 
 
 def _adapter_route_options(root: Path) -> dict:
-    """create_app's options that allow adapter registration under ``root`` (as the server flags would)."""
-    import inspect
-
-    from tunepipe.serve import create_app
-    params = inspect.signature(create_app).parameters
-    options = {}
-    if "allow_adapter_loading" in params:
-        options["allow_adapter_loading"] = True
-    if "allow_adapter_management" in params:
-        options["allow_adapter_management"] = True
-    if "adapter_roots" in params:
-        options["adapter_roots"] = [str(root)]
-    if "api_key" in params:
-        options["api_key"] = "test-key"
-    return options
+    """create_app's options for `serve --api-key ... --allow-adapter-management --adapter-root ROOT`."""
+    return {"api_key": "test-key-0123456789", "allow_adapter_management": True, "adapter_roots": [str(root)]}
 
 
 def _auth_headers() -> dict:
-    return {"Authorization": "Bearer test-key"}
+    return {"Authorization": "Bearer test-key-0123456789"}
 
 
 def test_a_relative_base_that_climbs_out_is_not_followed(crafted, tmp_path):

@@ -43,6 +43,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", help="float32 (default), bfloat16, auto (bf16 where fast) or int8 (CPU)")
     p.add_argument("--max-adapters", type=int, default=8, help="adapters kept in memory (least recently used go)")
+    _add_trust_arg(p)
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the model (its config's auto_map); off by default, and never "
+                        "switched on by a setting saved in a model, adapter or run folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,18 +70,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--input", required=True, help="a text, or a .jsonl/.txt file of inputs (a jsonl record may name "
                                                   "its adapter in an 'adapter' field)")
-    p.add_argument("--output", help="write JSON Lines here (default: stdout)")
+    p.add_argument("--output", help="write JSON Lines here (default: stdout); never the input or a model file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--use", metavar="NAME", help="adapter for inputs that name none (default: the only adapter given)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a prediction setting of the task, e.g. --param aggregation_strategy=simple, "
                         "--param num_beams=4, --param top_k=3 (repeatable)")
     p = sub.add_parser("serve", help="serve predictions over HTTP: /v1/predict, /v1/adapters, /health, /docs")
     _add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only; "
+                                                       "any other needs an API key)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=64, help="most inputs in one request")
-    p.add_argument("--max-input-chars", type=int, default=20_000, help="longest input, in characters")
-    p.add_argument("--no-adapter-loading", action="store_true", help="refuse POST /v1/adapters (fixed adapter set)")
+    p.add_argument("--api-key", help="key every route but /health requires (Authorization: Bearer KEY); prefer "
+                                     "$TUNEPIPE_API_KEY or --api-key-file: a flag shows in the process list")
+    p.add_argument("--api-key-file", help="read the API key from this file")
+    p.add_argument("--allow-adapter-management", action="store_true",
+                   help="turn on POST/DELETE /v1/adapters and load/unload (off by default; needs --adapter-root)")
+    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="directory whose adapters may be registered over the API (repeatable)")
+    p.add_argument("--scheduling", choices=["fair", "fifo"], default="fair",
+                   help="fair (default): micro-batches of --batch-size taken from each request in turn; "
+                        "fifo: each request whole, in arrival order")
+    p.add_argument("--no-adapter-loading", action="store_true", help=argparse.SUPPRESS)  # the default now
+    g = p.add_argument_group("serve limits (docs/serving.md)")
+    g.add_argument("--max-batch", type=int, default=64, help="most inputs in one request (default 64)")
+    g.add_argument("--max-input-chars", type=int, default=20_000, help="longest input, in characters")
+    g.add_argument("--max-body-bytes", type=int, default=2_000_000, help="largest request body (default 2 MB)")
+    g.add_argument("--max-concurrent-requests", type=int, default=64,
+                   help="requests in progress at once; beyond: 503 with Retry-After (default 64)")
+    g.add_argument("--max-queued-inputs", type=int, default=2048,
+                   help="inputs admitted and not yet answered, all requests together; beyond: 503 (default 2048)")
+    g.add_argument("--max-connections", type=int, default=1000, help="open connections (default 1000)")
+    g.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request head (default 10)")
+    g.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request body (default 30)")
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle seconds between requests (default 5)")
     sub.add_parser("tasks", help="list tasks and their default specs")
     p = sub.add_parser("init", help="write a commented starter specs file for a task")
     p.add_argument("task")
@@ -85,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a PEFT run's adapter into its (full-precision) base: a full model")
     p.add_argument("output_dir", help="the output_dir of a run trained with a peft section (or its adapter dir)")
     p.add_argument("--to", dest="target", help="directory to write (default: <output_dir>/merged)")
+    _add_trust_arg(p)
     return parser
 
 
@@ -112,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001
         if args.debug:
             raise
-        _print_error(ErrorHandler.translate(e))
-        return EXIT_INTERNAL
+        error = ErrorHandler.translate(e)  # a typed error (a symlink loop, a full disk ...) is the user's to fix
+        _print_error(error)
+        return EXIT_INTERNAL if ErrorHandler.is_internal(error) else EXIT_USER_ERROR
 
 
 def _print_error(e) -> None:
@@ -168,7 +199,7 @@ def _inference_pipeline(args):
     from .inference import InferencePipeLine
     return InferencePipeLine(args.task, args.model, adapter_config=_adapter_args(args.adapter) or None,
                              device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                             max_adapters_in_memory=args.max_adapters)
+                             max_adapters_in_memory=args.max_adapters, trust_remote_code=args.trust_remote_code)
 
 
 def _param_args(items: list[str]) -> dict:
@@ -182,21 +213,34 @@ def _param_args(items: list[str]) -> dict:
 
 
 def _input_records(text: str) -> tuple[list, bool]:
-    """(records or texts, whether they came from a file)."""
-    path = Path(text)
-    if not (path.suffix in (".jsonl", ".txt") and path.is_file()):
-        return [text], False
-    from .data import Records, read_jsonl, read_text
-    records = Records()
-    if path.suffix == ".txt":
-        read_text(path, records, "text")
-        return [r["text"] for r in records.rows], True
-    read_jsonl(path, records)
-    return list(records.rows), True
+    """(records or texts, whether they came from a file); a value that looks like a path but is not a readable
+    file is an error, not a text to predict on (data.read_predict_inputs)."""
+    from .data import read_predict_inputs
+    return read_predict_inputs(text)
+
+
+def _model_dirs(args) -> list[str]:
+    """The model, adapter and base directories a predict call reads (its --output must not replace them)."""
+    from .inference import resolve_checkpoint
+    from .peft_support import is_adapter_dir, read_adapter_info, resolve_base
+    ck = resolve_checkpoint(args.model)
+    dirs = [ck.path]
+    for path in _adapter_args(args.adapter).values():
+        dirs.append(str(Path(path).expanduser() / "adapter") if is_adapter_dir(Path(path).expanduser() / "adapter")
+                    else path)
+    for d in list(dirs):
+        if is_adapter_dir(d):
+            dirs.append(resolve_base(d, read_adapter_info(d)))
+    return dirs
 
 
 def cmd_predict(args) -> int:
     from .errors import ConfigError
+    if args.output:  # before the model loads: a wrong --output fails in a second
+        from .ownership import check_output_file, expand
+        source = expand(args.input)
+        check_output_file(args.output, overwrite=args.overwrite,
+                          inputs={"input file": [source] if source.is_file() else [], "model": _model_dirs(args)})
     pipe = _inference_pipeline(args)
     names = [a["name"] for a in pipe.adapters.list_adapters()] if pipe.adapters else []
     if args.use and args.use not in names:
@@ -207,7 +251,7 @@ def cmd_predict(args) -> int:
     rows, from_file = _input_records(args.input)
     adapters = [r.get("adapter") or default if isinstance(r, dict) else default for r in rows]
     inputs = pipe.inputs_from_records(rows, adapters)
-    target = Path(args.output) if args.output else None
+    target = Path(args.output).expanduser() if args.output else None
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target else None
     out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
     chunk = max(1, args.batch_size * 8)
@@ -230,14 +274,27 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import Limits, serve
+    from .serve import Limits, check_bind, read_api_key, serve
+    api_key = read_api_key(args.api_key, args.api_key_file)
+    check_bind(args.host, api_key)  # before minutes of model loading
+    limits = Limits(max_batch=args.max_batch, max_input_chars=args.max_input_chars,
+                    max_body_bytes=args.max_body_bytes, max_concurrent_requests=args.max_concurrent_requests,
+                    max_queued_inputs=args.max_queued_inputs, max_connections=args.max_connections,
+                    header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                    keep_alive_timeout=args.keep_alive_timeout)
+    if args.allow_adapter_management and not args.adapter_root:
+        from .errors import ConfigError
+        raise ConfigError("--allow-adapter-management needs --adapter-root DIR", field="adapter_root",
+                          suggestions=["only adapters under an adapter root can be registered over the API"])
+    if args.no_adapter_loading:
+        _say("--no-adapter-loading is the default now and is ignored (see --allow-adapter-management)")
     pipe = _inference_pipeline(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        _say(f"warning: binding {args.host}: the API has no authentication; anyone who can reach it can use it")
+    if api_key is None:
+        _say("no API key: serving this machine only (loopback); set TUNEPIPE_API_KEY to expose it (docs/serving.md)")
     _say(f"serving {pipe.task_name or 'adapters'} from {args.model} on http://{args.host}:{args.port} "
-         f"(API docs at /docs)")
-    serve(pipe, args.host, args.port, Limits(max_batch=args.max_batch, max_input_chars=args.max_input_chars),
-          allow_adapter_loading=not args.no_adapter_loading)
+         f"(API docs at /docs; adapter management {'on' if args.allow_adapter_management else 'off'})")
+    serve(pipe, args.host, args.port, limits, api_key=api_key, allow_adapter_management=args.allow_adapter_management,
+          adapter_roots=args.adapter_root, scheduling=args.scheduling)
     return 0
 
 
@@ -262,7 +319,7 @@ def cmd_init(args) -> int:
     if args.output == "-":
         sys.stdout.write(text)
         return 0
-    path = Path(args.output or f"{cls.name}.yaml")
+    path = Path(args.output or f"{cls.name}.yaml").expanduser()
     if path.exists() and not args.force:
         raise TunepipeIOError(f"{path} already exists", file=str(path), suggestions=["pass --force to overwrite"])
     path.write_text(text, encoding="utf-8")
@@ -273,9 +330,11 @@ def cmd_init(args) -> int:
 def cmd_demo(args) -> int:
     import time
     from .demo import demo_specs
+    from .ownership import claim_dir
     from .pipeline import FineTunePipeLine
     start = time.time()
-    specs = demo_specs(args.output_dir)
+    claim_dir(args.output_dir, kind="run", field="--output-dir")  # before its data is written there
+    specs = demo_specs(str(Path(args.output_dir).expanduser()))
     _say(f"demo: NER on {specs['model'].get('name_or_path', 'a tiny from-config BERT')}, "
          f"generated data in {args.output_dir}/data")
     pipe = FineTunePipeLine(specs)
@@ -306,7 +365,7 @@ def _print_metrics(pipe) -> None:
 
 def cmd_merge(args) -> int:
     from .merge import merge_and_unload
-    target = merge_and_unload(args.output_dir, args.target)
+    target = merge_and_unload(args.output_dir, args.target, trust_remote_code=args.trust_remote_code)
     _say(f"merged model saved to {target} (loads with plain transformers from_pretrained)")
     return 0
 

@@ -279,7 +279,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from .load_policy import remote_code
-    tokenizer = AutoTokenizer.from_pretrained(path, **remote_code(trust_remote_code))
+    from .models import tokenizer_load_error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **remote_code(trust_remote_code))
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json: named with its line, like in training
+        raise tokenizer_load_error(e, path, "model") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
