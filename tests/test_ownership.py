@@ -192,17 +192,26 @@ def test_tilde_is_expanded_for_the_model_and_the_checkpoints(tmp_path, tiny_spec
     assert not (home / "checkpoints").exists()
 
 
-def test_files_follow_the_users_umask(tmp_path, tiny_specs, ner_data, one_torch_thread):
+@pytest.mark.parametrize("peft", [None, "lora"])
+def test_files_follow_the_users_umask(peft, tmp_path, tiny_specs, ner_data, one_torch_thread):
+    """Saved models, adapters and checkpoints: 0755 directories and 0644 files under umask 022 (temporary
+    directories and some writers give 0700 / 0600)."""
     from tunepipe import FineTunePipeLine
     old = os.umask(0o022)
     try:
         specs = quick(tiny_specs("token_classification", {"train": ner_data["train"]}))
+        specs["training"].update(save_strategy="steps", save_steps=1)
+        if peft:
+            specs["peft"] = {"method": peft, "r": 2}
         FineTunePipeLine(specs).run()
     finally:
         os.umask(old)
-    model = Path(specs["output_dir"]) / "model"
-    assert stat.S_IMODE(model.stat().st_mode) == 0o755
-    assert {stat.S_IMODE(p.stat().st_mode) for p in model.iterdir()} == {0o644}
+    out = Path(specs["output_dir"])
+    saved = [out / ("adapter" if peft else "model"), *sorted((out / "checkpoints").iterdir())]
+    assert len(saved) > 1
+    for directory in saved:
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o755, directory
+        assert {stat.S_IMODE(p.stat().st_mode) for p in directory.rglob("*") if p.is_file()} == {0o644}, directory
 
 
 # ---- one writer at a time ----------------------------------------------------------------------------------

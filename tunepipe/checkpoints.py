@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import CheckpointError, TrainingError, TunepipeIOError
+from .output import follow_umask
 
 log = logging.getLogger("tunepipe")
 
@@ -363,6 +364,7 @@ class CheckpointManager:
         tmp, target = Path(tmp), self.path(step)
         if data_state is not None:
             (tmp / DATA_STATE).write_text(json.dumps(data_state, indent=1), encoding="utf-8")
+        follow_umask(tmp)  # some writers (safetensors) leave 0600 files: checkpoints get the user's umask too
         files = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(f, "rb") as fh:
