@@ -419,11 +419,11 @@ class MultiAdapterManager:
     def predict(self, inputs: Sequence[Any], adapter: str | None = None, batch_size: int = 32,
                 task: str | None = None, **kwargs) -> list[Any]:
         """The task's structured results for a list of inputs, with ``adapter`` (None: the base model)."""
-        from .inference import check_predict_kwargs, prepare_inputs
+        from .inference import check_predict_kwargs
         with self._lock:
             model, tokenizer, task_obj = self.set_adapter(adapter, task)
             check_predict_kwargs(task_obj, kwargs)
-            items = prepare_inputs(task_obj, list(inputs))
+            items = task_obj.prepare_inputs(list(inputs))
             return task_obj.predict(model, tokenizer, items, batch_size=batch_size, **kwargs)
 
     def predict_grouped(self, inputs: Sequence[Any], adapters: Sequence[str | None], batch_size: int = 32,

@@ -181,7 +181,7 @@ def _read_parquet(path: Path, split: str):
                                             "pandas.DataFrame.to_parquet), or convert it to JSON Lines"]) from None
 
 
-def _file_format(path: Path, declared: str, task_name: str, split: str | None = None) -> str:
+def _file_format(path: Path, declared: str, text_format: str, split: str | None = None) -> str:
     if declared not in ("auto", "hub"):
         return declared
     fmt = EXTENSIONS.get(path.suffix.lower())
@@ -189,9 +189,7 @@ def _file_format(path: Path, declared: str, task_name: str, split: str | None = 
         raise DatasetLoadError(f"Cannot tell the format of {path.name}", file=str(path),
                                field=f"data.{split}" if split else None,
                                suggestions=[f"set data.format to one of: {', '.join(sorted(set(EXTENSIONS.values())))}"])
-    if fmt == "text" and task_name == "token_classification":
-        return "conll"
-    return fmt
+    return text_format if fmt == "text" else fmt  # a .txt file: what the task reads as text (CoNLL for tags)
 
 
 class DatasetModules:
@@ -239,7 +237,7 @@ class DatasetModules:
             return self._load_hub(source, split, out)
         if not path.is_file():
             raise _missing_file_error(path, split)
-        fmt = _file_format(path, fmt, self.task.name, split)
+        fmt = _file_format(path, fmt, self.task.text_file_format, split)
         with ErrorHandler.guard(f"reading {path}"):
             if fmt == "jsonl":
                 read_jsonl(path, out)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .errors import ConfigError, ModelNotFoundError, TaskTypeError, ValidationError
+from .errors import ConfigError, ModelNotFoundError, TaskTypeError
 
 log = logging.getLogger("tunepipe")
 SPECS_FILE = "specs.yaml"
@@ -196,42 +196,6 @@ def _check_generation_setting(key: str, value: Any) -> None:
         raise ConfigError(f"Unknown generation setting '{key}'", field=key,
                           suggestions=[f"did you mean '{c}'?" for c in close] +
                           [f"settings: {', '.join(GenerationSpec.model_fields)}"])
-
-
-def prepare_inputs(task, items: Sequence[Any]) -> list[Any]:
-    """Type checks per task before any tokenizer sees the input (a clear 4xx instead of a crash deep inside)."""
-    out = []
-    for n, x in enumerate(items):
-        where = f"Input {n + 1}"
-        if task.name == "token_classification":
-            if isinstance(x, dict):
-                x = x.get(task.column("text"), x.get("text"))
-            if not (isinstance(x, str) or (isinstance(x, (list, tuple)) and all(isinstance(w, str) for w in x))):
-                raise ValidationError(f"{where} must be a text or a list of words, got {type(x).__name__}",
-                                      suggestions=['pass "Ada lives in Paris" or ["Ada", "lives", "in", "Paris"]'])
-            x = list(x) if isinstance(x, tuple) else x
-        elif task.name == "text_classification":
-            if isinstance(x, dict):
-                text, pair = x.get(task.column("text"), x.get("text")), x.get("text_pair")
-                x = (text, pair) if pair is not None else text
-            if isinstance(x, (list, tuple)):
-                if len(x) != 2 or not all(isinstance(t, str) for t in x):
-                    raise ValidationError(f"{where}: a text pair must be two texts, got {x!r:.80}",
-                                          suggestions=['pass ["first text", "second text"]'])
-                x = tuple(x)
-            elif not isinstance(x, str):
-                raise ValidationError(f"{where} must be a text, got {type(x).__name__}",
-                                      suggestions=['pass "a text", or a pair ["text", "text pair"]'])
-        elif task.generative:  # seq2seq, on an encoder-decoder or a decoder-only model
-            text = x if isinstance(x, str) else task.input_from_record(x) if isinstance(x, dict) else None
-            if not isinstance(text, str):
-                raise ValidationError(f"{where} must be a text or a record with the source text, got "
-                                      f"{type(x).__name__}", suggestions=['pass "a source text"'])
-        out.append(x)
-    if task.name == "text_classification" and len({isinstance(x, tuple) for x in out}) > 1:
-        raise ValidationError("Texts and text pairs are mixed in one request",
-                              suggestions=["send single texts and pairs in separate requests"])
-    return out
 
 
 # ---- devices and dtypes ------------------------------------------------------------------------------------
@@ -426,7 +390,7 @@ class InferencePipeLine:
                                   suggestions=["load adapters with adapter_config={name: directory}",
                                                "or leave adapter out"])
             check_predict_kwargs(self.task, kwargs)
-            items = prepare_inputs(self.task, items)
+            items = self.task.prepare_inputs(items)
             return self.task.predict(self.model, self.tokenizer, items, batch_size=batch_size, **kwargs)
         name = adapter if adapter is not None else self.default_adapter
         return self.adapters.predict(items, adapter=name, batch_size=batch_size, **kwargs)

@@ -9,6 +9,9 @@ from typing import Any
 from .errors import ConfigError, ErrorHandler, ModelError, ModelNotFoundError, TaskTypeError
 
 BUNDLED_ALIASES = ("minilm", "all-minilm-l6-v2", "bundled")
+# The hub repository the bundled encoder is a copy of: what a run records as its base (portable), mapped back to the
+# bundled copy here whenever the package is installed (the same files, no network needed).
+BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 ARCHITECTURE_TASKS = {"ForTokenClassification": "token_classification",
                       "ForSequenceClassification": "text_classification"}
 
@@ -22,9 +25,19 @@ def bundled_model_dir() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def bundled_copy(name: str) -> str | None:
+    """The bundled encoder's directory for an alias or its hub id, when the package is installed; else None."""
+    if name.lower() not in BUNDLED_ALIASES and name.lower() != BUNDLED_HUB_ID.lower():
+        return None
+    path = bundled_model_dir()
+    return str(path) if path is not None else None
+
+
 def resolve_model_path(name: str | None, field: str = "model.name_or_path") -> str | None:
     if name is None:
         return None
+    if name.lower() == BUNDLED_HUB_ID.lower():
+        return bundled_copy(name) or name  # not installed: the hub (or its local cache) has it
     if name.lower() in BUNDLED_ALIASES:
         path = bundled_model_dir()
         if path is None:
@@ -174,7 +187,7 @@ class TokenizerModules:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
             # Byte-level BPE tokenizers (RoBERTa, GPT-2) need add_prefix_space for pre-split words.
-            if task is not None and task.name == "token_classification" and getattr(
+            if task is not None and task.pre_split_words and getattr(
                     tokenizer, "add_prefix_space", None) is False:
                 tokenizer = AutoTokenizer.from_pretrained(name, add_prefix_space=True, **kwargs)
         except Exception as e:  # noqa: BLE001

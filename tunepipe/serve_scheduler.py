@@ -215,12 +215,12 @@ class ModelWorker:
 
     def _check(self, job: _Job) -> None:
         """Refuse a bad request before any of it runs, with input numbers of the request (not of a micro-batch)."""
-        from .inference import check_predict_kwargs, prepare_inputs
+        from .inference import check_predict_kwargs
         try:
             for name, positions in job.groups.items():
                 task = self.pipeline.task_for(name)
                 check_predict_kwargs(task, job.params)
-                prepare_inputs(task, [job.items[i] for i in positions])
+                task.prepare_inputs([job.items[i] for i in positions])
             if job.named_task:
                 job.task_name = self.pipeline.task_for(job.task_adapter).name
         except BaseException as e:  # noqa: BLE001

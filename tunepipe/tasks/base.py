@@ -9,6 +9,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from ..errors import ValidationError
 
+
 class Task:
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
@@ -26,6 +27,9 @@ class Task:
     # positions used beyond the value). Empty for tasks whose lengths are training block sizes (LM tasks): there a
     # default over the limit is refused like a chosen one.
     capped_lengths: ClassVar[tuple[tuple[str, str, int], ...]] = (("data.max_length", "input", 0),)
+    # Inputs may come pre-split into words: a byte-level BPE tokenizer (RoBERTa, GPT-2) then needs add_prefix_space.
+    pre_split_words: ClassVar[bool] = False
+    text_file_format: ClassVar[str] = "text"  # what a .txt data file holds for this task (data.format: auto)
 
     def __init__(self, specs):
         self.specs = specs
@@ -87,6 +91,14 @@ class Task:
     def input_from_record(self, record: dict[str, Any]) -> Any:
         """What ``predict`` takes, from one record of an input file (jsonl)."""
         return record.get(self.column("text"))
+
+    def prepare_input(self, item: Any, where: str) -> Any:
+        """One prediction input checked (and normalised) before any tokenizer sees it: a clear 4xx instead of a
+        crash deep inside. ``where`` names it in errors ('Input 3')."""
+        return item
+
+    def prepare_inputs(self, items: Sequence[Any]) -> list[Any]:
+        return [self.prepare_input(x, f"Input {n + 1}") for n, x in enumerate(items)]
 
     def on_model_loaded(self, model) -> None:
         """A saved model was loaded for prediction/evaluation: adopt its label set."""

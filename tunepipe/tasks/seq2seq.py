@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ValidationError
 from . import seq2seq_decoder
 from .base import Task
 from .seq2seq_metrics import bleu_chrf, exact_match, generated_lengths, rouge
@@ -130,6 +130,13 @@ class Seq2SeqTask(Task):
 
     def input_from_record(self, record: dict[str, Any]) -> Any:
         return self.source_text(record)
+
+    def prepare_input(self, item: Any, where: str) -> Any:
+        text = item if isinstance(item, str) else self.input_from_record(item) if isinstance(item, dict) else None
+        if not isinstance(text, str):
+            raise ValidationError(f"{where} must be a text or a record with the source text, got "
+                                  f"{type(item).__name__}", suggestions=['pass "a source text"'])
+        return item
 
     def tokenizer_training_texts(self, rows: Sequence[dict[str, Any]]) -> list[str]:
         """Source and target text, for a tokenizer trained on the training data (tokenizer.train)."""

@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ValidationError
 from .base import Task, run_batches
 
 
@@ -109,6 +110,27 @@ class TextClassificationTask(Task):
     def compute_metrics(self, eval_pred) -> dict[str, float]:
         return classification_metrics(np.asarray(eval_pred.label_ids), np.asarray(eval_pred.predictions),
                                       self.multi_label, len(self.labels))
+
+    def prepare_input(self, item: Any, where: str) -> Any:
+        if isinstance(item, dict):
+            text, pair = item.get(self.column("text"), item.get("text")), item.get("text_pair")
+            item = (text, pair) if pair is not None else text
+        if isinstance(item, (list, tuple)):
+            if len(item) != 2 or not all(isinstance(t, str) for t in item):
+                raise ValidationError(f"{where}: a text pair must be two texts, got {item!r:.80}",
+                                      suggestions=['pass ["first text", "second text"]'])
+            return tuple(item)
+        if not isinstance(item, str):
+            raise ValidationError(f"{where} must be a text, got {type(item).__name__}",
+                                  suggestions=['pass "a text", or a pair ["text", "text pair"]'])
+        return item
+
+    def prepare_inputs(self, items):
+        out = super().prepare_inputs(items)
+        if len({isinstance(x, tuple) for x in out}) > 1:
+            raise ValidationError("Texts and text pairs are mixed in one request",
+                                  suggestions=["send single texts and pairs in separate requests"])
+        return out
 
     def predict(self, model, tokenizer, inputs, batch_size: int = 32, all_scores: bool = False):
         """Each input is a text, or a (text, pair) tuple for pair tasks."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ValidationError
 from .base import Task, run_batches
 
 
@@ -46,6 +46,8 @@ class TokenClassificationTask(Task):
     uses_labels = True
     auto_model_class = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
+    pre_split_words = True
+    text_file_format = "conll"
     defaults = {
         "data": {"text_column": "tokens", "label_column": "ner_tags", "max_length": 256},
         "training": {"per_device_train_batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 3,
@@ -134,6 +136,14 @@ class TokenClassificationTask(Task):
 
     def metric_table(self, metrics):
         return [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
+
+    def prepare_input(self, item: Any, where: str) -> Any:
+        if isinstance(item, dict):
+            item = item.get(self.column("text"), item.get("text"))
+        if not (isinstance(item, str) or (isinstance(item, (list, tuple)) and all(isinstance(w, str) for w in item))):
+            raise ValidationError(f"{where} must be a text or a list of words, got {type(item).__name__}",
+                                  suggestions=['pass "Ada lives in Paris" or ["Ada", "lives", "in", "Paris"]'])
+        return list(item) if isinstance(item, tuple) else item
 
     def predict(self, model, tokenizer, inputs, batch_size: int = 32, aggregation_strategy: str = "first"):
         """Each input is a raw text or a list of words; returns word tags and entities with character offsets.
