@@ -11,7 +11,8 @@ data, not instructions. So, in one place:
   checked for type; ``subfolder``, ``code_revision``, ``trust_remote_code``, ``gguf_file``... never reach
   ``from_pretrained``;
 - a base referenced *relative* to the adapter is honoured only as tunepipe writes it (``../base_model`` beside the
-  adapter), never as a path that climbs elsewhere;
+  adapter), never as a path that climbs elsewhere, and never resolved against the current directory (peft would:
+  ``./base_model`` in ``adapter_config.json`` is read by tunepipe as that same folder beside the adapter);
 - peft settings that import a module named in the file (``megatron_core``) are refused.
 """
 from __future__ import annotations
@@ -41,6 +42,9 @@ _QUANTIZATION_CHECKS = {
 }
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/\-]{0,127}$")
 RELATIVE_BASE = "../base_model"  # the only relative base reference tunepipe writes (see peft_support.save_adapter)
+# The same folder as adapter_config.json names it for plain peft, which resolves it against the current directory:
+# the run directory, where the model card's snippets run.
+PEFT_RELATIVE_BASE = "./base_model"
 
 
 def remote_code(trust: bool) -> dict[str, bool]:

@@ -135,22 +135,37 @@ def write_json(path: Path, data: Any) -> None:
     atomic_text(path, json.dumps(data, indent=2, sort_keys=False, default=float) + "\n")
 
 
-def model_card(specs, task_obj, metrics: dict[str, Any], base_model: str, n_train: int) -> str:
+def model_card(specs, task_obj, metrics: dict[str, Any], base_model: str, n_train: int,
+               load_section: str | None = None, metadata: dict[str, Any] | None = None, base_note: str = "") -> str:
+    """The run's README.md. ``load_section`` replaces the "Load it" section (a PEFT run has ``adapter/``, not
+    ``model/``); ``metadata`` adds to the front matter (``library_name: peft``, ``base_model``); ``base_note``
+    follows the base model's name (where it comes from)."""
     task = specs.task
     auto_cls = task_obj.auto_model_class
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in (metrics.get("validation") or {}).items() if not k.endswith("_support"))
     train_src = specs.to_dict()["data"]["train"]
+    front = {"library_name": "transformers", "pipeline_tag": task.replace('_', '-'), "tags": ["tunepipe", task],
+             **{k: v for k, v in (metadata or {}).items() if k != "tags"}}
+    front["tags"] = front["tags"] + [t for t in (metadata or {}).get("tags", []) if t not in front["tags"]]
+    front_text = "\n".join(f"{k}: [{', '.join(v)}]" if isinstance(v, list) else f"{k}: {v}" for k, v in front.items())
+    load = load_section if load_section is not None else f"""
+## Load it
+```python
+from transformers import AutoTokenizer, {auto_cls}
+tokenizer = AutoTokenizer.from_pretrained("{Path(specs.output_dir) / 'model'}")
+model = {auto_cls}.from_pretrained("{Path(specs.output_dir) / 'model'}")
+```
+or with tunepipe: `tunepipe predict --model {specs.output_dir} --input "some text"`.
+"""
     return f"""---
-library_name: transformers
-pipeline_tag: {task.replace('_', '-')}
-tags: [tunepipe, {task}]
+{front_text}
 ---
 # {Path(specs.output_dir).name}
 
 Fine-tuned with [tunepipe](https://pypi.org/project/tunepipe/) for **{task}**.
 
-- Base model: `{base_model}`
+- Base model: `{base_model}`{f" {base_note}" if base_note else ""}
 - Training data: `{train_src}` ({n_train} examples)
 - Epochs: {specs.training.num_train_epochs}, learning rate: {specs.training.learning_rate},
   batch size: {specs.training.per_device_train_batch_size}, backend: {specs.backend}
@@ -159,13 +174,6 @@ Fine-tuned with [tunepipe](https://pypi.org/project/tunepipe/) for **{task}**.
 | metric | value |
 |---|---|
 {rows or '| (no validation data) | |'}
-
-## Load it
-```python
-from transformers import AutoTokenizer, {auto_cls}
-tokenizer = AutoTokenizer.from_pretrained("{Path(specs.output_dir) / 'model'}")
-model = {auto_cls}.from_pretrained("{Path(specs.output_dir) / 'model'}")
-```
-or with tunepipe: `tunepipe predict --model {specs.output_dir} --input "some text"`.
+{load}
 The full resolved specs are in `specs.yaml`, per-step logs in `train_log.jsonl`.
 """

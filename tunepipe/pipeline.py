@@ -356,10 +356,14 @@ class FineTunePipeLine:
         from .output import atomic_text, model_card
         n_train = len(self.datasets["train"]) if "train" in self.datasets else 0
         base = self.specs.model.name_or_path or f"from_config({(self.specs.model.from_config or {}).get('model_type')})"
-        card = model_card(self.specs, self.task, self.metrics, base, n_train)
-        from .peft_support import adapter_card_section, peft_enabled
-        if peft_enabled(self.specs):
-            card += adapter_card_section(self.output_dir, self.task, self.specs)
+        from .peft_support import adapter_card, peft_enabled
+        if peft_enabled(self.specs):  # an adapter/ to load, on a base named as the adapter records it
+            peft_card = adapter_card(self.output_dir, self.task, self.specs)
+            card = model_card(self.specs, self.task, self.metrics, peft_card["base"], n_train,
+                              load_section=peft_card["load"], metadata=peft_card["metadata"],
+                              base_note=peft_card["base_note"])
+        else:
+            card = model_card(self.specs, self.task, self.metrics, base, n_train)
         atomic_text(self.output_dir / "README.md", card)
 
 
