@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import ConfigError, ModelNotFoundError, TaskTypeError, TunepipeError, ValidationError
+from .model_loading import (canonical_task, check_predict_kwargs, default_device, load_tokenizer, make_task, place,
+                            resolve_dtype)
 
 log = logging.getLogger("tunepipe")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -103,7 +105,6 @@ class MultiAdapterManager:
     def __init__(self, base_model: str | None = None, task_type: str | None = None, base_run_dir: Path | None = None,
                  max_adapters_in_memory: int = 8, device: str | None = None, dtype: Any = None,
                  trust_remote_code: bool = False):
-        from .inference import canonical_task, default_device, resolve_dtype
         from .models import resolve_model_path
         if max_adapters_in_memory < 1:
             raise ConfigError("max_adapters_in_memory must be at least 1", field="max_adapters_in_memory")
@@ -129,7 +130,6 @@ class MultiAdapterManager:
     # ---- registry ------------------------------------------------------------------------------------------
     def register_adapter(self, name: str, path: str | Path, task: str | None = None) -> dict[str, Any]:
         """Record an adapter under ``name`` (not loaded yet: ``load_adapter`` or the first request loads it)."""
-        from .inference import canonical_task
         from .peft_support import read_adapter_info, resolve_base
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ConfigError(f"Invalid adapter name {name!r}", field="adapter",
@@ -205,7 +205,6 @@ class MultiAdapterManager:
         used adapter when ``max_adapters_in_memory`` are loaded."""
         from peft import PeftModel
 
-        from .inference import make_task, place
         with self._lock:
             record = self._get(name)
             if record.loaded:
@@ -283,7 +282,6 @@ class MultiAdapterManager:
         import transformers
 
         from .errors import ErrorHandler
-        from .inference import place
         from .load_policy import remote_code
         key = (auto_model_class, json.dumps(model_kwargs, sort_keys=True, default=str), family)
         if key in self._groups:
@@ -327,7 +325,6 @@ class MultiAdapterManager:
 
     def _tokenizer_of_base(self):
         if self._base_tokenizer is None:
-            from .inference import load_tokenizer
             self._base_tokenizer = load_tokenizer(self.base, self.trust_remote_code)
         return self._base_tokenizer
 
@@ -335,7 +332,6 @@ class MultiAdapterManager:
     def set_adapter(self, name: str | None, task: str | None = None):
         """Make ``name`` the only adapter computing (None: the base model, adapters off) and verify it; loads the
         adapter if needed. Returns (model, tokenizer, task) to predict with."""
-        from .inference import canonical_task, make_task
         with self._lock:
             if name is None:
                 task_name = canonical_task(task) or self.task_type
@@ -419,7 +415,6 @@ class MultiAdapterManager:
     def predict(self, inputs: Sequence[Any], adapter: str | None = None, batch_size: int = 32,
                 task: str | None = None, **kwargs) -> list[Any]:
         """The task's structured results for a list of inputs, with ``adapter`` (None: the base model)."""
-        from .inference import check_predict_kwargs
         with self._lock:
             model, tokenizer, task_obj = self.set_adapter(adapter, task)
             check_predict_kwargs(task_obj, kwargs)

@@ -221,7 +221,7 @@ def _input_records(text: str) -> tuple[list, bool]:
 
 def _model_dirs(args) -> list[str]:
     """The model, adapter and base directories a predict call reads (its --output must not replace them)."""
-    from .inference import resolve_checkpoint
+    from .model_loading import resolve_checkpoint
     from .peft_support import is_adapter_dir, read_adapter_info, resolve_base
     ck = resolve_checkpoint(args.model)
     dirs = [ck.path]

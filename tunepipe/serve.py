@@ -292,7 +292,7 @@ def create_app(pipeline, limits: Limits | None = None, *, api_key: str | None = 
                          404: {"description": "unknown adapter"}, 413: {"description": "request too large"},
                          422: {"description": "malformed request"}, 503: {"description": "busy: retry later"}})
     async def predict(body: PredictRequest) -> PredictResponse:
-        from .inference import is_single_input
+        from .model_loading import is_single_input
         single = is_single_input(body.inputs)
         items = [body.inputs] if single else body.inputs
         if not isinstance(items, list):

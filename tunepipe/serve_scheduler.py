@@ -215,7 +215,7 @@ class ModelWorker:
 
     def _check(self, job: _Job) -> None:
         """Refuse a bad request before any of it runs, with input numbers of the request (not of a micro-batch)."""
-        from .inference import check_predict_kwargs
+        from .model_loading import check_predict_kwargs
         try:
             for name, positions in job.groups.items():
                 task = self.pipeline.task_for(name)
