@@ -137,9 +137,13 @@ class _SkipFirstBatches:
 
 
 def _sharded_loader(dataset, sampler, batch_size: int, collator, args, world: int, rank: int, drop_last=False,
-                    skip: int = 0, generator=None):
+                    skip: int = 0):
     """The same sharding as accelerate.prepare gives the HF and Accelerate backends: whole batches dealt round
-    robin to the ranks, the last ones completed from the start so every rank runs the same number of steps."""
+    robin to the ranks, the last ones completed from the start so every rank runs the same number of steps.
+
+    No generator of its own, as the Trainer's loaders: starting an iterator draws its base seed from the global RNG,
+    the one dropout uses, so every epoch (and every evaluation) moves dropout's stream as it does on the HF and
+    Accelerate backends. A private generator here gave other dropout masks from the first step on."""
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler, DataLoader
     batches = BatchSampler(sampler, batch_size, drop_last)
@@ -148,7 +152,7 @@ def _sharded_loader(dataset, sampler, batch_size: int, collator, args, world: in
     if skip:
         batches = _SkipFirstBatches(batches, skip)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=args.dataloader_num_workers,
-                      pin_memory=args.dataloader_pin_memory, generator=generator)
+                      pin_memory=args.dataloader_pin_memory)
 
 
 class TaskModule(pl.LightningModule):
@@ -198,6 +202,9 @@ class TaskModule(pl.LightningModule):
         owner.batch_device = next(v.device for v in batch.values() if hasattr(v, "device"))
         device_type = owner.batch_device.type
         owner.autocast_in_step = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        # train mode at every step, as the Trainer's training_step sets it: from_pretrained returns the model in
+        # eval mode and Lightning (>= 2.2) keeps each submodule's mode, so a pretrained model trained without dropout
+        self.model.train()
         loss = self.model(**batch)["loss"]
         if owner.loss_weighting is not None:
             loss = owner.loss_weighting(loss, batch)
@@ -388,14 +395,16 @@ class _LightningTrainer(LoopBookkeeping):
         if self.sampler is None:
             self.sampler = train_sampler(self.train_dataset, self.args, self.tokenizer)
         dataset = keep_model_columns(self.train_dataset, self.model)
-        # its own generator: starting the loader must not draw from the global RNG (dropout's), so the RNG state
-        # saved after a step is the one the next step uses, whether or not the run was resumed in between
-        generator = torch.Generator().manual_seed(self.args.seed) if for_training else None
+        if for_training and self.resume_path is not None and not skip:
+            # resuming at an epoch boundary: the saved RNG is the one before the next epoch's iterator started
+            # (which draws from it); Lightning starts that iterator right after this hook
+            restore_rng_state(load_rng(self.resume_path, rank))
         return _sharded_loader(dataset, self.sampler, self.args.train_batch_size, self.collator, self.args,
-                               world, rank, drop_last=self.args.dataloader_drop_last, skip=skip, generator=generator)
+                               world, rank, drop_last=self.args.dataloader_drop_last, skip=skip)
 
     def run_training(self) -> TrainResult:
         prepare_model_for_training(self.model, self.args)
+        self.model.train()  # before fit too: Lightning warns about modules found in eval mode at its start
         self._prepare_resume()
         if self.resume_path is not None and self.step_offset >= self.schedule.max_steps:
             return self._already_trained()
@@ -464,7 +473,8 @@ class _LightningTrainer(LoopBookkeeping):
             if scaler is not None and (self.resume_path / "scaler.pt").is_file():
                 from ..checkpoints import safe_load
                 scaler.load_state_dict(safe_load(self.resume_path / "scaler.pt", "gradient scaler state"))
-            restore_rng_state(load_rng(self.resume_path, trainer.global_rank))
+            if self.resume_skip:  # mid-epoch: after the epoch's iterator started, as in the uninterrupted run
+                restore_rng_state(load_rng(self.resume_path, trainer.global_rank))
         for name, value in (("model", self.model), ("optimizer", self.optimizer),
                             ("lr_scheduler", self.lr_scheduler)):
             setattr(self.handler, name, value)
