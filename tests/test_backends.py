@@ -131,7 +131,8 @@ def _train_defaults(specs: dict, backend: str, tmp_path):
     pipe.setup()
     assert not pipe.trainer.trained_model().training  # as from_pretrained returns it: training must switch it
     result = pipe.trainer.run_training()
-    from tunepipe.trainers.common import bf16_supported, token_weighted_loss
+    from tunepipe.trainers.data import token_weighted_loss
+    from tunepipe.trainers.settings import bf16_supported
     args = pipe.trainer.args
     assert args.bf16 == bf16_supported() and not args.fp16
     assert args.train_sampling_strategy == "group_by_length"
@@ -181,7 +182,7 @@ def test_same_outputs_and_metric_names(tiny_specs, ner_data, tmp_path):
     import torch
 
     from tunepipe.monitor import STEP_FIELDS
-    from tunepipe.trainers.common import TrainResult
+    from tunepipe.trainers.settings import TrainResult
     layouts, log_keys, metric_keys = {}, {}, {}
     for backend in BACKENDS:
         specs = tiny_specs("token_classification", ner_data, backend=backend,
@@ -231,25 +232,27 @@ def test_select_trainer_per_backend_and_flags(tiny_specs, ner_data):
 
 # ---- combined mode: who does what --------------------------------------------------------------------------------
 def test_combined_mode_autocasts_through_accelerate(tiny_specs, ner_data, tmp_path):
-    """lightning+accelerate: Lightning runs the loop with an AcceleratePrecision plugin; inside training_step the
-    autocast dtype is the Accelerator's (bf16 here), and batches sit on the Accelerator's device."""
-    from tunepipe.trainers.lightning import AcceleratePrecision
+    """lightning+accelerate: the loop runs on the Fabric + Accelerate engine; Fabric's own precision stays 32-true,
+    inside the training step the autocast dtype is the Accelerator's (bf16 here), and batches sit on the
+    Accelerator's device. Plain lightning: Fabric's MixedPrecision autocasts."""
+    from tunepipe.trainers.engines.fabric import FabricAccelerateEngine
     seen = {}
     for backend, bf16 in (("lightning+accelerate", True), ("lightning+accelerate", False), ("lightning", True)):
         specs = tiny_specs("token_classification", ner_data, backend=backend,
                            training={"max_steps": 2, "bf16": bf16, "eval_strategy": "no"})
         specs["output_dir"] = str(tmp_path / f"{backend}-{bf16}".replace("+", "_"))
         pipe, _ = _train(specs)
-        plugin = pipe.trainer.lightning_trainer().precision_plugin
-        seen[(backend, bf16)] = (type(plugin).__name__, pipe.trainer.autocast_in_step)
-        if isinstance(plugin, AcceleratePrecision):
-            assert plugin.accelerator.mixed_precision == ("bf16" if bf16 else "no")
-            assert pipe.trainer.batch_device == plugin.accelerator.device
-    assert seen[("lightning+accelerate", True)] == ("AcceleratePrecision", (True, torch.bfloat16))
-    assert seen[("lightning+accelerate", False)][0] == "AcceleratePrecision"
-    assert seen[("lightning+accelerate", False)][1][0] is False
-    # plain Lightning mode: Lightning's own mixed-precision plugin does the autocast
-    assert seen[("lightning", True)] == ("MixedPrecision", (True, torch.bfloat16))
+        engine = pipe.trainer.engine
+        seen[(backend, bf16)] = (type(engine).__name__, type(engine.fabric.strategy.precision).__name__,
+                                 pipe.trainer.autocast_in_step)
+        if isinstance(engine, FabricAccelerateEngine):
+            assert engine.accelerator.mixed_precision == ("bf16" if bf16 else "no")
+            assert pipe.trainer.batch_device == engine.accelerator.device
+    assert seen[("lightning+accelerate", True)] == ("FabricAccelerateEngine", "Precision", (True, torch.bfloat16))
+    assert seen[("lightning+accelerate", False)][:2] == ("FabricAccelerateEngine", "Precision")
+    assert seen[("lightning+accelerate", False)][2][0] is False
+    # plain Lightning mode: Fabric's own mixed-precision plugin does the autocast
+    assert seen[("lightning", True)] == ("FabricEngine", "MixedPrecision", (True, torch.bfloat16))
 
 
 def test_lora_same_curves_and_adapter_only_checkpoints(tiny_specs, ner_data, tmp_path):

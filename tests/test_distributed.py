@@ -45,7 +45,7 @@ def test_distributed_section_passes_configs_through():
     assert type(fsdp_strategy).__name__ == "FSDPStrategy"
     assert lightning_strategy(_dist()) == "auto"
     # the HF backend's TrainingArguments receive the values
-    from tunepipe.trainers.common import training_values
+    from tunepipe.trainers.settings import training_values
     specs = load_specs({"task": "token_classification", "model": "m", "data": {"train": "x"},
                         "distributed": {"process_group_backend": "gloo"}})
     values = training_values(specs, has_eval=False)
@@ -81,7 +81,7 @@ def test_launch_checks(monkeypatch):
 
 # ---- sharding, simulated ranks in one process ---------------------------------------------------------------------
 def _args(strategy: str, batch_size: int = 4):
-    from tunepipe.trainers.common import training_settings
+    from tunepipe.trainers.settings import training_settings
     specs = load_specs({"task": "token_classification", "model": "m", "data": {"train": "x"},
                         "training": {"train_sampling_strategy": strategy, "per_device_train_batch_size": batch_size}})
     return training_settings(specs, Path("/tmp/unused"), has_eval=False)
@@ -97,8 +97,8 @@ def test_each_example_once_per_epoch_across_ranks(strategy, size):
     from accelerate.data_loader import prepare_data_loader
     from torch.utils.data import DataLoader
 
-    from tunepipe.trainers.common import train_sampler
-    from tunepipe.trainers.lightning import _sharded_loader
+    from tunepipe.trainers.data import train_sampler
+    from tunepipe.trainers.engines.base import sharded_loader as _sharded_loader
     rng = random.Random(size)
     ds = datasets.Dataset.from_dict({"idx": list(range(size)), "length": [rng.randint(3, 30) for _ in range(size)]})
     args, world = _args(strategy), 2

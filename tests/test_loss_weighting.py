@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tunepipe.specs import load_specs
-from tunepipe.trainers.common import TokenWeightedLoss, token_weighted_loss
+from tunepipe.trainers.data import TokenWeightedLoss, token_weighted_loss
 
 
 def specs_with(**training):

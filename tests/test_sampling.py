@@ -1,7 +1,7 @@
 """The length-grouped training sampler: same padding savings as transformers', batches in random order."""
 import random
 
-from tunepipe.trainers.common import EpochSeededLengthGroupedSampler
+from tunepipe.trainers.data import EpochSeededLengthGroupedSampler
 
 
 def _batches(order, size):

@@ -144,7 +144,7 @@ def test_original_signature_and_args_dir(tmp_path):
 
 
 def test_training_arguments_are_safe_on_cpu(tmp_path):
-    from tunepipe.trainers.common import training_arguments
+    from tunepipe.trainers.settings import training_arguments
     args = training_arguments(load_specs(BASE), tmp_path, has_eval=False)
     assert args.push_to_hub is False
     assert args.fp16 is False
@@ -156,7 +156,7 @@ def test_fp16_without_cuda_is_a_clear_error(tmp_path):
     import torch
 
     from tunepipe.errors import CudaError
-    from tunepipe.trainers.common import training_arguments
+    from tunepipe.trainers.settings import training_arguments
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: fp16 is allowed")
     with pytest.raises(CudaError) as e:

@@ -93,7 +93,7 @@ class FineTunePipeLine:
         from .quantization import QuantizationManager
         QuantizationManager(self.specs).check_supported()
         if self.specs.training.fp16:  # fp16 needs CUDA: say so before any data is read or directory made
-            from .trainers.common import resolve_precision
+            from .trainers.settings import resolve_precision
             resolve_precision(self.specs.training)
         check_peft_specs(self.specs, self.task, skeleton=skeleton_for_specs(self.specs, self.task))
 

@@ -12,7 +12,7 @@ _BACKENDS = {
     "hf": ("hf", "NLPTrainer", "NLPSeq2SeqTrainer"),
     "accelerate": ("accelerated", "AcceleratedNLPTrainer", "AcceleratedNLPSeq2SeqTrainer"),
     "lightning": ("lightning", "NLPTrainerWithLightning", "NLPSeq2SeqTrainerWithLightning"),
-    # combined mode: the Lightning classes read specs.backend and let an Accelerator place and autocast
+    # combined mode: the Lightning classes pick the Fabric + Accelerate engine from specs.backend
     "lightning+accelerate": ("lightning", "NLPTrainerWithLightning", "NLPSeq2SeqTrainerWithLightning"),
 }
 _CLASSES = {cls: module for module, *classes in _BACKENDS.values() for cls in classes}

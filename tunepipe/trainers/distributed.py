@@ -6,7 +6,7 @@ engine's native settings, and checks for launches that silently do something els
 - Accelerate backend: ``accelerate launch --multi_gpu --num_processes N -m tunepipe train specs.yaml`` (gives
   MULTI_CPU / gloo on a machine without GPUs) or torchrun; DeepSpeed / FSDP through Accelerate's plugins.
 - Lightning backends: ``tunepipe train`` alone; Lightning starts the processes from ``distributed.devices`` /
-  ``num_nodes`` / ``strategy`` (DDPStrategy, FSDPStrategy, DeepSpeedStrategy).
+  ``num_nodes`` / ``strategy`` (Fabric's DDPStrategy, FSDPStrategy, DeepSpeedStrategy).
 """
 from __future__ import annotations
 
@@ -81,25 +81,25 @@ def accelerator_kwargs(dist) -> dict[str, Any]:
     return kwargs
 
 
-def lightning_strategy(dist):
-    """The Lightning strategy object (or name) for the ``distributed`` section."""
-    if dist.deepspeed is not None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-        return DeepSpeedStrategy(config=dist.deepspeed)
-    if dist.fsdp is not None:
-        from lightning.pytorch.strategies import FSDPStrategy
-        return FSDPStrategy(**dist.fsdp)
-    name = dist.strategy
-    if name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
-        from lightning.pytorch.strategies import DDPStrategy
-        start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}[name]
-        return DDPStrategy(start_method=start, find_unused_parameters=dist.find_unused_parameters,
-                           process_group_backend=dist.process_group_backend)
-    return name
-
-
 def lightning_devices(dist):
     """Lightning's ``devices``; under torchrun, the launcher's per-node process count."""
     if "LOCAL_WORLD_SIZE" in os.environ and dist.devices == "auto":
         return int(os.environ["LOCAL_WORLD_SIZE"])
     return dist.devices if dist.devices != "auto" else 1
+
+
+def lightning_strategy(dist):
+    """The ``lightning.Fabric`` strategy object (or name) for the ``distributed`` section."""
+    if dist.deepspeed is not None:
+        from lightning.fabric.strategies import DeepSpeedStrategy
+        return DeepSpeedStrategy(config=dist.deepspeed)
+    if dist.fsdp is not None:
+        from lightning.fabric.strategies import FSDPStrategy
+        return FSDPStrategy(**dist.fsdp)
+    name = dist.strategy
+    if name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+        from lightning.fabric.strategies import DDPStrategy
+        start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}[name]
+        return DDPStrategy(start_method=start, find_unused_parameters=dist.find_unused_parameters,
+                           process_group_backend=dist.process_group_backend)
+    return name

@@ -7,22 +7,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 
-from ..checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, resume_setting
+from ..checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, log, resume_setting
 from ..errors import CheckpointError
-from .common import (JsonlLogWriter, TrainResult, data_state, prediction_step, strip_prefix, token_weighted_loss,
-                     train_sampler, training_arguments, training_schedule, truncate_log_after)
+from .common import (
+    JsonlLogWriter,
+    _JsonlLogCallback,
+    prediction_step,
+    strip_prefix,
+    truncate_log_after,
+)
+from .data import data_state, token_weighted_loss, train_sampler
 from .finite import NonFiniteGuard, flag_non_finite_metrics
-
-
-class _JsonlLogCallback(TrainerCallback):
-    def __init__(self, writer: JsonlLogWriter):
-        self.writer = writer
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            self.writer.write({"step": state.global_step, "epoch": state.epoch, **logs})
+from .settings import TrainResult, training_arguments, training_schedule
 
 
 class _TaskTrainerMixin:
@@ -197,7 +195,6 @@ class _TaskTrainerMixin:
 
     def _already_trained(self, path: Path, saved) -> TrainResult:
         """The checkpoint holds the whole run (transformers would train one step more): its weights, no training."""
-        from ..checkpoints import log
         self._load_from_checkpoint(str(path))
         self.state = saved
         log.warning("%s already holds all %d training steps: nothing left to train", path, saved.global_step)

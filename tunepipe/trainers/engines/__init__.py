@@ -1,0 +1,1 @@
+"""Engines for the one training loop (trainers/loop.py); the protocol is in base.py."""
