@@ -128,18 +128,6 @@ class EvalCollector:
         return self.losses.get_arrays(), self.preds.get_arrays(), self.labels.get_arrays()
 
 
-def reorder(arrays, order: list[int]):
-    """Put rows gathered in ``order`` back into dataset order (nested tuples allowed)."""
-    import numpy as np
-    if arrays is None:
-        return None
-    if isinstance(arrays, (list, tuple)):
-        return type(arrays)(reorder(a, order) for a in arrays)
-    inverse = np.empty(len(order), dtype=np.int64)
-    inverse[np.asarray(order)] = np.arange(len(order))
-    return arrays[: len(order)][inverse]
-
-
 def evaluation_metrics(task, losses, preds, labels, runtime: float, num_samples: int, num_steps: int) -> dict:
     """The Trainer's metric set, without the split prefix: loss, task metrics, runtime, throughput."""
     from transformers import EvalPrediction

@@ -19,7 +19,6 @@ accelerate's ``BatchSamplerShard`` deals them for the hf backend, and evaluation
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader
@@ -98,6 +97,3 @@ class Engine:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
-
-    def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "world_size": self.world_size, "device": str(self.device)}

@@ -17,6 +17,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.wrappers import _FabricModule
 
 from ...errors import TrainingError
+from ...quantization import QuantizationManager
 from ..distributed import lightning_devices, lightning_strategy
 from ..settings import has_gpu
 from .accelerate import mixed_precision
@@ -66,7 +67,8 @@ class FabricEngine(Engine):
         return getattr(self.fabric.strategy.precision, "scaler", None)
 
     def setup(self, model, optimizer):
-        return self.fabric.setup(model, optimizer)
+        # quantized (bitsandbytes) weights sit where from_pretrained put them and cannot be moved
+        return self.fabric.setup(model, optimizer, move_to_device=not QuantizationManager.is_quantized(model))
 
     def unwrap(self, model):
         return model._original_module if isinstance(model, _FabricModule) else model
