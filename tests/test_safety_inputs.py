@@ -307,7 +307,7 @@ def test_refused(case: Case, tmp_path, request, monkeypatch, capsys):
 
     caught = []
     printed = cli._print_error
-    monkeypatch.setattr(cli, "_print_error", lambda e: (caught.append(e), printed(e)))
+    monkeypatch.setattr(cli, "_print_error", lambda e, *a, **k: (caught.append(e), printed(e, *a, **k)))
     capsys.readouterr()
     exit_code = cli.main(argv)
     stderr = capsys.readouterr().err
