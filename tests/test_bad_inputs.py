@@ -421,10 +421,13 @@ CASES = SPECS_CASES + DATA_CASES + MODEL_CASES + CHECKPOINT_CASES + PATH_CASES
 
 # ---- the runner ---------------------------------------------------------------------------------------------------
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file and directory under root: a hash for files, 'dir' for directories."""
+    """Every file and directory under root: a hash for files, 'dir' for directories. The error log a failed run
+    appends to a directory tunepipe already owns (tunepipe.log) is checked apart (test_bad_input)."""
     state = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
+        if p.name == "tunepipe.log":
+            continue
         state[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
     return state
 
@@ -488,6 +491,8 @@ def test_bad_input(case: Case, tmp_path, request, monkeypatch, capsys):
     printed_error = stderr[stderr.index(f"error: [{case.code}]"):]  # (other lines: progress and library logs)
     assert "Traceback" not in printed_error and "\n  -> " in printed_error
     assert snapshot(tmp_path) == before, "a failed run left files behind or changed them"
+    for log in tmp_path.rglob("tunepipe.log"):  # only in a directory that was tunepipe's before the run
+        assert (log.parent / ".tunepipe.json").is_file() and f"[{case.code}]" in log.read_text()
 
 
 def test_case_count_and_the_listing_above():

@@ -15,8 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers.integrations import TensorBoardCallback
-
 from .errors import ConfigError, DependencyError
 
 # integration -> (package to look for, extra that installs it)
@@ -94,17 +92,18 @@ class _JsonArgs:
         return json.dumps(self._args.to_dict(), indent=2, default=str)
 
 
-class LoopTensorBoardCallback(TensorBoardCallback):
-    """transformers' TensorBoard callback, given the loops' settings object as it expects."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(_JsonArgs(args), state, control, **kwargs)
-
-
 def loop_callbacks(specs, output_dir: str | Path) -> list:
     """Integration callbacks for the hand-written loops (the Trainer adds its own on the hf backend)."""
     if specs.backend == "hf" or "tensorboard" not in wanted(getattr(specs.training, "report_to", None)):
         return []
+    from transformers.integrations import TensorBoardCallback  # heavy: only for runs that report to TensorBoard
+
+    class LoopTensorBoardCallback(TensorBoardCallback):
+        """transformers' TensorBoard callback, given the loops' settings object as it expects."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(_JsonArgs(args), state, control, **kwargs)
+
     callback = LoopTensorBoardCallback()
     callback.logging_dir = str(tensorboard_dir(output_dir))
     return [callback]
@@ -116,6 +115,7 @@ def point_trainer_callbacks(trainer, output_dir: str | Path) -> None:
     handler = getattr(trainer, "callback_handler", None)
     if handler is None:
         return
+    from transformers.integrations import TensorBoardCallback
     for callback in handler.callbacks:
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = str(tensorboard_dir(output_dir))
