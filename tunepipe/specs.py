@@ -189,6 +189,14 @@ class TrainingSpec(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _strategy_no(cls, data: Any) -> Any:
+        """YAML 1.1 reads an unquoted ``no`` as false: ``save_strategy: no`` (what our own hints say) means "no"."""
+        if isinstance(data, dict):
+            data = {k: "no" if k.endswith("_strategy") and v is False else v for k, v in data.items()}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _checkpoint_aliases(cls, data: Any) -> Any:
         """resume_from_checkpoint fills resume; keep_best: <metric> fills metric_for_best_model (when unset)."""
         if not isinstance(data, dict):
