@@ -22,6 +22,7 @@ from tunepipe.errors import (ConfigError, DatasetLoadError, ErrorHandler, ModelE
                              ValidationError)
 
 from conftest import TINY_BERT, write_jsonl
+from test_bad_inputs import Env as BadInputEnv
 
 NER_ROWS = [{"tokens": ["Ada", "lives", "in", "Paris"], "ner_tags": ["B-PER", "O", "O", "B-LOC"]},
             {"tokens": ["Greta", "left", "Lisbon", "."], "ner_tags": ["B-PER", "O", "B-LOC", "O"]},
@@ -37,37 +38,8 @@ TINY_BART = {"model_type": "bart", "d_model": 16, "encoder_layers": 1, "decoder_
 LONG_WORDS = ["ada"] * 300  # 300 words: over TINY_BERT's 128 positions
 
 
-class Env:
-    def __init__(self, root: Path, request):
-        self.root = root
-        self.out = root / "run"
-        self._request = request
-
-    def fixture(self, name: str):
-        return self._request.getfixturevalue(name)
-
-    def write(self, name: str, content: str | bytes) -> str:
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content, encoding="utf-8")
-        return str(path)
-
-    def jsonl(self, name: str, rows) -> str:
-        return str(write_jsonl(self.root / name, rows))
-
-    def specs(self, task: str = "token_classification", data: dict | None = None, **sections) -> dict:
-        specs = {"task": task, "output_dir": str(self.out), "model": {"from_config": dict(TINY_BERT)},
-                 "tokenizer": {"name_or_path": self.fixture("tokenizer_dir")},
-                 "data": data if data is not None else {"train": self.jsonl("train.jsonl", NER_ROWS)},
-                 "training": {"max_steps": 1, "per_device_train_batch_size": 2, "save_strategy": "no",
-                              "eval_strategy": "no", "disable_tqdm": True, "bf16": False,
-                              "dataloader_pin_memory": False}}
-        for key, value in sections.items():
-            specs[key] = {**specs.get(key, {}), **value} if isinstance(value, dict) else value
-        return specs
-
-    def ner(self, **sections) -> dict:
-        return self.specs("token_classification", **sections)
+class Env(BadInputEnv):
+    """test_bad_inputs' environment, with this table's text-level specs files and its cls(rows) signature."""
 
     def cls(self, rows, **data) -> dict:
         return self.specs("text_classification", {"train": self.jsonl("train.jsonl", rows), **data})
