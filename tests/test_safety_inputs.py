@@ -22,13 +22,10 @@ from tunepipe.errors import (ConfigError, DatasetLoadError, ErrorHandler, ModelE
                              ValidationError)
 
 from conftest import TINY_BERT, write_jsonl
+from test_bad_inputs import CLS_ROWS, NER_ROWS
 from test_bad_inputs import Env as BadInputEnv
+from test_bad_inputs import assert_refused
 
-NER_ROWS = [{"tokens": ["Ada", "lives", "in", "Paris"], "ner_tags": ["B-PER", "O", "O", "B-LOC"]},
-            {"tokens": ["Greta", "left", "Lisbon", "."], "ner_tags": ["B-PER", "O", "B-LOC", "O"]},
-            {"tokens": ["Rosa", "Varga", "met", "Ada"], "ner_tags": ["B-PER", "I-PER", "O", "B-PER"]}]
-CLS_ROWS = [{"text": "a warm and funny film", "label": "pos"}, {"text": "a dull film", "label": "neg"},
-            {"text": "i loved every minute", "label": "pos"}]
 QA_ROWS = [{"id": "q1", "question": "Where was Ada born?", "context": "Ada was born in London.",
             "answers": {"text": ["London"], "answer_start": [16]}}]
 MT_ROWS = [{"source": "ada lives in paris", "target": "greta left lisbon"}] * 2
@@ -262,7 +259,6 @@ CASES = SPECS_CASES + DATA_CASES + MODEL_CASES + PREDICT_CASES
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_refused(case: Case, tmp_path, request, monkeypatch, capsys):
-    import tunepipe.cli as cli
     monkeypatch.chdir(tmp_path)
     env = Env(tmp_path / "case", request)
     env.root.mkdir()
@@ -277,32 +273,7 @@ def test_refused(case: Case, tmp_path, request, monkeypatch, capsys):
             config = built
         argv = ["train", str(config), *case.cli_args]
 
-    caught = []
-    printed = cli._print_error
-    monkeypatch.setattr(cli, "_print_error", lambda e, *a, **k: (caught.append(e), printed(e, *a, **k)))
-    capsys.readouterr()
-    exit_code = cli.main(argv)
-    stderr = capsys.readouterr().err
-
-    assert exit_code == cli.EXIT_USER_ERROR == 2, stderr
-    assert len(caught) == 1, stderr
-    err = caught[0]
-    assert type(err) is case.error, err.render()
-    assert err.code == case.code
-    assert case.field or case.file, "a case must name a field or a file"
-    if case.field:
-        assert err.field == case.field, err.render()
-        assert f"field '{case.field}'" in stderr
-    if case.file:
-        assert err.file and str(err.file).rstrip("/").endswith(case.file), err.render()
-    if case.line is not None:
-        assert err.line == case.line, err.render()
-        assert f":{case.line}" in stderr
-    assert err.suggestions and all(isinstance(s, str) and s.strip() for s in err.suggestions)
-    if case.hint:
-        assert any(case.hint.lower() in s.lower() for s in err.suggestions), err.render()
-    printed_error = stderr[stderr.index(f"error: [{case.code}]"):]
-    assert "Traceback" not in printed_error
+    assert_refused(case, argv, monkeypatch, capsys)
     if argv[0] == "train":
         assert not env.out.exists(), "a refused run left its output_dir behind"
 
