@@ -421,10 +421,13 @@ CASES = SPECS_CASES + DATA_CASES + MODEL_CASES + CHECKPOINT_CASES + PATH_CASES
 
 # ---- the runner ---------------------------------------------------------------------------------------------------
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file and directory under root: a hash for files, 'dir' for directories."""
+    """Every file and directory under root: a hash for files, 'dir' for directories. The error log a failed run
+    appends to a directory tunepipe already owns (tunepipe.log) is checked apart (test_bad_input)."""
     state = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
+        if p.name == "tunepipe.log":
+            continue
         state[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
     return state
 
@@ -441,9 +444,41 @@ def write_prior_run(specs: dict, kind: str) -> None:
     (out / ".tunepipe.json").write_text('{"kind": "run"}')  # tunepipe's mark on the directories it writes
 
 
+def assert_refused(case, argv: list[str], monkeypatch, capsys) -> str:
+    """Run the CLI with ``argv``: exit 2, exactly one typed error with the case's code, field, file, line and hint
+    in its suggestions, printed without a traceback. Returns stderr."""
+    import tunepipe.cli as cli
+    caught = []
+    printed = cli._print_error
+    monkeypatch.setattr(cli, "_print_error", lambda e, *a, **k: (caught.append(e), printed(e, *a, **k)))
+    capsys.readouterr()
+    exit_code = cli.main(argv)
+    stderr = capsys.readouterr().err
+    assert exit_code == cli.EXIT_USER_ERROR == 2, stderr
+    assert len(caught) == 1, stderr
+    err = caught[0]
+    assert type(err) is case.error, err.render()
+    assert err.code == case.code
+    assert case.field or case.file, "a case must name a field or a file"
+    if case.field:
+        assert err.field == case.field, err.render()
+        assert f"field '{case.field}'" in stderr
+    if case.file:
+        assert err.file and str(err.file).rstrip("/").endswith(case.file), err.render()
+        assert case.file in stderr
+    if case.line is not None:
+        assert err.line == case.line, err.render()
+        assert f"{case.file or ''}:{case.line}" in stderr
+    assert err.suggestions and all(isinstance(s, str) and s.strip() for s in err.suggestions)
+    if case.hint:
+        assert any(case.hint.lower() in s.lower() for s in err.suggestions), err.render()
+    printed_error = stderr[stderr.index(f"error: [{case.code}]"):]  # (other lines: progress and library logs)
+    assert "Traceback" not in printed_error and "\n  -> " in printed_error
+    return stderr
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, tmp_path, request, monkeypatch, capsys):
-    import tunepipe.cli as cli
     monkeypatch.chdir(tmp_path)
     env = Env(tmp_path / "case", request)
     env.root.mkdir()
@@ -460,34 +495,10 @@ def test_bad_input(case: Case, tmp_path, request, monkeypatch, capsys):
     before = snapshot(tmp_path)
     assert case.prior is None or any(k.endswith("model.safetensors") for k in before)
 
-    caught = []
-    printed = cli._print_error
-    monkeypatch.setattr(cli, "_print_error", lambda e: (caught.append(e), printed(e)))
-    capsys.readouterr()
-    exit_code = cli.main([case.command, str(config), *case.cli_args])
-    stderr = capsys.readouterr().err
-
-    assert exit_code == cli.EXIT_USER_ERROR, stderr
-    assert len(caught) == 1, stderr
-    err = caught[0]
-    assert type(err) is case.error, err.render()
-    assert err.code == case.code
-    assert case.field or case.file, "a case must name a field or a file"
-    if case.field:
-        assert err.field == case.field, err.render()
-        assert f"field '{case.field}'" in stderr
-    if case.file:
-        assert err.file and str(err.file).rstrip("/").endswith(case.file), err.render()
-        assert case.file in stderr
-    if case.line is not None:
-        assert err.line == case.line, err.render()
-        assert f"{case.file}:{case.line}" in stderr
-    assert err.suggestions and all(isinstance(s, str) and s.strip() for s in err.suggestions)
-    if case.hint:
-        assert any(case.hint.lower() in s.lower() for s in err.suggestions), err.render()
-    printed_error = stderr[stderr.index(f"error: [{case.code}]"):]  # (other lines: progress and library logs)
-    assert "Traceback" not in printed_error and "\n  -> " in printed_error
+    assert_refused(case, [case.command, str(config), *case.cli_args], monkeypatch, capsys)
     assert snapshot(tmp_path) == before, "a failed run left files behind or changed them"
+    for log in tmp_path.rglob("tunepipe.log"):  # only in a directory that was tunepipe's before the run
+        assert (log.parent / ".tunepipe.json").is_file() and f"[{case.code}]" in log.read_text()
 
 
 def test_case_count_and_the_listing_above():

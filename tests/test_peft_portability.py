@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT, write_jsonl
+from conftest import TINY_BERT, close_to, write_jsonl
 
 NER_TEXT = "Greta Varga flew from Lisbon"
 REVIEW = "a warm and funny film"
@@ -307,7 +307,8 @@ def test_bundled_minilm_run_names_its_hub_id_and_loads_anywhere(tmp_path, ner_da
     result = json.loads(lines[-1][len("RESULT "):])
     for route in ("plain", "auto"):
         assert_same([torch.tensor(result[route])], expected)
-    assert result["tunepipe"] == [pipe.predict(card_example(pipe.output_dir))]
+    # another process, another thread count: scores may differ in their last bits, labels and spans may not
+    assert result["tunepipe"] == close_to([pipe.predict(card_example(pipe.output_dir))])
 
 
 def test_the_bundled_hub_id_resolves_to_the_bundled_copy():

@@ -22,12 +22,10 @@ from tunepipe.errors import (ConfigError, DatasetLoadError, ErrorHandler, ModelE
                              ValidationError)
 
 from conftest import TINY_BERT, write_jsonl
+from test_bad_inputs import CLS_ROWS, NER_ROWS
+from test_bad_inputs import Env as BadInputEnv
+from test_bad_inputs import assert_refused
 
-NER_ROWS = [{"tokens": ["Ada", "lives", "in", "Paris"], "ner_tags": ["B-PER", "O", "O", "B-LOC"]},
-            {"tokens": ["Greta", "left", "Lisbon", "."], "ner_tags": ["B-PER", "O", "B-LOC", "O"]},
-            {"tokens": ["Rosa", "Varga", "met", "Ada"], "ner_tags": ["B-PER", "I-PER", "O", "B-PER"]}]
-CLS_ROWS = [{"text": "a warm and funny film", "label": "pos"}, {"text": "a dull film", "label": "neg"},
-            {"text": "i loved every minute", "label": "pos"}]
 QA_ROWS = [{"id": "q1", "question": "Where was Ada born?", "context": "Ada was born in London.",
             "answers": {"text": ["London"], "answer_start": [16]}}]
 MT_ROWS = [{"source": "ada lives in paris", "target": "greta left lisbon"}] * 2
@@ -37,37 +35,8 @@ TINY_BART = {"model_type": "bart", "d_model": 16, "encoder_layers": 1, "decoder_
 LONG_WORDS = ["ada"] * 300  # 300 words: over TINY_BERT's 128 positions
 
 
-class Env:
-    def __init__(self, root: Path, request):
-        self.root = root
-        self.out = root / "run"
-        self._request = request
-
-    def fixture(self, name: str):
-        return self._request.getfixturevalue(name)
-
-    def write(self, name: str, content: str | bytes) -> str:
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content, encoding="utf-8")
-        return str(path)
-
-    def jsonl(self, name: str, rows) -> str:
-        return str(write_jsonl(self.root / name, rows))
-
-    def specs(self, task: str = "token_classification", data: dict | None = None, **sections) -> dict:
-        specs = {"task": task, "output_dir": str(self.out), "model": {"from_config": dict(TINY_BERT)},
-                 "tokenizer": {"name_or_path": self.fixture("tokenizer_dir")},
-                 "data": data if data is not None else {"train": self.jsonl("train.jsonl", NER_ROWS)},
-                 "training": {"max_steps": 1, "per_device_train_batch_size": 2, "save_strategy": "no",
-                              "eval_strategy": "no", "disable_tqdm": True, "bf16": False,
-                              "dataloader_pin_memory": False}}
-        for key, value in sections.items():
-            specs[key] = {**specs.get(key, {}), **value} if isinstance(value, dict) else value
-        return specs
-
-    def ner(self, **sections) -> dict:
-        return self.specs("token_classification", **sections)
+class Env(BadInputEnv):
+    """test_bad_inputs' environment, with this table's text-level specs files and its cls(rows) signature."""
 
     def cls(self, rows, **data) -> dict:
         return self.specs("text_classification", {"train": self.jsonl("train.jsonl", rows), **data})
@@ -290,7 +259,6 @@ CASES = SPECS_CASES + DATA_CASES + MODEL_CASES + PREDICT_CASES
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_refused(case: Case, tmp_path, request, monkeypatch, capsys):
-    import tunepipe.cli as cli
     monkeypatch.chdir(tmp_path)
     env = Env(tmp_path / "case", request)
     env.root.mkdir()
@@ -305,32 +273,7 @@ def test_refused(case: Case, tmp_path, request, monkeypatch, capsys):
             config = built
         argv = ["train", str(config), *case.cli_args]
 
-    caught = []
-    printed = cli._print_error
-    monkeypatch.setattr(cli, "_print_error", lambda e: (caught.append(e), printed(e)))
-    capsys.readouterr()
-    exit_code = cli.main(argv)
-    stderr = capsys.readouterr().err
-
-    assert exit_code == cli.EXIT_USER_ERROR == 2, stderr
-    assert len(caught) == 1, stderr
-    err = caught[0]
-    assert type(err) is case.error, err.render()
-    assert err.code == case.code
-    assert case.field or case.file, "a case must name a field or a file"
-    if case.field:
-        assert err.field == case.field, err.render()
-        assert f"field '{case.field}'" in stderr
-    if case.file:
-        assert err.file and str(err.file).rstrip("/").endswith(case.file), err.render()
-    if case.line is not None:
-        assert err.line == case.line, err.render()
-        assert f":{case.line}" in stderr
-    assert err.suggestions and all(isinstance(s, str) and s.strip() for s in err.suggestions)
-    if case.hint:
-        assert any(case.hint.lower() in s.lower() for s in err.suggestions), err.render()
-    printed_error = stderr[stderr.index(f"error: [{case.code}]"):]
-    assert "Traceback" not in printed_error
+    assert_refused(case, argv, monkeypatch, capsys)
     if argv[0] == "train":
         assert not env.out.exists(), "a refused run left its output_dir behind"
 

@@ -162,3 +162,13 @@ def test_fp16_without_cuda_is_a_clear_error(tmp_path):
     with pytest.raises(CudaError) as e:
         training_arguments(load_specs({**BASE, "fp16": True}), tmp_path, has_eval=False)
     assert e.value.field == "training.fp16" and e.value.suggestions
+
+
+def test_an_unquoted_no_strategy_means_no(tmp_path):
+    """YAML reads `no` as false; `save_strategy: no` (as the error hints write it) must still mean "no"."""
+    path = tmp_path / "s.yaml"
+    path.write_text("task: ner\ndata: {train: x.jsonl}\ntraining:\n  save_strategy: no\n  eval_strategy: no\n")
+    specs = load_specs(path)
+    assert (specs.training.save_strategy, specs.training.eval_strategy) == ("no", "no")
+    assert load_specs({"task": "ner", "data": {"train": "x"}},
+                      overrides=["training.save_strategy=no"]).training.save_strategy == "no"

@@ -10,12 +10,14 @@ from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 1
+LOGGED_COMMANDS = ("train", "evaluate", "demo", "merge")  # commands that write a run: errors go to its tunepipe.log
 
 DESCRIPTION = """Fine-tune Hugging Face NLP models end to end from one specs file.
 
   tunepipe demo                         fine-tune the bundled MiniLM on a generated NER set (no network)
   tunepipe init token_classification   write a commented starter specs file
   tunepipe train ner.yaml --set training.learning_rate=3e-5
+  tunepipe check ner.yaml               validate specs and every record, print statistics; writes nothing
   tunepipe evaluate ner.yaml            evaluate output_dir/model on the validation/test data
   tunepipe predict --model runs/ner --input "Ada Lovelace lived in London"
   tunepipe serve --model minilm --adapter ner=runs/ner-lora --adapter sst=runs/sst-lora
@@ -31,6 +33,12 @@ def _add_specs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
     p.add_argument("--backend", choices=["hf", "accelerate", "lightning", "lightning+accelerate"],
                    help="training backend (default: from specs, else hf)")
+
+
+def _add_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the check report as JSON (with --dry-run for train)")
+    p.add_argument("--sample", type=int, default=2000, metavar="N",
+                   help="records per split tokenized for length statistics (0: all; default 2000)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -63,10 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_specs_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of other specs in output_dir (else refused)")
+    p.add_argument("--dry-run", action="store_true", help="run every check and print what `tunepipe check` prints; "
+                                                          "train nothing, write nothing")
+    _add_check_args(p)
+    p = sub.add_parser("check", help="validate specs and every record; print data statistics, parameters, steps "
+                                     "and a memory estimate; write nothing (exit 0: the run would start)")
+    _add_specs_args(p)
+    p.add_argument("--overwrite", action="store_true", help="check as `train --overwrite` would run")
+    _add_check_args(p)
     p = sub.add_parser("evaluate", help="evaluate a trained model on the specs' validation/test data")
     _add_specs_args(p)
     p.add_argument("--model", help="model directory (default: <output_dir>/model)")
-    p = sub.add_parser("predict", help="predict with a trained model (text or a JSON Lines file)")
+    p = sub.add_parser("predict", help="predict with a trained model (text or a JSON Lines file)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _lazy_epilog(p, _predict_settings_help)
     _add_model_args(p)
     p.add_argument("--input", required=True, help="a text, or a .jsonl/.txt file of inputs (a jsonl record may name "
                                                   "its adapter in an 'adapter' field)")
@@ -74,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--use", metavar="NAME", help="adapter for inputs that name none (default: the only adapter given)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a prediction setting of the task, e.g. --param aggregation_strategy=simple, "
-                        "--param num_beams=4, --param top_k=3 (repeatable)")
+                   help="a prediction setting of the model's task (repeatable); each task's settings are "
+                        "listed below")
     p = sub.add_parser("serve", help="serve predictions over HTTP: /v1/predict, /v1/adapters, /health, /docs")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only; "
@@ -106,16 +124,66 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle seconds between requests (default 5)")
     sub.add_parser("tasks", help="list tasks and their default specs")
     p = sub.add_parser("init", help="write a commented starter specs file for a task")
-    p.add_argument("task")
+    p.add_argument("task", help="a task name or alias (ner, qa, mlm, clm ...); `tunepipe tasks` lists the tasks")
     p.add_argument("--output", "-o", help="file to write (default: <task>.yaml; '-' for stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
-    p = sub.add_parser("demo", help="fine-tune the bundled MiniLM on a generated NER set (offline, < 3 min)")
+    p = sub.add_parser("demo", help="fine-tune the bundled MiniLM on a generated NER set (offline; measured 2-10 min "
+                                    "on 2 CPU cores shared with other jobs)")
     p.add_argument("--output-dir", default="runs/demo")
     p = sub.add_parser("merge", help="merge a PEFT run's adapter into its (full-precision) base: a full model")
     p.add_argument("output_dir", help="the output_dir of a run trained with a peft section (or its adapter dir)")
     p.add_argument("--to", dest="target", help="directory to write (default: <output_dir>/merged)")
     _add_trust_arg(p)
     return parser
+
+
+def _lazy_epilog(p: argparse.ArgumentParser, make) -> None:
+    """Build ``p``'s epilog only when its help is shown: it imports the task registry, which `tunepipe --help` and
+    every other command should not pay for."""
+    plain = p.format_help
+
+    def format_help() -> str:
+        p.epilog = make()
+        return plain()
+
+    p.format_help = format_help
+
+
+def _predict_settings_help() -> str:
+    """Each task's prediction settings, read from its ``predict`` signature as model_loading.check_predict_kwargs
+    reads them, so the help lists exactly what the model's task accepts."""
+    import inspect
+    import textwrap
+
+    from .model_loading import _GENERATIVE_CLASSES
+    from .specs import GenerationSpec
+    from .tasks import get_task, task_names
+    by_settings: dict[str, list[str]] = {}  # tasks with the same settings share a line
+    for name in task_names():
+        cls = get_task(name)
+        params = inspect.signature(cls.predict).parameters
+        choices = getattr(cls, "predict_choices", {})
+        parts = []
+        for key, param in params.items():
+            if key in ("self", "model", "tokenizer", "inputs", "batch_size") or param.kind not in (
+                    param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                continue
+            values = "|".join(choices[key]) if key in choices else (
+                "true|false" if isinstance(param.default, bool) else "N")
+            shown = json.dumps(param.default).strip('"')  # false, 5, first
+            parts.append(f"{key}={values} (default {shown})")
+        if any(param.kind == param.VAR_KEYWORD for param in params.values()):
+            if cls.auto_model_class in _GENERATIVE_CLASSES:
+                parts.append("generation settings: " + ", ".join(GenerationSpec.model_fields) +
+                             " and other transformers GenerationConfig names (default: the run's generation section)")
+            else:
+                parts.append(", ".join(getattr(cls, "predict_settings", ())) + " (default: the run's data section)")
+        by_settings.setdefault("; ".join(parts) or "none", []).append(name)
+    lines = ["prediction settings (--param KEY=VALUE) by the model's task:"]
+    for settings, names in by_settings.items():
+        lines += textwrap.wrap(f"{', '.join(names)}: {settings}", 100, initial_indent="  ", subsequent_indent="      ")
+    lines.append("e.g. --param aggregation_strategy=simple, --param all_scores=true, --param num_beams=4")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,31 +196,45 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
+    from .console import quiet_libraries
     from .errors import ErrorHandler, TunepipeError
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return COMMANDS[args.command](args) or 0
+        with quiet_libraries(debug=args.debug):  # library noise on normal runs; all of it under --debug
+            return COMMANDS[args.command](args) or 0
     except TunepipeError as e:
+        _print_error(e, args, argv)
         if args.debug:
             raise
-        _print_error(e)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001
+        error = ErrorHandler.translate(e)  # a typed error (a symlink loop, a full disk ...) is the user's to fix
+        internal = ErrorHandler.is_internal(error)
+        _print_error(error, args, argv, traceback_of=e if internal else None)
         if args.debug:
             raise
-        error = ErrorHandler.translate(e)  # a typed error (a symlink loop, a full disk ...) is the user's to fix
-        _print_error(error)
-        return EXIT_INTERNAL if ErrorHandler.is_internal(error) else EXIT_USER_ERROR
+        return EXIT_INTERNAL if internal else EXIT_USER_ERROR
 
 
-def _print_error(e) -> None:
-    print(f"error: {e.render()}", file=sys.stderr)
+def _print_error(e, args=None, argv=None, traceback_of: BaseException | None = None) -> None:
+    """The error on the console (under --debug the traceback says it), and appended to the run directory's
+    tunepipe.log when that directory is already tunepipe's (console.log_error); tunepipe's own faults go there
+    with their traceback."""
+    if args is not None and args.command in LOGGED_COMMANDS and not getattr(args, "dry_run", False):
+        import traceback
+
+        from .console import log_error
+        run_dir = getattr(args, "run_dir", None) or getattr(args, "output_dir", None)
+        details = "".join(traceback.format_exception(traceback_of)) if traceback_of is not None else ""
+        log_error(run_dir, argv or [], e, details)
+    if args is None or not args.debug:
+        print(f"error: {e.render()}", file=sys.stderr)
 
 
-def _pipeline(args):
-    from .pipeline import FineTunePipeLine
+def _overrides(args) -> list[str]:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
@@ -160,15 +242,48 @@ def _pipeline(args):
         overrides.append(f"backend={args.backend}")
     if getattr(args, "overwrite", False):
         overrides.append("overwrite_output_dir=true")
-    return FineTunePipeLine(args.config, overrides=overrides)
+    return overrides
+
+
+def _pipeline(args):
+    from .pipeline import FineTunePipeLine
+    pipe = FineTunePipeLine(args.config, overrides=_overrides(args))
+    args.run_dir = pipe.output_dir  # where a later error is logged (console.log_error)
+    return pipe
+
+
+def cmd_check(args) -> int:
+    """`tunepipe check` and `train --dry-run`: the checks of a run, a report, nothing written (tunepipe/check.py).
+    With --json a failure is JSON on stdout too ({"ok": false, "error": ...}), and the exit status is still 2."""
+    from .check import check_run, render
+    from .errors import TunepipeError
+    try:
+        report = check_run(args.config, overrides=_overrides(args), sample=max(args.sample, 0))
+    except TunepipeError as e:
+        if args.json:
+            print(json.dumps({"ok": False, "error": {"code": e.code, "message": e.message, "field": e.field,
+                                                     "file": e.file, "line": e.line, "suggestions": e.suggestions}}))
+        raise
+    if args.json:
+        print(json.dumps(report.to_dict(), default=str, indent=1))
+    else:
+        render(report)
+    return 0
 
 
 def cmd_train(args) -> int:
+    if args.dry_run:
+        return cmd_check(args)
+    if args.json:
+        from .errors import ConfigError
+        raise ConfigError("--json prints the report of a dry run", field="--json",
+                          suggestions=["tunepipe train SPECS --dry-run --json, or tunepipe check SPECS --json"])
     pipe = _pipeline(args)
     _say(f"training {pipe.specs.task} on the {pipe.specs.backend} backend -> {pipe.output_dir}")
     pipe.run()
     _print_metrics(pipe)
     _say(f"model saved to {pipe.output_dir / ('adapter' if pipe.specs.peft.method != 'none' or pipe.specs.peft.config else 'model')}")
+    _say_where(pipe)
     return 0
 
 
@@ -315,6 +430,8 @@ def cmd_init(args) -> int:
     from .starter import starter_yaml
     from .tasks import get_task
     cls = get_task(args.task)
+    if args.task != cls.name:  # the file says the task's own name: tell the user why it differs from theirs
+        _say(f"'{args.task}' is an alias of {cls.name}; the specs say task: {cls.name}")
     text = starter_yaml(cls)
     if args.output == "-":
         sys.stdout.write(text)
@@ -323,7 +440,8 @@ def cmd_init(args) -> int:
     if path.exists() and not args.force:
         raise TunepipeIOError(f"{path} already exists", file=str(path), suggestions=["pass --force to overwrite"])
     path.write_text(text, encoding="utf-8")
-    _say(f"wrote {path}; edit data paths, then: tunepipe train {path}")
+    _say(f"wrote {path}; edit data paths, then: tunepipe train {path} (examples/ in the repository: a runnable "
+         f"version with sample data)")
     return 0
 
 
@@ -345,6 +463,7 @@ def cmd_demo(args) -> int:
     for ent in pipe.predict(example)["entities"]:
         print(f"  {ent['label']:<4} {ent['text']!r} [{ent['start']}:{ent['end']}] score={ent['score']:.3f}")
     _say(f"done in {time.time() - start:.0f}s; model in {pipe.output_dir / 'model'}")
+    _say_where(pipe)
     return 0
 
 
@@ -353,14 +472,14 @@ def _say(text: str) -> None:
 
 
 def _print_metrics(pipe) -> None:
-    for split, metrics in pipe.metrics.items():
-        if split == "train":
-            continue
-        print(f"\n{split} metrics")
-        for key, value in pipe.task.metric_table(metrics):
-            if key.endswith("_support") or key in ("runtime", "steps_per_second"):
-                continue
-            print(f"  {key:<24} {value:.4f}" if isinstance(value, float) else f"  {key:<24} {value}")
+    from .console import print_metrics
+    print_metrics(pipe.task, pipe.metrics)
+
+
+def _say_where(pipe) -> None:
+    """The last line of a run: where it is and how to look at it (card, curves, MLflow / TensorBoard)."""
+    from .console import run_summary
+    _say(run_summary(pipe.output_dir, pipe.tracking, getattr(pipe.specs.training, "report_to", None)))
 
 
 def cmd_merge(args) -> int:
@@ -370,7 +489,7 @@ def cmd_merge(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "tasks": cmd_tasks,
+COMMANDS = {"train": cmd_train, "check": cmd_check, "evaluate": cmd_evaluate, "predict": cmd_predict, "tasks": cmd_tasks,
             "init": cmd_init, "demo": cmd_demo, "merge": cmd_merge, "serve": cmd_serve}
 
 if __name__ == "__main__":

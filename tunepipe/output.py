@@ -12,8 +12,9 @@ from .errors import ConfigError, TunepipeIOError
 
 RUN_MARKER = "specs.yaml"  # the specs a run was trained with (ownership.MARKER says that tunepipe wrote the dir)
 # What a run writes (and replaces) inside output_dir; what `tunepipe evaluate` writes there.
-RUN_ENTRIES = ("model", "adapter", "checkpoints", "merged", RUN_MARKER, "README.md", "metrics.json", "train_log.jsonl")
-EVALUATION_ENTRIES = ("README.md", "metrics.json")
+RUN_ENTRIES = ("model", "adapter", "checkpoints", "merged", RUN_MARKER, "README.md", "metrics.json", "train_log.jsonl",
+               "training_curves.svg", "tensorboard")
+EVALUATION_ENTRIES = ("README.md", "metrics.json", "training_curves.svg")
 # Settings that do not change what a run trains: rerunning with other values is the same run.
 SAME_RUN_KEYS = ("output_dir", "overwrite_output_dir", "tracking.", "training.resume", "training.keep_",
                  "training.save_total_limit", "training.logging_steps", "training.disable_tqdm")
@@ -136,10 +137,12 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def model_card(specs, task_obj, metrics: dict[str, Any], base_model: str, n_train: int,
-               load_section: str | None = None, metadata: dict[str, Any] | None = None, base_note: str = "") -> str:
+               load_section: str | None = None, metadata: dict[str, Any] | None = None, base_note: str = "",
+               curves: str | None = None) -> str:
     """The run's README.md. ``load_section`` replaces the "Load it" section (a PEFT run has ``adapter/``, not
     ``model/``); ``metadata`` adds to the front matter (``library_name: peft``, ``base_model``); ``base_note``
-    follows the base model's name (where it comes from)."""
+    follows the base model's name (where it comes from); ``curves`` is the training-curves image beside the card
+    (a relative path, so the card shows it wherever the run folder is copied or pushed)."""
     task = specs.task
     auto_cls = task_obj.auto_model_class
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
@@ -158,6 +161,7 @@ model = {auto_cls}.from_pretrained("{Path(specs.output_dir) / 'model'}")
 ```
 or with tunepipe: `tunepipe predict --model {specs.output_dir} --input "some text"`.
 """
+    curves_section = f"\n## Training curves\n![training curves]({curves})\n" if curves else ""
     return f"""---
 {front_text}
 ---
@@ -174,6 +178,6 @@ Fine-tuned with [tunepipe](https://pypi.org/project/tunepipe/) for **{task}**.
 | metric | value |
 |---|---|
 {rows or '| (no validation data) | |'}
-{load}
+{curves_section}{load}
 The full resolved specs are in `specs.yaml`, per-step logs in `train_log.jsonl`.
 """

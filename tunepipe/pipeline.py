@@ -96,6 +96,8 @@ class FineTunePipeLine:
             from .trainers.settings import resolve_precision
             resolve_precision(self.specs.training)
         check_peft_specs(self.specs, self.task, skeleton=skeleton_for_specs(self.specs, self.task))
+        from .reporting import check_report_to
+        check_report_to(self.specs)  # training.report_to: names, packages, backend (a typed error before the data)
 
     def setup(self, trained_dir: str | Path | None = None) -> "FineTunePipeLine":
         """Steps 1-4 (see ``_setup``); an output_dir this call created is removed again if setting up fails."""
@@ -126,8 +128,16 @@ class FineTunePipeLine:
     def _check_before_writing(self, trained_dir) -> None:
         """Data and specs that fit, yet would fail (or destroy something) once training starts; then the
         output_dir is claimed (ownership: a fresh directory or a tunepipe run, locked for this process)."""
+        from .ownership import make_claimed
+        target = self.check_output_dir(trained_dir)
+        make_claimed(target, kind="run")
+        self._locked = True
+
+    def check_output_dir(self, trained_dir=None) -> Path:
+        """The read-only half of ``_check_before_writing`` (also what `tunepipe check` runs): output_dir rules,
+        a previous run of other specs, validation data the settings need. Creates and locks nothing."""
         from .output import EVALUATION_ENTRIES, RUN_ENTRIES, previous_run_differs
-        from .ownership import check_claim, make_claimed
+        from .ownership import check_claim
         writes = EVALUATION_ENTRIES if trained_dir is not None else RUN_ENTRIES
         target = check_claim(self.output_dir, kind="run", writes=writes, inputs=self._input_paths(trained_dir))
         t = self.specs.training
@@ -145,8 +155,7 @@ class FineTunePipeLine:
                 raise ConfigError("eval_strategy 'steps' evaluates on validation data, and there is none",
                                   field="training.eval_strategy",
                                   suggestions=[hint, "or set training.eval_strategy: no"])
-        make_claimed(target, kind="run")
-        self._locked = True
+        return target
 
     def _unlock(self) -> None:
         if self._locked:
@@ -191,9 +200,9 @@ class FineTunePipeLine:
         from .trainers import select_trainer
 
         self._check_supported()
-        trainer_cls = select_trainer(self.task, self.specs.backend)
         self.data = DatasetModules(self.specs, self.task)
         self.data.load()
+        trainer_cls = select_trainer(self.task, self.specs.backend)  # after the data: its import takes seconds
         self._check_before_writing(trained_dir)
         ensure_writable(self.output_dir)
         with ErrorHandler.guard("setting the seed"):
@@ -235,10 +244,14 @@ class FineTunePipeLine:
             if self.trainer.is_main_process:
                 saved = self.save()
         except BaseException as e:  # the MLflow run ends FAILED (KILLED on Ctrl-C), then the error goes on
+            if self.trainer.is_main_process:
+                self._write_curves()  # the curve up to the failure (a diverging loss, say)
             self.tracking.finish(error=e)
             if not self._in_run:
                 self._unlock()
             raise
+        if self.trainer.is_main_process:
+            self._write_curves()
         self.tracking.training_done(saved, self.train_result.global_step)
         if not self._in_run:
             self.tracking.finish()
@@ -262,7 +275,8 @@ class FineTunePipeLine:
             if ds is None or not self.task.can_evaluate(ds):
                 continue
             self.task.eval_split = split
-            with ErrorHandler.guard(f"evaluating on {split}"):
+            with ErrorHandler.guard(f"evaluating on {split}"), \
+                    self.tracking.evaluating(split, ds, self.trainer.is_main_process):
                 self.metrics[split] = self.trainer.run_evaluation(ds, split=split)
             self.task.eval_split = "validation"
         if getattr(self, "train_result", None) is not None:
@@ -270,6 +284,7 @@ class FineTunePipeLine:
         if self.trainer.is_main_process:
             from .output import write_json
             write_json(self.output_dir / "metrics.json", self.metrics)
+            self._write_curves()
             self._write_card()
             self.tracking.evaluation_done()
         return self.metrics
@@ -352,8 +367,17 @@ class FineTunePipeLine:
             atomic_text(self.output_dir / "specs.yaml", self.specs.to_yaml())
         return target
 
+    def _write_curves(self):
+        """training_curves.svg from train_log.jsonl, which every backend writes; never fails the run."""
+        from .plots import write_training_curves
+        metric = self.specs.training.metric_for_best_model or \
+            self.task.default_specs().get("training", {}).get("metric_for_best_model")
+        return write_training_curves(self.output_dir, metric, f"{self.output_dir.name} — {self.task.name}")
+
     def _write_card(self) -> None:
         from .output import atomic_text, model_card
+        from .plots import CURVES_FILE
+        curves = CURVES_FILE if (self.output_dir / CURVES_FILE).is_file() else None
         n_train = len(self.datasets["train"]) if "train" in self.datasets else 0
         base = self.specs.model.name_or_path or f"from_config({(self.specs.model.from_config or {}).get('model_type')})"
         from .peft_support import adapter_card, peft_enabled
@@ -361,9 +385,9 @@ class FineTunePipeLine:
             peft_card = adapter_card(self.output_dir, self.task, self.specs)
             card = model_card(self.specs, self.task, self.metrics, peft_card["base"], n_train,
                               load_section=peft_card["load"], metadata=peft_card["metadata"],
-                              base_note=peft_card["base_note"])
+                              base_note=peft_card["base_note"], curves=curves)
         else:
-            card = model_card(self.specs, self.task, self.metrics, base, n_train)
+            card = model_card(self.specs, self.task, self.metrics, base, n_train, curves=curves)
         atomic_text(self.output_dir / "README.md", card)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -188,6 +189,14 @@ class TrainingSpec(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _strategy_no(cls, data: Any) -> Any:
+        """YAML 1.1 reads an unquoted ``no`` as false: ``save_strategy: no`` (what our own hints say) means "no"."""
+        if isinstance(data, dict):
+            data = {k: "no" if k.endswith("_strategy") and v is False else v for k, v in data.items()}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _checkpoint_aliases(cls, data: Any) -> Any:
         """resume_from_checkpoint fills resume; keep_best: <metric> fills metric_for_best_model (when unset)."""
         if not isinstance(data, dict):
@@ -353,11 +362,38 @@ def suggest(key: str, allowed: set[str] | list[str]) -> list[str]:
     return [f"did you mean '{c}'?" for c in close]
 
 
-def training_argument_names() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def training_argument_names() -> frozenset[str]:
+    """The field names of transformers' TrainingArguments. Read from its source file (~50 ms) rather than by
+    importing it (~10 s: it pulls in torch, peft and bitsandbytes), so that a typo in the specs is reported before
+    any heavy import; the import stays the fallback where the source cannot be read that way."""
+    names = _training_argument_names_from_source()
+    if names is not None:
+        return names
     import dataclasses
 
     from transformers import TrainingArguments
-    return {f.name for f in dataclasses.fields(TrainingArguments)}
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments))
+
+
+def _training_argument_names_from_source() -> frozenset[str] | None:
+    """TrainingArguments' dataclass fields as ``dataclasses.fields`` lists them (annotated class attributes, not
+    ClassVar/InitVar), when the class is a plain ``@dataclass`` without base classes; else None."""
+    import ast
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("transformers")
+        if spec is None or not spec.origin:
+            return None
+        tree = ast.parse((Path(spec.origin).parent / "training_args.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError, ImportError):
+        return None
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainingArguments"), None)
+    if cls is None or cls.bases or cls.keywords or [ast.unparse(d) for d in cls.decorator_list] != ["dataclass"]:
+        return None
+    names = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+             and not re.search(r"\b(ClassVar|InitVar)\b", ast.unparse(n.annotation))}
+    return frozenset(names) or None
 
 
 def _apply_legacy(raw: dict[str, Any]) -> dict[str, Any]:
@@ -662,16 +698,28 @@ def load_specs(source: "Specs | dict[str, Any] | str | Path", overrides: list[st
     d["task"] = task.name
     _check_section_keys(d)
     defaults = task.default_specs(model=d.get("model"))
+    merged = deep_merge(defaults, d)
+    merged.setdefault("output_dir", f"runs/{task.name}")
+    _refuse_non_finite(merged)  # before pydantic, whose message for NaN would be "greater than or equal to 0"
+    specs = _validate(merged)  # a bad value is reported before the model's config is read (transformers: seconds)
     if task.capped_lengths:  # a default length the model cannot read is lowered to its limit (limits.py)
         from .limits import limits_for_model_section, virtual_tokens
         limits = limits_for_model_section(d.get("model"))
-        if limits:
-            defaults = task.fit_default_lengths(defaults, limits, virtual_tokens(d.get("peft")))
-    d = deep_merge(defaults, d)
-    d.setdefault("output_dir", f"runs/{task.name}")
-    _refuse_non_finite(d)  # before pydantic, whose message for NaN would be "greater than or equal to 0"
+        fitted = task.fit_default_lengths(copy.deepcopy(defaults), limits, virtual_tokens(d.get("peft"))) \
+            if limits else defaults
+        if fitted != defaults:
+            d = deep_merge(fitted, d)
+            d.setdefault("output_dir", f"runs/{task.name}")
+            specs = _validate(d)
+    _check_values(specs)
+    _check_combinations(specs)
+    return specs
+
+
+def _validate(d: dict[str, Any]) -> Specs:
+    """Specs.model_validate, its errors as one ConfigError naming every invalid field."""
     try:
-        specs = Specs.model_validate(d)
+        return Specs.model_validate(d)
     except PydanticValidationError as e:
         errs = e.errors()
         first = errs[0]
@@ -679,9 +727,6 @@ def load_specs(source: "Specs | dict[str, Any] | str | Path", overrides: list[st
         lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in errs]
         raise ConfigError("Invalid specs: " + "; ".join(lines), field=field,
                           suggestions=_value_suggestions(first, field)) from None
-    _check_values(specs)
-    _check_combinations(specs)
-    return specs
 
 
 def _refuse_non_finite(tree: dict[str, Any]) -> None:

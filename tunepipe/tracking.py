@@ -13,6 +13,7 @@ the ``MLFLOW_HTTP_REQUEST_*`` variables. The client API (``MlflowClient``) is us
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -218,6 +219,15 @@ class MlflowTracker(TrainerCallback):
     def __getstate__(self):  # spawned worker processes get a copy without the client and the sender thread
         return {**self.__dict__, "_client": None, "_sender": None}
 
+    def ui_hint(self) -> str:
+        """How to look at the run: the ``mlflow ui`` command for a store on disk, else the server's address."""
+        uri = self.tracking_uri
+        if uri.startswith(("http://", "https://")):
+            return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}" if self.run_id else uri
+        if uri.startswith(("sqlite:", "file:", "postgresql", "mysql", "mssql", "/", ".")):
+            return f"mlflow ui --backend-store-uri {uri}"
+        return uri
+
     # ---- guarded calls -------------------------------------------------------------------------------------
     @property
     def active(self) -> bool:
@@ -366,7 +376,7 @@ class MlflowTracker(TrainerCallback):
         self.flush()
         out = self.output_dir
         plot = plot_loss(out / "train_log.jsonl", out / "loss.png")
-        for name in ("specs.yaml", "train_log.jsonl", "resources.json"):
+        for name in ("specs.yaml", "train_log.jsonl", "resources.json", "training_curves.svg"):
             self.log_files({"": out / name})
         if not (out / "specs.yaml").is_file():
             self._call("uploading specs.yaml", lambda: self.client.log_text(
@@ -379,7 +389,7 @@ class MlflowTracker(TrainerCallback):
     def log_evaluation_outputs(self) -> None:
         """After evaluation: metrics.json and the model card."""
         self.flush()
-        for name in ("metrics.json", "README.md"):
+        for name in ("metrics.json", "README.md", "training_curves.svg"):
             self.log_files({"": self.output_dir / name})
 
     def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
@@ -421,6 +431,16 @@ class MlflowTracker(TrainerCallback):
             self.log_metrics(missing, state.global_step)
 
 
+def _generation_progress(specs):
+    """A generation bar for tasks evaluated by generating, unless the specs turn progress bars off."""
+    from .tasks import get_task
+    if not getattr(get_task(specs.task), "generative", False) or getattr(specs.training, "disable_tqdm", False):
+        return None
+    from .progress import GenerationProgress
+    return GenerationProgress(max_new_tokens=specs.generation.max_new_tokens,
+                              eval_batch_size=specs.training.per_device_eval_batch_size)
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -443,25 +463,57 @@ def require_mlflow(tracking_uri: str) -> None:
 
 # ---- what FineTunePipeLine attaches ------------------------------------------------------------------------------
 class Tracking:
-    """The callbacks ``tracking:`` asks for (resource monitor, MLflow run) and the pipeline's hooks into them."""
+    """The callbacks every backend gets from the pipeline: the ``tracking:`` section's (resource monitor, MLflow
+    run), ``training.report_to``'s integrations where tunepipe drives them (reporting.py), and the generation
+    progress bar of generative tasks (progress.py); plus the pipeline's hooks into them."""
 
     def __init__(self, specs, output_dir: str | Path):
         from .monitor import ResourceMonitor
+        from .reporting import check_report_to, loop_callbacks
+        self.output_dir = Path(output_dir)
         self.monitor = ResourceMonitor(output_dir) if specs.tracking.resources else None
         mlflow_spec = specs.tracking.mlflow
         self.mlflow = MlflowTracker(mlflow_spec, specs, output_dir) if mlflow_spec is not None else None
         if self.mlflow is not None:
             require_mlflow(self.mlflow.tracking_uri)
+        check_report_to(specs)
+        self.reporters = loop_callbacks(specs, output_dir)
+        self.progress = _generation_progress(specs)
 
     @property
     def callbacks(self) -> list:
-        return [cb for cb in (self.monitor, self.mlflow) if cb is not None]
+        return [cb for cb in (self.monitor, self.mlflow, *self.reporters, self.progress) if cb is not None]
 
     def attach(self, trainer) -> None:
-        """The monitor adds fields to ``logs``: it must run before the train_log.jsonl writer."""
+        """The monitor adds fields to ``logs``: it must run before the train_log.jsonl writer. TensorBoard's files
+        go to the run's directory. With the generation bar, transformers' evaluation bar steps aside."""
         if self.monitor is not None:
             from .monitor import place_before_log_writer
             place_before_log_writer(trainer, self.monitor)
+        from .reporting import point_trainer_callbacks
+        point_trainer_callbacks(trainer, self.output_dir)
+        if self.progress is not None:
+            from transformers.trainer_callback import ProgressCallback
+
+            from .progress import TrainingProgress
+            handler = getattr(trainer, "callback_handler", None) or getattr(trainer, "handler", None)
+            for i, callback in enumerate(getattr(handler, "callbacks", [])):
+                if type(callback) is ProgressCallback:
+                    handler.callbacks[i] = TrainingProgress()
+            self.progress.eval_dataset = getattr(trainer, "eval_dataset", None)
+            self.progress.watch(getattr(trainer, "model", None))
+
+    @contextlib.contextmanager
+    def evaluating(self, split: str, dataset, is_main_process: bool = True):
+        """Around an evaluation the pipeline runs: the generation bar shows (main process only)."""
+        if self.progress is None or not is_main_process:
+            yield
+            return
+        self.progress.arm(split, dataset)
+        try:
+            yield
+        finally:
+            self.progress.disarm()
 
     def start(self, is_main_process: bool) -> None:
         if self.mlflow is not None and is_main_process:

@@ -185,6 +185,8 @@ class QuestionAnsweringTask(Task):
         "training": {"per_device_train_batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 2,
                      "warmup_steps": 0.1, "metric_for_best_model": "f1"},
     }
+    # the data settings predict(**settings) may override for one call (`tunepipe predict --help` lists them)
+    predict_settings = ("n_best_size", "max_answer_length", "version_2_with_negative", "null_score_diff_threshold")
     example_data = {"id": "q1", "context": "Ada Lovelace was born in London in 1815.",
                     "question": "Where was Ada Lovelace born?",
                     "answers": {"text": ["London"], "answer_start": [25]}}
@@ -388,12 +390,10 @@ class QuestionAnsweringTask(Task):
         context (answer == context[start:end]), a ``score`` and ``no_answer``. ``settings`` override
         n_best_size, max_answer_length, version_2_with_negative, null_score_diff_threshold."""
         import torch
-        unknown = set(settings) - {"n_best_size", "max_answer_length", "version_2_with_negative",
-                                   "null_score_diff_threshold"}
+        unknown = set(settings) - set(self.predict_settings)
         if unknown:
             raise ConfigError(f"Unknown prediction setting(s): {', '.join(sorted(unknown))}",
-                              suggestions=["use n_best_size, max_answer_length, version_2_with_negative, "
-                                           "null_score_diff_threshold"])
+                              suggestions=[f"use {', '.join(self.predict_settings)}"])
         items = [self._as_input(x, n) for n, x in enumerate(inputs)]
         if not items:
             return []

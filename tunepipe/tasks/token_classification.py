@@ -53,6 +53,7 @@ class TokenClassificationTask(Task):
         "training": {"per_device_train_batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 3,
                      "metric_for_best_model": "f1"},
     }
+    predict_choices = {"aggregation_strategy": AGGREGATION_STRATEGIES}  # for `tunepipe predict --help`
     example_data = {"tokens": ["Ada", "Lovelace", "lived", "in", "London", "."],
                     "ner_tags": ["B-PER", "I-PER", "O", "O", "B-LOC", "O"]}
 
