@@ -201,7 +201,7 @@ def _memory(model, specs) -> dict[str, Any]:
 
     from .peft_support import head_modules
     from .quantization import QuantizationManager, training_device
-    from .trainers.common import resolve_precision
+    from .trainers.settings import resolve_precision
     from .type_utils import GB, MIXED_PRECISION_ACTIVATION_BYTES, TypeUtils, _alternatives
     t, qm = specs.training, QuantizationManager(specs)
     bf16, fp16 = resolve_precision(t)
@@ -319,8 +319,8 @@ def _untruncated(task, tokenizer, rows, split, field_name, column) -> list[int] 
 def _steps(specs, trainer_cls, checkpoints: Path, has_eval: bool, examples: int, estimated: bool) -> dict[str, Any]:
     """The trainer's arguments built as it builds them (TrainingArguments validates passed-through settings on the
     hf backend), then optimizer steps as the trainers count them: batches per epoch on one rank (DistributedSampler
-    pads to ceil(examples / world)), then trainers.common.training_schedule (transformers' rule)."""
-    from .trainers.common import training_arguments, training_schedule, training_settings
+    pads to ceil(examples / world)), then trainers.settings.training_schedule (transformers' rule)."""
+    from .trainers.settings import training_arguments, training_schedule, training_settings
     if trainer_cls.__module__.endswith(".hf"):  # extra_arguments: a plain function of the specs on hf trainers
         args = training_arguments(specs, checkpoints, has_eval=has_eval, cls=getattr(trainer_cls, "args_class", None),
                                   **trainer_cls.extra_arguments(None, specs))
