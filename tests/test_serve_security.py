@@ -419,9 +419,10 @@ def test_a_one_text_request_is_not_stuck_behind_a_huge_one(guarded):
 
 
 def test_fifo_scheduling_makes_it_wait(plain):
-    """The same measurement on the former scheduling: the one text waits for the whole big request."""
+    """The same measurement on the former scheduling: the one text waits for the whole big request (its answer
+    may still reach the client first: the big answer is 3,000 predictions to serialise and send)."""
     seen = one_text_during_a_big_request(plain, {})
-    assert not seen["small_done_first"], seen
+    assert seen["small_s"] > 0.5 * seen["big_s"], seen
 
 
 def test_requests_batched_together_each_get_their_own_results_in_order(guarded):
