@@ -192,6 +192,24 @@ def _file_format(path: Path, declared: str, text_format: str, split: str | None 
     return text_format if fmt == "text" else fmt  # a .txt file: what the task reads as text (CoNLL for tags)
 
 
+def read_file(path: Path, fmt: str, out: Records, text_column: str, label_column: str | None, split: str) -> None:
+    """One local data file of a known format into ``out``, each record with its (file, line) origin: the same
+    reader for training splits and prediction inputs."""
+    if fmt == "jsonl":
+        read_jsonl(path, out)
+    elif fmt == "json":
+        read_json(path, out)
+    elif fmt in ("csv", "tsv"):
+        read_delimited(path, out, "," if fmt == "csv" else "\t")
+    elif fmt == "text":
+        read_text(path, out, text_column)
+    elif fmt == "conll":
+        read_conll(path, out, text_column, label_column)
+    elif fmt == "parquet":
+        for i, row in enumerate(_read_parquet(path, split).to_dict(orient="records"), start=1):
+            out.add({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}, (str(path), i))
+
+
 class DatasetModules:
     """Loads, validates and tokenizes the splits named in ``specs.data`` for one Task."""
 
@@ -239,19 +257,7 @@ class DatasetModules:
             raise _missing_file_error(path, split)
         fmt = _file_format(path, fmt, self.task.text_file_format, split)
         with ErrorHandler.guard(f"reading {path}"):
-            if fmt == "jsonl":
-                read_jsonl(path, out)
-            elif fmt == "json":
-                read_json(path, out)
-            elif fmt in ("csv", "tsv"):
-                read_delimited(path, out, "," if fmt == "csv" else "\t")
-            elif fmt == "text":
-                read_text(path, out, self.task.column("text"))
-            elif fmt == "conll":
-                read_conll(path, out, self.task.column("text"), self.task.column("label"))
-            elif fmt == "parquet":
-                for i, row in enumerate(_read_parquet(path, split).to_dict(orient="records"), start=1):
-                    out.add({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}, (str(path), i))
+            read_file(path, fmt, out, self.task.column("text"), self.task.column("label"), split)
 
     def _load_hub(self, name: str, split: str, out: Records) -> None:
         import datasets
@@ -513,17 +519,7 @@ def read_predict_inputs(text: str) -> tuple[list[Any], bool]:
                                             "or .txt (one input per line)"])
     records = Records()
     try:
-        if fmt == "jsonl":
-            read_jsonl(path, records)
-        elif fmt == "json":
-            read_json(path, records)
-        elif fmt in ("csv", "tsv"):
-            read_delimited(path, records, "," if fmt == "csv" else "\t")
-        elif fmt == "parquet":
-            for i, row in enumerate(_read_parquet(path, "input").to_dict(orient="records"), start=1):
-                records.add({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}, (str(path), i))
-        else:
-            read_text(path, records, "text")
+        read_file(path, fmt, records, "text", None, "input")
     except OSError as e:
         raise DatasetLoadError(f"--input {text}: cannot read the file: {e.strerror or e}", field="--input",
                                file=str(path), suggestions=["check the file's permissions"]) from None
