@@ -11,6 +11,13 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "")
+# the tokenization cache of this test session, never the user's own (~/.cache/tunepipe)
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+os.environ["TUNEPIPE_CACHE_DIR"] = tempfile.mkdtemp(prefix="tunepipe-test-cache-")
+atexit.register(shutil.rmtree, os.environ["TUNEPIPE_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 

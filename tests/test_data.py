@@ -49,13 +49,12 @@ def test_every_source_gives_the_same_records(files, kind):
 
 
 def test_plain_text_and_list_of_files(tmp_path, files):
-    from tunepipe.data import Records, read_text
+    from tunepipe.data import iter_file
     assert len(modules([files["jsonl"], files["csv"]]).load()["train"].rows) == 8
     (tmp_path / "t.txt").write_text("one\n\ntwo\n")
-    out = Records()
-    read_text(tmp_path / "t.txt", out, "text")
-    assert out.rows == [{"text": "one"}, {"text": "two"}]
-    assert out.origins[1] == (str(tmp_path / "t.txt"), 3)
+    read = list(iter_file(tmp_path / "t.txt", "text", "text", None, "train"))
+    assert [row for row, _ in read] == [{"text": "one"}, {"text": "two"}]
+    assert read[1][1] == (str(tmp_path / "t.txt"), 3)
 
 
 def test_labels_inferred_and_validation_split(files):
@@ -119,9 +118,9 @@ def test_max_train_samples(files):
 
 
 def test_prepare_keeps_a_field_that_first_appears_in_a_later_record():
-    from tunepipe.data import _with_all_keys
+    from tunepipe.data import with_all_keys
     import datasets
-    rows = _with_all_keys([{"text": "a"}, {"text": "b", "references": ["x", "y"]}])
+    rows = with_all_keys([{"text": "a"}, {"text": "b", "references": ["x", "y"]}])
     ds = datasets.Dataset.from_list(rows)
     assert ds.column_names == ["text", "references"]
     assert ds[1]["references"] == ["x", "y"] and ds[0]["references"] is None

@@ -307,8 +307,9 @@ def test_nested_official_squad_json_is_flattened(tmp_path):
     specs = load_specs({"task": "qa", "model": "m", "data": {"train": str(path), "version_2_with_negative": True}})
     records = DatasetModules(specs, QuestionAnsweringTask(specs)).load()["train"].rows
     assert [r["id"] for r in records] == ["q1", "q2", "q3"]
-    assert records[1] == {"id": "q2", "title": "T", "context": "Lena moved to Cork .", "question": "Who moved ?",
-                          "answers": {"text": ["Lena", "Lena"], "answer_start": [0, 0]}}
+    present = {k: v for k, v in records[1].items() if v is not None}  # Arrow gives every record every column
+    assert present == {"id": "q2", "title": "T", "context": "Lena moved to Cork .", "question": "Who moved ?",
+                       "answers": {"text": ["Lena", "Lena"], "answer_start": [0, 0]}}
     assert records[2]["answers"] == {"text": [], "answer_start": []} and records[2]["is_impossible"] is True
 
 

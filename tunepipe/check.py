@@ -231,8 +231,8 @@ def _tokenize(pipe, tokenizer, sample: int, report: CheckReport) -> tuple[dict[s
     import datasets as hf_datasets
     data, rng = pipe.data, random.Random(pipe.specs.training.seed)
     view = copy.copy(data)
-    view.records = {split: records.take(sorted(rng.sample(range(len(records.rows)), sample)))
-                    if sample and len(records.rows) > sample else records for split, records in data.records.items()}
+    view.records = {split: records.take(sorted(rng.sample(range(len(records)), sample)))
+                    if sample and len(records) > sample else records for split, records in data.records.items()}
     view._check_accumulation = lambda examples: None  # checked by the caller on the whole split
     bars_on = hf_datasets.is_progress_bar_enabled()
     hf_datasets.disable_progress_bars()
@@ -294,7 +294,7 @@ def _lengths(task, tokenizer, rows: list[dict], ds, split: str) -> list[dict[str
 
 def _untruncated(task, tokenizer, rows, split, field_name, column) -> list[int] | None:
     """The task's preprocessing with ``field_name`` lifted; None when it does not give one example per record."""
-    from .data import _with_all_keys
+    from .data import with_all_keys
     lifted = copy.copy(task)  # keeps what the task adopted from the model config (decoder-only seq2seq)
     data = task.specs.data.model_copy(update={field_name.split(".", 1)[1]: LIFTED})
     lifted.specs = task.specs.model_copy(update={"data": data})
@@ -302,7 +302,7 @@ def _untruncated(task, tokenizer, rows, split, field_name, column) -> list[int] 
     saved, tokenizer.model_max_length = tokenizer.model_max_length, LIFTED + 1
     lengths: list[int] = []
     try:
-        rows = _with_all_keys(rows)
+        rows = with_all_keys(list(rows))
         for start in range(0, len(rows), 256):
             chunk = rows[start:start + 256]
             out = fn({k: [r.get(k) for r in chunk] for k in chunk[0]}, tokenizer)

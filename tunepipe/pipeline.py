@@ -91,6 +91,9 @@ class FineTunePipeLine:
         """Refuse PEFT / quantization combinations this task, model or device cannot run, before loading data."""
         from .peft_support import check_peft_specs, skeleton_for_specs
         from .quantization import QuantizationManager
+        if self.specs.data.streaming:
+            from .data.stream import check_streaming_specs
+            check_streaming_specs(self.specs, self.task)
         QuantizationManager(self.specs).check_supported()
         if self.specs.training.fp16:  # fp16 needs CUDA: say so before any data is read or directory made
             from .trainers.settings import resolve_precision
@@ -116,8 +119,8 @@ class FineTunePipeLine:
     def _input_paths(self, trained_dir) -> dict[str, set[str]]:
         """What this run reads from disk, which its writes must never replace (ownership.check_inputs)."""
         from .models import encoder_decoder_sides
-        inputs = {f"{split} data": {f for f, _ in records.origins}
-                  for split, records in self.data.records.items()}
+        inputs = {f"{split} data": {s.name for s in sources if s.kind in ("file", "saved")}
+                  for split, sources in self.data.sources.items()}
         spec = self.specs.model
         models = {spec.name_or_path, self.specs.tokenizer.name_or_path, trained_dir}
         if spec.encoder_decoder:
@@ -145,7 +148,7 @@ class FineTunePipeLine:
             # --overwrite of a run with other specs: its files go when training starts, not before
             self._replace_previous = bool(previous_run_differs(self.output_dir, self.specs))
         if trained_dir is None and not (self.data.records.get("validation")
-                                        and self.data.records["validation"].rows):
+                                        and len(self.data.records["validation"])):
             hint = "add validation data: data.validation (a file) or data.validation_split: 0.1"
             if t.load_best_model_at_end:
                 raise ConfigError("load_best_model_at_end needs validation data to tell the best model",
@@ -201,7 +204,8 @@ class FineTunePipeLine:
 
         self._check_supported()
         self.data = DatasetModules(self.specs, self.task)
-        self.data.load()
+        streaming = self.specs.data.streaming and trained_dir is None
+        self.data.load(splits=("validation", "test") if streaming else ("train", "validation", "test"))
         trainer_cls = select_trainer(self.task, self.specs.backend)  # after the data: its import takes seconds
         self._check_before_writing(trained_dir)
         ensure_writable(self.output_dir)
@@ -216,6 +220,8 @@ class FineTunePipeLine:
             from .type_utils import TypeUtils
             self.memory_estimate = TypeUtils.check_memory(self.model, self.specs)  # warns before an OOM
         self.datasets = self.data.prepare(self.tokenizer)
+        if streaming:
+            self.datasets["train"] = self.data.stream(self.tokenizer)
         if trained_dir is None:
             self._check_metric_for_best_model()
         from .tracking import Tracking
@@ -378,7 +384,7 @@ class FineTunePipeLine:
         from .output import atomic_text, model_card
         from .plots import CURVES_FILE
         curves = CURVES_FILE if (self.output_dir / CURVES_FILE).is_file() else None
-        n_train = len(self.datasets["train"]) if "train" in self.datasets else 0
+        n_train = len(self.datasets["train"]) if hasattr(self.datasets.get("train"), "__len__") else 0
         base = self.specs.model.name_or_path or f"from_config({(self.specs.model.from_config or {}).get('model_type')})"
         from .peft_support import adapter_card, peft_enabled
         if peft_enabled(self.specs):  # an adapter/ to load, on a base named as the adapter records it

@@ -70,6 +70,14 @@ class DataSpec(_Section):
     validation_split: float | None = Field(None, gt=0, lt=1, description="carve validation out of train")
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
+    cache: bool = Field(True, description="keep read and tokenized splits between runs (TUNEPIPE_CACHE_DIR, "
+                                          "default ~/.cache/tunepipe; `tunepipe cache clear` empties it)")
+    on_bad_record: Literal["stop", "skip"] = Field("stop", description="a record that fails the checks: stop with "
+                                                                       "its file and line, or skip and count it")
+    streaming: bool = Field(False, description="read train as a stream (constant memory, no pass over the data "
+                                               "before training); needs training.max_steps")
+    shuffle_buffer: int = Field(10_000, gt=0, description="streaming: records shuffled together (the stream's "
+                                                          "order is otherwise the files' order)")
     # extractive question answering (the names of transformers' run_qa.py)
     version_2_with_negative: bool = Field(False, description="QA: SQuAD v2.0, some questions have no answer")
     null_score_diff_threshold: float = Field(0.0, description="QA v2: answer nothing when null score - best span "
@@ -350,11 +358,7 @@ DROPPED_TRAINING_KEYS = {"overwrite_output_dir", "logging_dir", "save_safetensor
 TOP_LEVEL = set(SECTIONS) | {"task", "task_type", "output_dir", "overwrite_output_dir", "backend", "use_accelerate",
                              "use_lightning"}
 # Keys a user may expect but this version does not have: a specific error instead of "unknown key".
-UNSUPPORTED_KEYS = {
-    "data.streaming": ("Streaming datasets are not supported in this version: data files are read into memory",
-                       ["remove data.streaming; cap what is read with data.max_train_samples / max_eval_samples",
-                        "bound the length of training with training.max_steps"]),
-}
+UNSUPPORTED_KEYS: dict[str, tuple[str, list[str]]] = {}
 
 
 def suggest(key: str, allowed: set[str] | list[str]) -> list[str]:

@@ -108,6 +108,10 @@ class Task:
         from ..limits import check_lengths
         check_lengths(self, model.config, predicting=True)  # a default length over the limit is lowered to it
 
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Called before tokenizing, or before tokenized splits are read from the cache (data/cache.py), for tasks
+        that need the tokenizer later (seq2seq decodes generations in compute_metrics)."""
+
     def preprocess(self, batch: dict[str, list], tokenizer) -> dict[str, list]:
         raise NotImplementedError
 

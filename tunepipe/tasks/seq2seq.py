@@ -181,6 +181,9 @@ class Seq2SeqTask(Task):
             out.append(row)
         return out
 
+    def bind_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
     def preprocess(self, batch, tokenizer):
         self.tokenizer = tokenizer
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]

@@ -74,11 +74,29 @@ def token_weighted_loss(specs, dataset, sample_size: int = 10_000) -> TokenWeigh
         return None
     if setting == "auto" and specs.training.train_sampling_strategy != "group_by_length":
         return None
-    rows = list(dataset.select(range(min(len(dataset), sample_size)))["labels"])  # datasets 5: a Column
+    if is_stream(dataset):  # the stream's first features
+        rows = [f["labels"] for f in dataset.head(min(sample_size, 500))]
+    else:
+        rows = list(dataset.select(range(min(len(dataset), sample_size)))["labels"])  # datasets 5: a Column
     if not rows or not isinstance(rows[0], (list, tuple)):
         return None
     mean = sum(sum(1 for v in row if v != -100) for row in rows) / len(rows)
     return TokenWeightedLoss(mean) if mean > 0 else None
+
+
+def is_stream(dataset) -> bool:
+    """data.streaming's train split (data/stream.py): batches come from the stream, not from a sampler."""
+    return bool(getattr(dataset, "streaming", False))
+
+
+def num_examples(dataset) -> int:
+    """Examples in the train split; -1 for a stream (recorded in checkpoints' data state)."""
+    return -1 if is_stream(dataset) else len(dataset)
+
+
+def keep_train_columns(dataset, model):
+    keep = model_columns(model)
+    return dataset.with_columns(keep) if is_stream(dataset) else keep_model_columns(dataset, model)
 
 
 def train_sampler(dataset, args, tokenizer=None):

@@ -18,7 +18,7 @@ from .common import (
     strip_prefix,
     truncate_log_after,
 )
-from .data import data_state, token_weighted_loss, train_sampler
+from .data import data_state, is_stream, keep_train_columns, num_examples, token_weighted_loss, train_sampler
 from .finite import NonFiniteGuard, flag_non_finite_metrics
 from .settings import TrainResult, training_arguments, training_schedule
 
@@ -85,6 +85,16 @@ class _TaskTrainerMixin:
             from torch.utils.data import SequentialSampler
             return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
         return super()._get_eval_sampler(eval_dataset)
+
+    def get_train_dataloader(self):
+        """data.streaming: this rank's share of the stream, length-grouped as the run asks; the Trainer stops it
+        at max_steps and, on resume, drops the batches already trained on."""
+        if not is_stream(self.train_dataset):
+            return super().get_train_dataloader()
+        from ..data.stream import stream_loader
+        stream = keep_train_columns(self.train_dataset, self.accelerator.unwrap_model(self.model))
+        return stream_loader(stream.shard(self.args.process_index, self.args.world_size),
+                             self.args.per_device_train_batch_size, self.data_collator)
 
     def _get_train_sampler(self, train_dataset=None):
         # transformers' group_by_length sampler draws its order from the global RNG, which dropout advances
@@ -170,13 +180,16 @@ class _TaskTrainerMixin:
         return self.stop_guard.synced(any_rank)
 
     def _batches_per_epoch(self) -> int:
+        if is_stream(self.train_dataset):  # one pass of max_steps, as the Trainer counts a stream
+            return self.args.max_steps * self.args.gradient_accumulation_steps
         if getattr(self, "_train_batches", None) is None:  # each get_train_dataloader() is prepared anew: once
             self._train_batches = len(self.get_train_dataloader())
         return self._train_batches
 
     def _data_state(self) -> dict[str, Any]:
         schedule = training_schedule(self._batches_per_epoch(), self.args)
-        return data_state(self.args, schedule, len(self.train_dataset), self.args.world_size, self.state.global_step)
+        return data_state(self.args, schedule, num_examples(self.train_dataset), self.args.world_size,
+                          self.state.global_step)
 
     def _resume_from(self) -> Path | None:
         """``resume: auto | <path>``, verified (manifest, file hashes, specs, data layout) before the Trainer

@@ -49,8 +49,11 @@ from .data import (
     IndexedDataset,
     data_state,
     eval_order,
+    is_stream,
     keep_model_columns,
+    keep_train_columns,
     label_names,
+    num_examples,
     token_weighted_loss,
     train_sampler,
 )
@@ -104,9 +107,10 @@ class LoopTrainer:
         engine, args = self.engine, self.args
         engine.launch()
         self.args.device, self.args.process_index, self.args.world_size = engine.device, engine.rank, engine.world_size
-        self.sampler = train_sampler(self.train_dataset, args, self.tokenizer)
+        streaming = is_stream(self.train_dataset)
+        self.sampler = None if streaming else train_sampler(self.train_dataset, args, self.tokenizer)
         weighting = token_weighted_loss(self.specs, self.train_dataset)
-        dataset = keep_model_columns(self.train_dataset, self.model)
+        dataset = keep_train_columns(self.train_dataset, self.model)
         schedule = self.schedule = training_schedule(len(self._train_loader(dataset, 0)), args)
         prepare_model_for_training(self.model, args)
         optimizer = create_optimizer(self.model, args)
@@ -193,6 +197,10 @@ class LoopTrainer:
 
     def _train_loader(self, dataset, skip: int):
         args, engine = self.args, self.engine
+        if is_stream(dataset):  # this rank's share of the stream, max_steps worth of batches
+            from ..data.stream import stream_loader
+            return stream_loader(dataset.shard(engine.rank, engine.world_size), args.train_batch_size, self.collator,
+                                 skip, total=args.max_steps * args.gradient_accumulation_steps)
         return sharded_loader(dataset, self.sampler, args.train_batch_size, self.collator, args, engine.world_size,
                               engine.rank, drop_last=args.dataloader_drop_last, skip=skip)
 
@@ -297,7 +305,7 @@ class LoopTrainer:
         return True
 
     def _data_state(self) -> dict[str, Any]:
-        return data_state(self.args, self.schedule, len(self.train_dataset), self.engine.world_size,
+        return data_state(self.args, self.schedule, num_examples(self.train_dataset), self.engine.world_size,
                           self.state.global_step)
 
     def _save(self, new_best: bool) -> None:
