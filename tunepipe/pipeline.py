@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, ErrorHandler
+from .evaluation_records import reported_metrics as _reported_metrics
 from .specs import Specs, load_specs
 
 log = logging.getLogger("tunepipe")
@@ -274,6 +275,10 @@ class FineTunePipeLine:
             ds = self.datasets.get(split)
             if ds is None or not self.task.can_evaluate(ds):
                 continue
+            reused = self.trainer.final_evaluation(ds, split)  # training scored these very weights already
+            if reused is not None:
+                self.metrics[split] = reused
+                continue
             self.task.eval_split = split
             with ErrorHandler.guard(f"evaluating on {split}"), \
                     self.tracking.evaluating(split, ds, self.trainer.is_main_process):
@@ -389,24 +394,6 @@ class FineTunePipeLine:
         else:
             card = model_card(self.specs, self.task, self.metrics, base, n_train, curves=curves)
         atomic_text(self.output_dir / "README.md", card)
-
-
-def _reported_metrics(task, labels) -> set[str] | None:
-    """Metric names the task's compute_metrics returns for these labels predicted perfectly; None when the probe
-    does not apply (it must never stop a run the trainer could do)."""
-    import numpy as np
-    try:
-        from transformers import EvalPrediction
-        if labels and isinstance(labels[0], list):
-            width = max(len(row) for row in labels)
-            label_ids = np.array([list(row) + [-100] * (width - len(row)) for row in labels])
-        else:
-            label_ids = np.array(labels)
-        predictions = np.where(label_ids < 0, 0, label_ids).astype(np.int64)
-        metrics = task.compute_metrics(EvalPrediction(predictions=predictions, label_ids=label_ids))
-    except Exception:  # noqa: BLE001
-        return None
-    return set(metrics) | {"loss", "runtime", "samples_per_second", "steps_per_second"}
 
 
 def run_from_specs(source, overrides: Sequence[str] | None = None) -> FineTunePipeLine:

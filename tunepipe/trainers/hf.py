@@ -12,8 +12,10 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 from ..checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, log, resume_setting
 from ..errors import CheckpointError
 from .common import (
+    FinalEvaluation,
     JsonlLogWriter,
     _JsonlLogCallback,
+    final_evaluation,
     prediction_step,
     strip_prefix,
     truncate_log_after,
@@ -43,6 +45,21 @@ class _TaskTrainerMixin:
                          + list(callbacks or []))
         self.loss_weighting = token_weighted_loss(specs, datasets.get("train"))
         self.finite_guard = NonFiniteGuard(self.args)
+        self.evaluations = FinalEvaluation()
+
+    # ---- the validation split is scored once at the end (common.FinalEvaluation) ------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                                   **gen_kwargs)
+        if self.is_in_train and (eval_dataset is None or eval_dataset is self.eval_dataset):
+            self.evaluations.record(self.state.global_step, metrics, f"{metric_key_prefix}_")
+        return metrics
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self.evaluations.reloaded(self.state.best_model_checkpoint)
+
+    final_evaluation = final_evaluation  # the training's evaluation of the final weights, taken once
 
     # ---- NaN / inf: the shared rule (trainers/finite.py) replaces the Trainer's "log nan and keep going" --------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -211,6 +228,7 @@ class _TaskTrainerMixin:
                 truncate_log_after(Path(self.args.output_dir).parent / "train_log.jsonl", saved.global_step)
             if saved.global_step >= training_schedule(self._batches_per_epoch(), self.args).max_steps:
                 return self._already_trained(resume, saved)
+        self.evaluations = FinalEvaluation()
         with StopOnSignal() as guard:
             self.stop_guard = guard
             try:

@@ -33,10 +33,12 @@ from ..checkpoints import (
 )
 from .common import (
     EvalCollector,
+    FinalEvaluation,
     FlopCounter,
     JsonlLogWriter,
     callback_handler,
     evaluation_metrics,
+    final_evaluation,
     log_metrics,
     new_state,
     prediction_step,
@@ -71,6 +73,7 @@ class LoopTrainer:
     """A task's model trained by the one loop on ``engine_class`` (set by each backend's classes)."""
 
     engine_class: Any = None
+    final_evaluation = final_evaluation  # the training's evaluation of the final weights, taken once (common.py)
 
     def __init__(self, task, specs, model, tokenizer, datasets: dict[str, Any], output_dir: str | Path,
                  callbacks: list | None = None):
@@ -117,6 +120,7 @@ class LoopTrainer:
         for name, value in (("model", self.trained_model()), ("optimizer", optimizer), ("lr_scheduler", scheduler)):
             setattr(self.handler, name, value)
         first_epoch, skip, pending_rng = self._resume(state, schedule)
+        self.evaluations = FinalEvaluation()
         if first_epoch is None:
             return TrainResult(global_step=state.global_step, train_metrics={"epoch": state.epoch},
                                log_history=list(state.log_history))
@@ -235,6 +239,7 @@ class LoopTrainer:
         self.control = log_metrics(self.handler, args, state, self.control, dict(metrics))
         if args.load_best_model_at_end and state.best_model_checkpoint:
             load_model_weights(Path(state.best_model_checkpoint), self.trained_model())
+            self.evaluations.reloaded(state.best_model_checkpoint)
         self.control = self.handler.on_train_end(args, state, self.control)
         engine.barrier()
         return TrainResult(global_step=state.global_step, train_metrics={**metrics, "epoch": state.epoch},
@@ -262,6 +267,7 @@ class LoopTrainer:
             self.last_logged = state.global_step
             self.control = log_metrics(self.handler, args, state, self.control, logs)
         metrics = self._evaluate(self.eval_dataset, "eval") if self.control.should_evaluate else None
+        self.evaluations.record(state.global_step, metrics)  # the validation split is scored once at the end
         new_best = metrics is not None and self._is_new_best(metrics)
         if args.save_strategy == "best":
             self.control.should_save = new_best
