@@ -402,12 +402,14 @@ class CheckpointManager:
         return removed
 
     def rotate(self, best: str | Path | None = None) -> list[Path]:
-        """Keep the newest ``keep_last_n`` complete checkpoints, and the best one when ``keep_best``."""
+        """Keep the newest ``keep_last_n`` complete checkpoints, and the best one when ``keep_best``. The best one
+        counts among the n, but the newest one is never removed (``resume: auto`` continues from it): with
+        ``keep_last_n: 1`` and an older best, both stay. The same rule on every backend."""
         if self.keep_last_n is None or self.keep_last_n <= 0:
             return []
         found = self.checkpoints()
         keep_best = Path(best).resolve() if best and self.keep_best else None
-        removable = [p for p in found if keep_best is None or p.resolve() != keep_best]
+        removable = [p for p in found[:-1] if keep_best is None or p.resolve() != keep_best]
         removed = []
         while len(found) > self.keep_last_n and removable:
             victim = removable.pop(0)

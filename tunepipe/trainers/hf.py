@@ -35,8 +35,10 @@ class _TaskTrainerMixin:
         output_dir = Path(output_dir)
         self.task, self.specs = task, specs
         eval_ds = datasets.get("validation")
+        # save_total_limit None: transformers' own rotation (which at the end of training keeps only the best
+        # checkpoint when the limit is 1) is off; CheckpointManager.rotate keeps the newest and the best
         args = training_arguments(specs, output_dir / "checkpoints", has_eval=eval_ds is not None,
-                                  cls=self.args_class, **self.extra_arguments(specs))
+                                  cls=self.args_class, **{"save_total_limit": None, **self.extra_arguments(specs)})
         super().__init__(model=model, args=args, data_collator=task.collator(tokenizer),
                          train_dataset=datasets.get("train"), eval_dataset=eval_ds, processing_class=tokenizer,
                          compute_metrics=task.compute_metrics,
