@@ -273,13 +273,18 @@ class DatasetModules:
         for i, row in enumerate(ds.to_list(), start=1):
             out.add(_ids_to_names(row, features), (f"<hub:{name}:{hub_split}>", i))
 
-    def load(self) -> dict[str, Records]:
-        """Read every split, rename columns, validate records, and settle the label set."""
+    def load(self, splits=None) -> dict[str, Records]:
+        """Read every split (or only ``splits``, and the training data where the labels or data.validation_split
+        need it), rename columns, validate records, and settle the label set."""
         data = self.specs.data
         if data.train is None:
             raise DatasetLoadError("No training data given", field="data.train",
                                    suggestions=["set data.train to a file (jsonl, csv, tsv, parquet, txt, conll)"])
-        for split in SPLITS:
+        wanted = set(SPLITS if splits is None else splits)
+        if (self.task.labels is None and getattr(self.task, "uses_labels", False)) or (
+                "validation" in wanted and data.validation is None and data.validation_split):
+            wanted.add("train")
+        for split in (s for s in SPLITS if s in wanted):
             records = self.load_source(getattr(data, split), split)
             if data.columns:
                 records.rows = [{data.columns.get(k, k): v for k, v in row.items()} for row in records.rows]
@@ -289,11 +294,11 @@ class DatasetModules:
             if records.rows:
                 self._check_columns(records, split)
             self.records[split] = records
-        if "validation" not in self.records or not self.records["validation"].rows:
+        if "validation" in wanted and not self.records["validation"].rows:
             self._split_validation()
         self._warn_shared_files()
         self._validate("train")
-        if self.task.labels is None:
+        if self.task.labels is None and "train" in self.records:
             self.task.labels = self.task.infer_labels(self.records["train"].rows)
         for split in ("validation", "test"):
             self._validate(split)
@@ -399,14 +404,14 @@ class DatasetModules:
                 self.records[split] = self.records[split].take(list(range(cap)))
 
     # ---- tokenizing --------------------------------------------------------------------------------------
-    def prepare(self, tokenizer) -> dict[str, Any]:
-        """Records -> tokenized ``datasets.Dataset`` per split (batched, single process)."""
+    def prepare(self, tokenizer, splits=None) -> dict[str, Any]:
+        """Records -> tokenized ``datasets.Dataset`` per split (or only ``splits``; batched, single process)."""
         import datasets
         if not self.records:
-            self.load()
+            self.load(splits)
         prepared = {}
         for split, records in self.records.items():
-            if not records.rows:
+            if not records.rows or (splits is not None and split not in splits):
                 continue
             with ErrorHandler.guard(f"building the {split} dataset"):
                 ds = datasets.Dataset.from_list(_with_all_keys(records.rows))

@@ -2,6 +2,8 @@
 training), and the results of `tunepipe evaluate`, added to metrics.json["evaluations"]."""
 from __future__ import annotations
 
+from typing import Any
+
 
 def reported_metrics(task, labels) -> set[str] | None:
     """Metric names the task's compute_metrics returns for these labels predicted perfectly; None when the probe
@@ -19,3 +21,46 @@ def reported_metrics(task, labels) -> set[str] | None:
     except Exception:  # noqa: BLE001
         return None
     return set(metrics) | {"loss", "runtime", "samples_per_second", "steps_per_second"}
+
+
+def adopt_trained_labels(task, model_dir) -> None:
+    """The label set of a model tunepipe saved (its config records the task), so that evaluating it needs no pass
+    over the training data to infer them. Adapters and other folders: unchanged (the training data tells)."""
+    import json
+    from pathlib import Path
+    config = Path(model_dir) / "config.json"
+    if task.labels is not None or not getattr(task, "uses_labels", False) or not config.is_file():
+        return
+    try:
+        saved = json.loads(config.read_text(encoding="utf-8"))
+        id2label = {int(k): v for k, v in saved["id2label"].items()} if saved.get("tunepipe_task") else None
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return
+    if id2label:
+        task.labels = [id2label[i] for i in range(len(id2label))]
+
+
+def add_evaluation(output_dir, metrics: dict[str, Any], model_dir, data) -> dict[str, Any]:
+    """`tunepipe evaluate`'s results beside the run's records: appended to metrics.json["evaluations"] (time,
+    model folder, the files each split was read from, its metrics); the run's own sections (validation, test,
+    train) are kept as training wrote them. Returns the entry."""
+    import json
+    import time
+    from pathlib import Path
+
+    from .output import write_json
+    path = Path(output_dir) / "metrics.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(model_dir),
+             "data": {split: sorted({str(f) for f, _ in data.records[split].origins})
+                      for split in metrics if split in data.records},
+             "metrics": {split: {k: v for k, v in m.items() if k != "epoch"} for split, m in metrics.items()}}
+    evaluations = record.get("evaluations")
+    record["evaluations"] = (evaluations if isinstance(evaluations, list) else []) + [entry]
+    write_json(path, record)
+    return entry

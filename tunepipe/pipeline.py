@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, ErrorHandler
+from .evaluation_records import add_evaluation, adopt_trained_labels
 from .evaluation_records import reported_metrics as _reported_metrics
 from .specs import Specs, load_specs
 
@@ -86,6 +87,7 @@ class FineTunePipeLine:
         self._in_run = False
         self._locked = False  # holds output_dir's write lock (ownership.acquire)
         self._replace_previous = False
+        self._trained_dir = None  # set by setup(trained_dir): evaluating a saved model (`tunepipe evaluate`)
 
     # ---- steps -------------------------------------------------------------------------------------------
     def _check_supported(self) -> None:
@@ -202,7 +204,11 @@ class FineTunePipeLine:
 
         self._check_supported()
         self.data = DatasetModules(self.specs, self.task)
-        self.data.load()
+        self._trained_dir = trained_dir  # evaluating a saved model: only the splits it scores are read
+        scored = ("validation", "test") if trained_dir is not None else None
+        if trained_dir is not None:
+            adopt_trained_labels(self.task, trained_dir)
+        self.data.load(scored)
         trainer_cls = select_trainer(self.task, self.specs.backend)  # after the data: its import takes seconds
         self._check_before_writing(trained_dir)
         ensure_writable(self.output_dir)
@@ -216,7 +222,7 @@ class FineTunePipeLine:
             self.model = ModelModules(self.specs).load(self.task, self.tokenizer)
             from .type_utils import TypeUtils
             self.memory_estimate = TypeUtils.check_memory(self.model, self.specs)  # warns before an OOM
-        self.datasets = self.data.prepare(self.tokenizer)
+        self.datasets = self.data.prepare(self.tokenizer, scored)
         if trained_dir is None:
             self._check_metric_for_best_model()
         from .tracking import Tracking
@@ -286,11 +292,14 @@ class FineTunePipeLine:
             self.task.eval_split = "validation"
         if getattr(self, "train_result", None) is not None:
             self.metrics["train"] = self.train_result.train_metrics
-        if self.trainer.is_main_process:
+        if self.trainer.is_main_process and self._trained_dir is not None:  # beside the run's records, never over
+            add_evaluation(self.output_dir, self.metrics, self._trained_dir, self.data)
+        elif self.trainer.is_main_process:
             from .output import write_json
             write_json(self.output_dir / "metrics.json", self.metrics)
             self._write_curves()
             self._write_card()
+        if self.trainer.is_main_process:
             self.tracking.evaluation_done()
         return self.metrics
 

@@ -14,13 +14,16 @@ from .settings import Schedule, TrainResult  # noqa: F401  (TrainResult: the bac
 
 
 class JsonlLogWriter:
-    """Appends one JSON object per logging step to train_log.jsonl (rank 0 only)."""
+    """Appends one JSON object per logging step to train_log.jsonl (rank 0 only). ``path`` None: a trainer with
+    no training data (`tunepipe evaluate`) writes nothing there, the run's log stays the training's."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
         self.start = time.time()
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"time": round(time.time() - self.start, 3), **record}
         with self.path.open("a", encoding="utf-8") as f:

@@ -43,7 +43,8 @@ class _TaskTrainerMixin:
                          train_dataset=datasets.get("train"), eval_dataset=eval_ds, processing_class=tokenizer,
                          compute_metrics=task.compute_metrics,
                          preprocess_logits_for_metrics=self.logits_reducer(task),
-                         callbacks=[_JsonlLogCallback(JsonlLogWriter(output_dir / "train_log.jsonl"))]
+                         callbacks=[_JsonlLogCallback(JsonlLogWriter(
+                             output_dir / "train_log.jsonl" if datasets.get("train") is not None else None))]
                          + list(callbacks or []))
         self.loss_weighting = token_weighted_loss(specs, datasets.get("train"))
         self.finite_guard = NonFiniteGuard(self.args)

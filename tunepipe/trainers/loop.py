@@ -87,7 +87,7 @@ class LoopTrainer:
         self.collator = DictCollator(task.collator(tokenizer))
         self.label_names = label_names(model)
         self.handler = callback_handler(self.args, model, tokenizer, callbacks,
-                                        JsonlLogWriter(self.output_dir / "train_log.jsonl"))
+                                        JsonlLogWriter(self.train_dataset and self.output_dir / "train_log.jsonl"))
         self.state, self.control = TrainerState(), TrainerControl()
         self.finite_guard = NonFiniteGuard(self.args)
         self.manager = CheckpointManager.for_specs(specs, Path(self.args.output_dir))
