@@ -250,6 +250,9 @@ class FineTunePipeLine:
             self.model = self.trainer.trained_model()
             if self.trainer.is_main_process:
                 saved = self.save()
+                if not self.specs.training.keep_optimizer_state:  # the run is done: its optimizer state goes
+                    from .checkpoints import CheckpointManager
+                    CheckpointManager.for_specs(self.specs).drop_optimizer_state()
         except BaseException as e:  # the MLflow run ends FAILED (KILLED on Ctrl-C), then the error goes on
             if self.trainer.is_main_process:
                 self._write_curves()  # the curve up to the failure (a diverging loss, say)

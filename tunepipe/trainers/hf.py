@@ -227,9 +227,11 @@ class _TaskTrainerMixin:
         if resume is not None:
             from transformers import TrainerState
             saved = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+            max_steps = training_schedule(self._batches_per_epoch(), self.args).max_steps
+            self.checkpoint_manager().require_optimizer_state(resume, saved.global_step, max_steps)
             if self.is_world_process_zero():
                 truncate_log_after(Path(self.args.output_dir).parent / "train_log.jsonl", saved.global_step)
-            if saved.global_step >= training_schedule(self._batches_per_epoch(), self.args).max_steps:
+            if saved.global_step >= max_steps:
                 return self._already_trained(resume, saved)
         self.evaluations = FinalEvaluation()
         with StopOnSignal() as guard:

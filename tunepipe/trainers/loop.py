@@ -212,14 +212,14 @@ class LoopTrainer:
         state.global_step, state.log_history = loaded.global_step, loaded.log_history
         state.best_metric, state.best_model_checkpoint = loaded.best_metric, loaded.best_model_checkpoint
         state.epoch, state.total_flos = loaded.epoch, loaded.total_flos
+        self.manager.require_optimizer_state(path, loaded.global_step, schedule.max_steps)  # keep_optimizer_state
         if self.is_main_process:
             truncate_log_after(self.output_dir / "train_log.jsonl", loaded.global_step)
         if loaded.global_step >= schedule.max_steps:
             log.warning("%s already holds all %d training steps: nothing left to train", path, loaded.global_step)
             return None, 0, None
         epoch, done = divmod(loaded.global_step, schedule.updates_per_epoch)
-        # The RNG goes back where it was saved: after the epoch's data iterator started (mid-epoch), or before it
-        # (at an epoch boundary); starting an iterator draws from the global RNG.
+        # The RNG goes back where it was saved: after the epoch's iterator started (mid-epoch), else before it
         rng = load_rng(path, self.engine.rank)
         if done == 0:
             restore_rng_state(rng)
