@@ -47,7 +47,7 @@ LAYOUTS = {"checkpoint": "transformers-trainer", "step": "tunepipe-loop"}
 # TrainingSpec keys that do not change the trained weights: changing them between a run and its resumption is
 # allowed (logging, saving, evaluation, data loading mechanics, where things are written).
 NOT_TRAINING_RELEVANT = {
-    "resume", "resume_from_checkpoint", "keep_last_n", "keep_best", "save_strategy", "save_steps",
+    "resume", "resume_from_checkpoint", "keep_last_n", "keep_best", "keep_optimizer_state", "save_strategy", "save_steps",
     "save_total_limit", "save_only_model", "save_on_each_node", "logging_steps", "logging_strategy",
     "logging_first_step", "logging_dir", "logging_nan_inf_filter", "disable_tqdm", "report_to", "run_name",
     "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
@@ -402,12 +402,14 @@ class CheckpointManager:
         return removed
 
     def rotate(self, best: str | Path | None = None) -> list[Path]:
-        """Keep the newest ``keep_last_n`` complete checkpoints, and the best one when ``keep_best``."""
+        """Keep the newest ``keep_last_n`` complete checkpoints, and the best one when ``keep_best``. The best one
+        counts among the n, but the newest one is never removed (``resume: auto`` continues from it): with
+        ``keep_last_n: 1`` and an older best, both stay. The same rule on every backend."""
         if self.keep_last_n is None or self.keep_last_n <= 0:
             return []
         found = self.checkpoints()
         keep_best = Path(best).resolve() if best and self.keep_best else None
-        removable = [p for p in found if keep_best is None or p.resolve() != keep_best]
+        removable = [p for p in found[:-1] if keep_best is None or p.resolve() != keep_best]
         removed = []
         while len(found) > self.keep_last_n and removable:
             victim = removable.pop(0)
@@ -415,6 +417,52 @@ class CheckpointManager:
             shutil.rmtree(victim, ignore_errors=True)
             removed.append(victim)
         return removed
+
+    # ---- after the run: optimizer state dropped (training.keep_optimizer_state: false) ----------------------
+    def drop_optimizer_state(self) -> int:
+        """Remove the optimizer state (``optimizer.pt``: AdamW's two moments, twice the trainable weights) from
+        every complete checkpoint once the run finished; the manifest is rewritten first (without those files,
+        with ``optimizer_state: dropped``), so a crash in between leaves a checkpoint that still verifies. The
+        scheduler, scaler and RNG states are kept: a few KB, and the step the schedule reached stays recorded.
+        Returns the bytes freed."""
+        freed = 0
+        for path in self.checkpoints():
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+            dropped = [name for name in manifest.get("files", {}) if _is_optimizer_file(name)]
+            if not dropped:
+                continue
+            freed += sum(manifest["files"][name].get("size", 0) for name in dropped)
+            manifest["files"] = {k: v for k, v in manifest["files"].items() if k not in dropped}
+            manifest["optimizer_state"] = "dropped"
+            tmp = path / f".{MANIFEST}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            os.replace(tmp, path / MANIFEST)
+            for name in dropped:
+                target = path / name
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+                if target.parent != path and target.parent.is_dir() and not any(target.parent.iterdir()):
+                    target.parent.rmdir()
+        return freed
+
+    @staticmethod
+    def require_optimizer_state(path: Path, step: int, max_steps: int) -> None:
+        """Resuming with steps left to train (``step < max_steps``) needs the optimizer state; a finished run's
+        checkpoints hold none unless ``training.keep_optimizer_state`` was on: a CHECKPOINT_ERROR (before anything
+        is changed) rather than an inexact resume. With nothing left to train, the weights alone do."""
+        if step >= max_steps:
+            return
+        try:
+            manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if manifest.get("optimizer_state") == "dropped":
+            raise CheckpointError(
+                f"{path} holds no optimizer state: it was dropped when the run finished "
+                "(training.keep_optimizer_state: false), so training cannot continue exactly from it",
+                file=str(path), field="training.keep_optimizer_state",
+                suggestions=["set training.keep_optimizer_state: true in runs you may want to continue",
+                             "to train further, start a new run from the trained model (model.name_or_path: "
+                             f"{Path(path).parent.parent / 'model'}) in another output_dir"])
 
     # ---- the loops' state (Accelerate, Lightning) ---------------------------------------------------------
     def shared_staging_dir(self, step: int) -> Path:
@@ -455,7 +503,7 @@ class CheckpointManager:
                                   suggestions=["resume it with backend: hf", "or point training.resume at a "
                                                                               "checkpoints/step-N directory"])
         load_model_weights(path, model)
-        if optimizer is not None:
+        if optimizer is not None and manifest.get("optimizer_state") != "dropped":  # the caller decides (resume)
             optimizer.load_state_dict(safe_load(path / "optimizer.pt", "optimizer state"))
         if scheduler is not None:
             scheduler.load_state_dict(safe_load(path / "scheduler.pt", "scheduler state"))
@@ -567,6 +615,12 @@ class CheckpointManager:
             file=str(self.directory), field="training.resume",
             suggestions=[f"delete the damaged checkpoints in {self.directory} to start the run afresh",
                          "or point training.resume at a checkpoint copied from elsewhere"])
+
+
+def _is_optimizer_file(name: str) -> bool:
+    """optimizer.pt (and .bin), FSDP's optimizer folders, per-rank optimizer shards."""
+    first = name.split("/")[0]
+    return first.startswith("optimizer") or "-optimizer" in first
 
 
 def save_rank_rng(directory: Path, rank: int) -> None:

@@ -14,7 +14,7 @@ RUN_MARKER = "specs.yaml"  # the specs a run was trained with (ownership.MARKER 
 # What a run writes (and replaces) inside output_dir; what `tunepipe evaluate` writes there.
 RUN_ENTRIES = ("model", "adapter", "checkpoints", "merged", RUN_MARKER, "README.md", "metrics.json", "train_log.jsonl",
                "training_curves.svg", "tensorboard")
-EVALUATION_ENTRIES = ("README.md", "metrics.json", "training_curves.svg")
+EVALUATION_ENTRIES = ("metrics.json",)  # its results go to metrics.json["evaluations"], beside the run's
 # Settings that do not change what a run trains: rerunning with other values is the same run.
 SAME_RUN_KEYS = ("output_dir", "overwrite_output_dir", "tracking.", "training.resume", "training.keep_",
                  "training.save_total_limit", "training.logging_steps", "training.disable_tqdm")

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, ErrorHandler
+from .evaluation_records import add_evaluation, adopt_trained_labels
+from .evaluation_records import reported_metrics as _reported_metrics
 from .specs import Specs, load_specs
 
 log = logging.getLogger("tunepipe")
@@ -85,6 +87,7 @@ class FineTunePipeLine:
         self._in_run = False
         self._locked = False  # holds output_dir's write lock (ownership.acquire)
         self._replace_previous = False
+        self._trained_dir = None  # set by setup(trained_dir): evaluating a saved model (`tunepipe evaluate`)
 
     # ---- steps -------------------------------------------------------------------------------------------
     def _check_supported(self) -> None:
@@ -204,8 +207,12 @@ class FineTunePipeLine:
 
         self._check_supported()
         self.data = DatasetModules(self.specs, self.task)
-        streaming = self.specs.data.streaming and trained_dir is None
-        self.data.load(splits=("validation", "test") if streaming else ("train", "validation", "test"))
+        self._trained_dir = trained_dir  # evaluating a saved model: only the splits it scores are read
+        streaming = self.specs.data.streaming and trained_dir is None  # train is read while training
+        scored = ("validation", "test") if trained_dir is not None or streaming else None
+        if trained_dir is not None:
+            adopt_trained_labels(self.task, trained_dir)
+        self.data.load(scored)
         trainer_cls = select_trainer(self.task, self.specs.backend)  # after the data: its import takes seconds
         self._check_before_writing(trained_dir)
         ensure_writable(self.output_dir)
@@ -219,7 +226,7 @@ class FineTunePipeLine:
             self.model = ModelModules(self.specs).load(self.task, self.tokenizer)
             from .type_utils import TypeUtils
             self.memory_estimate = TypeUtils.check_memory(self.model, self.specs)  # warns before an OOM
-        self.datasets = self.data.prepare(self.tokenizer)
+        self.datasets = self.data.prepare(self.tokenizer, scored)
         if streaming:
             self.datasets["train"] = self.data.stream(self.tokenizer)
         if trained_dir is None:
@@ -249,6 +256,9 @@ class FineTunePipeLine:
             self.model = self.trainer.trained_model()
             if self.trainer.is_main_process:
                 saved = self.save()
+                if not self.specs.training.keep_optimizer_state:  # the run is done: its optimizer state goes
+                    from .checkpoints import CheckpointManager
+                    CheckpointManager.for_specs(self.specs).drop_optimizer_state()
         except BaseException as e:  # the MLflow run ends FAILED (KILLED on Ctrl-C), then the error goes on
             if self.trainer.is_main_process:
                 self._write_curves()  # the curve up to the failure (a diverging loss, say)
@@ -280,6 +290,10 @@ class FineTunePipeLine:
             ds = self.datasets.get(split)
             if ds is None or not self.task.can_evaluate(ds):
                 continue
+            reused = self.trainer.final_evaluation(ds, split)  # training scored these very weights already
+            if reused is not None:
+                self.metrics[split] = reused
+                continue
             self.task.eval_split = split
             with ErrorHandler.guard(f"evaluating on {split}"), \
                     self.tracking.evaluating(split, ds, self.trainer.is_main_process):
@@ -287,11 +301,14 @@ class FineTunePipeLine:
             self.task.eval_split = "validation"
         if getattr(self, "train_result", None) is not None:
             self.metrics["train"] = self.train_result.train_metrics
-        if self.trainer.is_main_process:
+        if self.trainer.is_main_process and self._trained_dir is not None:  # beside the run's records, never over
+            add_evaluation(self.output_dir, self.metrics, self._trained_dir, self.data)
+        elif self.trainer.is_main_process:
             from .output import write_json
             write_json(self.output_dir / "metrics.json", self.metrics)
             self._write_curves()
             self._write_card()
+        if self.trainer.is_main_process:
             self.tracking.evaluation_done()
         return self.metrics
 
@@ -395,24 +412,6 @@ class FineTunePipeLine:
         else:
             card = model_card(self.specs, self.task, self.metrics, base, n_train, curves=curves)
         atomic_text(self.output_dir / "README.md", card)
-
-
-def _reported_metrics(task, labels) -> set[str] | None:
-    """Metric names the task's compute_metrics returns for these labels predicted perfectly; None when the probe
-    does not apply (it must never stop a run the trainer could do)."""
-    import numpy as np
-    try:
-        from transformers import EvalPrediction
-        if labels and isinstance(labels[0], list):
-            width = max(len(row) for row in labels)
-            label_ids = np.array([list(row) + [-100] * (width - len(row)) for row in labels])
-        else:
-            label_ids = np.array(labels)
-        predictions = np.where(label_ids < 0, 0, label_ids).astype(np.int64)
-        metrics = task.compute_metrics(EvalPrediction(predictions=predictions, label_ids=label_ids))
-    except Exception:  # noqa: BLE001
-        return None
-    return set(metrics) | {"loss", "runtime", "samples_per_second", "steps_per_second"}
 
 
 def run_from_specs(source, overrides: Sequence[str] | None = None) -> FineTunePipeLine:

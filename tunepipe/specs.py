@@ -183,6 +183,8 @@ class TrainingSpec(BaseModel):
     keep_best: bool | str | None = Field(None, description="never rotate out the best checkpoint (default when a "
                                                            "metric is chosen); a metric name sets "
                                                            "metric_for_best_model; false: rotate it too")
+    keep_optimizer_state: bool = Field(False, description="keep optimizer.pt in the checkpoints after the run "
+                                                          "finished (else dropped after the final save)")
 
     @model_validator(mode="before")
     @classmethod

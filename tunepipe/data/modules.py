@@ -39,9 +39,15 @@ class DatasetModules:
         self.loaded: tuple[str, ...] | None = None  # the splits load() read
 
     # ---- reading -----------------------------------------------------------------------------------------
-    def load(self, splits: tuple[str, ...] = SPLITS) -> dict[str, ArrowRecords]:
-        """Read and check ``splits`` (all by default), settle the label set, carve validation_split."""
+    def load(self, splits: tuple[str, ...] | None = None) -> dict[str, ArrowRecords]:
+        """Read and check ``splits`` (all by default; train too where the labels or data.validation_split need
+        it), settle the label set, carve validation_split."""
         data = self.specs.data
+        wanted = set(SPLITS if splits is None else splits)
+        if (self.task.labels is None and getattr(self.task, "uses_labels", False)) or (
+                "validation" in wanted and data.validation is None and data.validation_split):
+            wanted.add("train")
+        splits = tuple(s for s in SPLITS if s in wanted)
         if data.train is None and "train" in splits:
             raise DatasetLoadError("No training data given", field="data.train",
                                    suggestions=["set data.train to a file (jsonl, csv, tsv, parquet, txt, conll), a "
@@ -221,15 +227,15 @@ class DatasetModules:
         return StreamingTrain(self, tokenizer)
 
     # ---- tokenizing --------------------------------------------------------------------------------------
-    def prepare(self, tokenizer) -> dict[str, Any]:
-        """Records -> tokenized ``datasets.Dataset`` per split, memory-mapped from the cache."""
+    def prepare(self, tokenizer, splits: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Records -> tokenized ``datasets.Dataset`` per split (or only ``splits``), memory-mapped from the cache."""
         import datasets
         if self.loaded is None:
-            self.load()
+            self.load(splits)
         self.task.bind_tokenizer(tokenizer)
         prepared, token_key = {}, None
         for split, records in self.records.items():
-            if not len(records):
+            if not len(records) or (splits is not None and split not in splits):
                 continue
             key = None
             if records.key and self.specs.data.cache:

@@ -1,10 +1,16 @@
-"""Token classification (NER, POS, chunking): word-level BIO tags aligned to sub-tokens; seqeval metrics."""
+"""Token classification (NER, POS, chunking): word-level BIO tags aligned to sub-tokens; seqeval metrics.
+
+A sentence of more than ``data.max_length`` tokens is cut into windows sharing ``data.stride`` tokens (as question
+answering cuts contexts): every window is a training feature, and evaluation and prediction merge the windows back
+into one tag per word (word_chunks.py), so no word past the first window is dropped.
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 from ..errors import ConfigError, ValidationError
 from .base import Task, run_batches
+from .word_chunks import ChunkLayout, ScoredWords, samples
 
 
 def _entity_type(tag: str) -> str:
@@ -44,12 +50,13 @@ class TokenClassificationTask(Task):
     aliases = ("ner",)
     description = "Tag each word (NER, POS): CoNLL columns or records with tokens + tags; seqeval entity F1"
     uses_labels = True
+    ordered_eval = True  # compute_metrics maps feature rows back to (sentence, word) by position
     auto_model_class = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
     pre_split_words = True
     text_file_format = "conll"
     defaults = {
-        "data": {"text_column": "tokens", "label_column": "ner_tags", "max_length": 256},
+        "data": {"text_column": "tokens", "label_column": "ner_tags", "max_length": 256, "stride": 32},
         "training": {"per_device_train_batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 3,
                      "metric_for_best_model": "f1"},
     }
@@ -95,28 +102,76 @@ class TokenClassificationTask(Task):
         seen |= {b_to_i(t) for t in seen}
         return sorted(seen | {"O"}, key=tag_sort_key)
 
+    def _window(self, tokenizer) -> tuple[int | None, int | None]:
+        """(max_length, stride) for cutting sentences into windows; stride None: no windows (data.max_length unset:
+        the tokenizer truncates at its own limit, as before, so an over-long record stays one feature that
+        limits.check_sequences can name). The default stride is lowered (to a quarter of the room) when a short
+        max_length leaves no room for it; a chosen one that does not fit is refused."""
+        max_length, stride = self.specs.data.max_length, self.specs.data.stride
+        if max_length is None:
+            return None, None
+        default = self.defaults["data"]["stride"]
+        stride = default if stride is None else stride
+        room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+        if stride == default and stride >= room:
+            stride = max(room // 4, 0)
+        if stride >= room:
+            raise ConfigError(f"data.stride ({stride}) must be smaller than data.max_length ({max_length}) less the "
+                              f"{max_length - room} special tokens the tokenizer adds", field="data.stride",
+                              suggestions=["lower data.stride or raise data.max_length",
+                                           f"the defaults are max_length 256, stride {default}"])
+        return max_length, stride
+
+    def _tokenize(self, tokenizer, inputs: list, split_words: bool = True):
+        """Windows of every input: (encoding without overflow_to_sample_mapping, features per input, layouts)."""
+        max_length, stride = self._window(tokenizer)
+        windows = {"stride": stride, "return_overflowing_tokens": True} if stride is not None else {}
+        enc = tokenizer(inputs, is_split_into_words=split_words, truncation=True, max_length=max_length, **windows)
+        groups = samples(enc.pop("overflow_to_sample_mapping", None) or range(len(enc["input_ids"])))
+        from_end = getattr(tokenizer, "truncation_side", "right") == "left"
+        return enc, groups, [ChunkLayout([enc.encodings[f] for f in g], stride or 0, from_end) for g in groups]
+
     def preprocess(self, batch, tokenizer):
+        return self._features(batch, tokenizer, for_eval=False)
+
+    def preprocess_eval(self, batch, tokenizer):
+        """Like preprocess, plus the window number within its sentence (``chunk``) and per token the word it
+        scores (``word_index``: the word's first piece in the window that sees it best, else -1)."""
+        return self._features(batch, tokenizer, for_eval=True)
+
+    def _features(self, batch, tokenizer, for_eval: bool):
         words_col, tags_col = self.column("text"), self.column("label")
-        enc = tokenizer(batch[words_col], is_split_into_words=True, truncation=True,
-                        max_length=self.specs.data.max_length)
+        enc, groups, layouts = self._tokenize(tokenizer, batch[words_col])
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        if for_eval:
+            enc["chunk"] = [k for g in groups for k in range(len(g))]
+            enc["word_index"] = [layout.scored_words(k) for layout in layouts for k in range(len(layout.spans))]
         if tags_col not in batch or batch[tags_col][0] is None:
             return enc
         label2id = {t: i for i, t in enumerate(self.labels)}
+        all_tok = self.specs.data.label_all_tokens
         all_labels = []
-        for i, tags in enumerate(batch[tags_col]):
-            previous, row = None, []
-            for word in enc.word_ids(i):
-                if word is None:
-                    row.append(-100)
-                elif word != previous:
-                    row.append(label2id[self._name(tags[word])])
-                else:
-                    row.append(label2id[b_to_i(self._name(tags[word]))] if self.specs.data.label_all_tokens else -100)
-                previous = word
-            all_labels.append(row)
+        for tags, group, layout in zip(batch[tags_col], groups, layouts):
+            for k, f in enumerate(group):
+                row = []
+                for word, first in zip(enc.word_ids(f), layout.is_first_piece(k)):
+                    if word is None:
+                        row.append(-100)
+                    elif first:
+                        row.append(label2id[self._name(tags[word])])
+                    else:
+                        row.append(label2id[b_to_i(self._name(tags[word]))] if all_tok else -100)
+                all_labels.append(row)
         enc["labels"] = all_labels
         return enc
+
+    def bind_eval_data(self, split, records, features) -> None:
+        """Keep, from the features only, which token of which feature scores each word of each sentence."""
+        names = getattr(features, "column_names", None) or list(features)
+        if "word_index" in names and "chunk" in names:
+            self.eval_data[split] = ScoredWords.from_features(features["chunk"], features["word_index"])
+        else:
+            self.eval_data.pop(split, None)
 
     def collator(self, tokenizer):
         from transformers import DataCollatorForTokenClassification
@@ -132,7 +187,12 @@ class TokenClassificationTask(Task):
         return y_true, y_pred
 
     def compute_metrics(self, eval_pred) -> dict[str, float]:
+        """Entity metrics over one tag per word of every sentence of the bound split (windows merged); rows of
+        an unbound split are scored as they come, each labelled piece once."""
         predictions, label_ids = eval_pred.predictions, eval_pred.label_ids
+        words = self.eval_data.get(self.eval_split)
+        if isinstance(words, ScoredWords):
+            return entity_metrics(*words.gather(predictions, label_ids, self.labels, self.eval_split))
         return entity_metrics(*self._decode(predictions, label_ids))
 
     def metric_table(self, metrics):
@@ -153,30 +213,54 @@ class TokenClassificationTask(Task):
         as in transformers' token-classification pipeline; a list of words is kept as given.
         ``aggregation_strategy`` takes that pipeline's names: ``first`` (default: a word takes its first piece's
         label, the only piece training labels), ``average`` or ``max`` over a word's pieces, or ``simple`` (every
-        piece on its own, so a word can split between entities; ``tags`` stay per word by ``first``)."""
+        piece on its own, so a word can split between entities; ``tags`` stay per word by ``first``).
+        An input of more than ``data.max_length`` tokens is cut into windows sharing ``data.stride`` tokens; each
+        token is read from the window where it is farthest from a cut, so every word gets a tag."""
         if aggregation_strategy not in AGGREGATION_STRATEGIES:
             raise ConfigError(f"Unknown aggregation_strategy {aggregation_strategy!r}", field="aggregation_strategy",
                               suggestions=[f"one of: {', '.join(AGGREGATION_STRATEGIES)}"])
         id2label = {int(k): v for k, v in model.config.id2label.items()}
-        max_length = self.specs.data.max_length
-
-        def encode_texts(batch):
-            return tokenizer(list(batch), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-
-        def encode_words(batch):
-            return tokenizer([list(words) or [""] for words in batch], is_split_into_words=True, truncation=True,
-                             max_length=max_length, padding=True, return_tensors="pt")
-
         results: list[Any] = [None] * len(inputs)
         texts = [i for i, x in enumerate(inputs) if isinstance(x, str)]
         word_lists = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
-        for positions, encode in ((texts, encode_texts), (word_lists, encode_words)):
-            items = [inputs[i] for i in positions]
-            outputs = run_batches(model, encode, items, batch_size)
-            for i, (enc, row, logits) in zip(positions, outputs):
-                results[i] = _aggregate(inputs[i], enc.encodings[row], logits.softmax(-1).numpy(), id2label,
-                                        aggregation_strategy)
+        for positions, split_words in ((texts, False), (word_lists, True)):
+            if not positions:
+                continue
+            items = [inputs[i] if not split_words else (list(inputs[i]) or [""]) for i in positions]
+            enc, groups, layouts = self._tokenize(tokenizer, items, split_words)
+            rows = _window_probs(model, tokenizer, enc, batch_size)
+            for i, group, layout in zip(positions, groups, layouts):
+                word_ids, offsets, probs = layout.merged([rows[f] for f in group])
+                merged = _Merged(word_ids, offsets)
+                results[i] = _aggregate(inputs[i], merged, probs, id2label, aggregation_strategy)
         return results
+
+
+class _Merged:
+    """The content tokens of one input, its windows merged (what _aggregate reads of an Encoding)."""
+
+    def __init__(self, word_ids, offsets):
+        self.word_ids, self.offsets = word_ids, offsets
+
+
+def _window_probs(model, tokenizer, enc, batch_size: int) -> list[Any]:
+    """Label probabilities per token of every window of ``enc``, batched by length."""
+    from transformers.data.data_collator import pad_without_fast_tokenizer_warning
+    names = [k for k in tokenizer.model_input_names if k in enc]
+
+    def encode(features):
+        rows = {k: [enc[k][f] for f in features] for k in names}
+        return pad_without_fast_tokenizer_warning(tokenizer, rows, padding=True, return_tensors="pt")
+
+    n_features = len(enc["input_ids"])
+    outputs = run_batches(model, encode, list(range(n_features)), batch_size,
+                          length=lambda f: len(enc["input_ids"][f]))
+    out = []
+    for f, (_, _, logits) in enumerate(outputs):
+        n = len(enc["input_ids"][f])
+        left = logits.shape[0] - n if tokenizer.padding_side == "left" else 0
+        out.append(logits[left:left + n].softmax(-1).numpy())
+    return out
 
 
 def _aggregate(item, encoding, probs, id2label: dict[int, str], strategy: str) -> dict[str, Any]:

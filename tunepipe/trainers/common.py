@@ -14,13 +14,16 @@ from .settings import Schedule, TrainResult  # noqa: F401  (TrainResult: the bac
 
 
 class JsonlLogWriter:
-    """Appends one JSON object per logging step to train_log.jsonl (rank 0 only)."""
+    """Appends one JSON object per logging step to train_log.jsonl (rank 0 only). ``path`` None: a trainer with
+    no training data (`tunepipe evaluate`) writes nothing there, the run's log stays the training's."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
         self.start = time.time()
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"time": round(time.time() - self.start, 3), **record}
         with self.path.open("a", encoding="utf-8") as f:
@@ -180,3 +183,53 @@ def speed_metrics(prefix: str, start: float, num_samples: int, num_steps: int) -
     return hf_speed_metrics(prefix, start, num_samples=num_samples, num_steps=num_steps)
 
 
+
+
+# ---- the validation evaluation of the final weights, done once ---------------------------------------------------
+class FinalEvaluation:
+    """The validation metrics a trainer computed during training, by the step of the weights it scored. Once
+    training ends, the pipeline's "validation metrics" reuse the evaluation of the final weights instead of
+    scoring the split a second time: the one of the last step, or, after ``load_best_model_at_end`` reloaded a
+    checkpoint, the one of that checkpoint's step. Reused once; any other weights (a reload from elsewhere, a
+    resumed run's earlier evaluations) are scored anew."""
+
+    def __init__(self):
+        self.by_step: dict[int, dict[str, Any]] = {}
+        self.weights_step: int | None = None
+
+    def record(self, step: int, metrics: dict[str, Any] | None, prefix: str = "eval_") -> None:
+        if metrics is not None:
+            self.by_step[step] = strip_prefix(dict(metrics), prefix)
+
+    def reloaded(self, checkpoint) -> None:
+        """The weights were replaced by those of ``checkpoint`` (best model at end)."""
+        from ..checkpoints import CheckpointManager
+        step = CheckpointManager.step_of(Path(str(checkpoint))) if checkpoint else None
+        self.weights_step = -1 if step is None else step
+
+    def take(self, global_step: int) -> dict[str, Any] | None:
+        step = self.weights_step if self.weights_step is not None else global_step
+        metrics = self.by_step.get(step)
+        self.by_step.clear()
+        return metrics
+
+
+def final_evaluation(trainer, dataset, split: str = "validation") -> dict[str, Any] | None:
+    """A trainer's method: the metrics of the evaluation of ``dataset`` (its validation split) that training ran
+    on the final weights, taken once; None when there was none (then the caller evaluates)."""
+    evaluations = getattr(trainer, "evaluations", None)
+    if evaluations is None or dataset is None or dataset is not trainer.eval_dataset:
+        return None
+    metrics = evaluations.take(trainer.state.global_step)
+    if metrics is None:
+        return None
+    # logged as the evaluation it replaces would have logged it (train_log.jsonl's final point, MLflow)
+    logs = {f"{split}_{k}": v for k, v in metrics.items() if k != "epoch"}
+    if hasattr(trainer, "handler"):  # the one loop
+        trainer.control = log_metrics(trainer.handler, trainer.args, trainer.state, trainer.control, logs)
+    else:  # transformers' Trainer
+        trainer.log(logs)
+    if trainer.state.epoch is not None:
+        metrics["epoch"] = trainer.state.epoch
+    from .finite import flag_non_finite_metrics
+    return flag_non_finite_metrics(metrics, split)

@@ -12,8 +12,10 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 from ..checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, log, resume_setting
 from ..errors import CheckpointError
 from .common import (
+    FinalEvaluation,
     JsonlLogWriter,
     _JsonlLogCallback,
+    final_evaluation,
     prediction_step,
     strip_prefix,
     truncate_log_after,
@@ -33,16 +35,34 @@ class _TaskTrainerMixin:
         output_dir = Path(output_dir)
         self.task, self.specs = task, specs
         eval_ds = datasets.get("validation")
+        # save_total_limit None: transformers' own rotation (which at the end of training keeps only the best
+        # checkpoint when the limit is 1) is off; CheckpointManager.rotate keeps the newest and the best
         args = training_arguments(specs, output_dir / "checkpoints", has_eval=eval_ds is not None,
-                                  cls=self.args_class, **self.extra_arguments(specs))
+                                  cls=self.args_class, **{"save_total_limit": None, **self.extra_arguments(specs)})
         super().__init__(model=model, args=args, data_collator=task.collator(tokenizer),
                          train_dataset=datasets.get("train"), eval_dataset=eval_ds, processing_class=tokenizer,
                          compute_metrics=task.compute_metrics,
                          preprocess_logits_for_metrics=self.logits_reducer(task),
-                         callbacks=[_JsonlLogCallback(JsonlLogWriter(output_dir / "train_log.jsonl"))]
+                         callbacks=[_JsonlLogCallback(JsonlLogWriter(
+                             output_dir / "train_log.jsonl" if datasets.get("train") is not None else None))]
                          + list(callbacks or []))
         self.loss_weighting = token_weighted_loss(specs, datasets.get("train"))
         self.finite_guard = NonFiniteGuard(self.args)
+        self.evaluations = FinalEvaluation()
+
+    # ---- the validation split is scored once at the end (common.FinalEvaluation) ------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                                   **gen_kwargs)
+        if self.is_in_train and (eval_dataset is None or eval_dataset is self.eval_dataset):
+            self.evaluations.record(self.state.global_step, metrics, f"{metric_key_prefix}_")
+        return metrics
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self.evaluations.reloaded(self.state.best_model_checkpoint)
+
+    final_evaluation = final_evaluation  # the training's evaluation of the final weights, taken once
 
     # ---- NaN / inf: the shared rule (trainers/finite.py) replaces the Trainer's "log nan and keep going" --------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -220,10 +240,13 @@ class _TaskTrainerMixin:
         if resume is not None:
             from transformers import TrainerState
             saved = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+            max_steps = training_schedule(self._batches_per_epoch(), self.args).max_steps
+            self.checkpoint_manager().require_optimizer_state(resume, saved.global_step, max_steps)
             if self.is_world_process_zero():
                 truncate_log_after(Path(self.args.output_dir).parent / "train_log.jsonl", saved.global_step)
-            if saved.global_step >= training_schedule(self._batches_per_epoch(), self.args).max_steps:
+            if saved.global_step >= max_steps:
                 return self._already_trained(resume, saved)
+        self.evaluations = FinalEvaluation()
         with StopOnSignal() as guard:
             self.stop_guard = guard
             try:

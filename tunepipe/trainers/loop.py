@@ -33,10 +33,12 @@ from ..checkpoints import (
 )
 from .common import (
     EvalCollector,
+    FinalEvaluation,
     FlopCounter,
     JsonlLogWriter,
     callback_handler,
     evaluation_metrics,
+    final_evaluation,
     log_metrics,
     new_state,
     prediction_step,
@@ -74,6 +76,7 @@ class LoopTrainer:
     """A task's model trained by the one loop on ``engine_class`` (set by each backend's classes)."""
 
     engine_class: Any = None
+    final_evaluation = final_evaluation  # the training's evaluation of the final weights, taken once (common.py)
 
     def __init__(self, task, specs, model, tokenizer, datasets: dict[str, Any], output_dir: str | Path,
                  callbacks: list | None = None):
@@ -87,7 +90,7 @@ class LoopTrainer:
         self.collator = DictCollator(task.collator(tokenizer))
         self.label_names = label_names(model)
         self.handler = callback_handler(self.args, model, tokenizer, callbacks,
-                                        JsonlLogWriter(self.output_dir / "train_log.jsonl"))
+                                        JsonlLogWriter(self.train_dataset and self.output_dir / "train_log.jsonl"))
         self.state, self.control = TrainerState(), TrainerControl()
         self.finite_guard = NonFiniteGuard(self.args)
         self.manager = CheckpointManager.for_specs(specs, Path(self.args.output_dir))
@@ -121,6 +124,7 @@ class LoopTrainer:
         for name, value in (("model", self.trained_model()), ("optimizer", optimizer), ("lr_scheduler", scheduler)):
             setattr(self.handler, name, value)
         first_epoch, skip, pending_rng = self._resume(state, schedule)
+        self.evaluations = FinalEvaluation()
         if first_epoch is None:
             return TrainResult(global_step=state.global_step, train_metrics={"epoch": state.epoch},
                                log_history=list(state.log_history))
@@ -216,14 +220,14 @@ class LoopTrainer:
         state.global_step, state.log_history = loaded.global_step, loaded.log_history
         state.best_metric, state.best_model_checkpoint = loaded.best_metric, loaded.best_model_checkpoint
         state.epoch, state.total_flos = loaded.epoch, loaded.total_flos
+        self.manager.require_optimizer_state(path, loaded.global_step, schedule.max_steps)  # keep_optimizer_state
         if self.is_main_process:
             truncate_log_after(self.output_dir / "train_log.jsonl", loaded.global_step)
         if loaded.global_step >= schedule.max_steps:
             log.warning("%s already holds all %d training steps: nothing left to train", path, loaded.global_step)
             return None, 0, None
         epoch, done = divmod(loaded.global_step, schedule.updates_per_epoch)
-        # The RNG goes back where it was saved: after the epoch's data iterator started (mid-epoch), or before it
-        # (at an epoch boundary); starting an iterator draws from the global RNG.
+        # The RNG goes back where it was saved: after the epoch's iterator started (mid-epoch), else before it
         rng = load_rng(path, self.engine.rank)
         if done == 0:
             restore_rng_state(rng)
@@ -243,6 +247,7 @@ class LoopTrainer:
         self.control = log_metrics(self.handler, args, state, self.control, dict(metrics))
         if args.load_best_model_at_end and state.best_model_checkpoint:
             load_model_weights(Path(state.best_model_checkpoint), self.trained_model())
+            self.evaluations.reloaded(state.best_model_checkpoint)
         self.control = self.handler.on_train_end(args, state, self.control)
         engine.barrier()
         return TrainResult(global_step=state.global_step, train_metrics={**metrics, "epoch": state.epoch},
@@ -270,6 +275,7 @@ class LoopTrainer:
             self.last_logged = state.global_step
             self.control = log_metrics(self.handler, args, state, self.control, logs)
         metrics = self._evaluate(self.eval_dataset, "eval") if self.control.should_evaluate else None
+        self.evaluations.record(state.global_step, metrics)  # the validation split is scored once at the end
         new_best = metrics is not None and self._is_new_best(metrics)
         if args.save_strategy == "best":
             self.control.should_save = new_best
