@@ -188,7 +188,8 @@ def test_same_outputs_and_metric_names(tiny_specs, ner_data, tmp_path):
         specs = tiny_specs("token_classification", ner_data, backend=backend,
                            training={"max_steps": 4, "logging_steps": 2, "save_strategy": "steps", "save_steps": 2,
                                      "train_sampling_strategy": "sequential",
-                                     "eval_strategy": "steps", "eval_steps": 4, "save_total_limit": 1})
+                                     "eval_strategy": "steps", "eval_steps": 4, "save_total_limit": 1,
+                                     "keep_optimizer_state": True})
         specs["output_dir"] = str(tmp_path / backend.replace("+", "_"))
         pipe = FineTunePipeLine(specs)
         pipe.run()
@@ -260,7 +261,7 @@ def test_lora_same_curves_and_adapter_only_checkpoints(tiny_specs, ner_data, tmp
     curves = {}
     for backend in BACKENDS:
         specs = ner_specs(tiny_specs, ner_data, backend, tmp_path)
-        specs["training"].update(max_steps=4, save_strategy="steps", save_steps=4)
+        specs["training"].update(max_steps=4, save_strategy="steps", save_steps=4, keep_optimizer_state=True)
         specs["peft"] = {"method": "lora", "r": 4, "dropout": 0.0}
         pipe, result = _train(specs)
         assert type(pipe.trainer.trained_model()).__name__.startswith("PeftModel")

@@ -13,7 +13,7 @@ Cases by category (ids below):
     fp16-and-bf16, eval-steps-without-validation, best-model-without-validation, metric-not-produced,
     streaming-without-max-steps, override-without-value, file-not-found, file-not-mapping, tokenizer-train-pretrained,
     from-config-without-model-type
-  data (21): no-train, missing-file, directory-not-file, unknown-extension, empty-file, json-array-line,
+  data (21): no-train, missing-file, folder-without-data-files, unknown-extension, empty-file, json-array-line,
     malformed-json-file, json-not-records, wrong-source-type, missing-column-qa, csv-wrong-header,
     conll-one-column, length-mismatch, unknown-tag, unknown-declared-label, empty-tokens, empty-text-csv,
     text-not-string, non-utf8-csv, parquet-unreadable, qa-answer-misplaced

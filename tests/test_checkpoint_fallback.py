@@ -60,7 +60,7 @@ def _logged_steps(out: Path) -> list[int]:
 def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tiny_specs, ner_data, tmp_path, backend, caplog):
     specs = tiny_specs("token_classification", ner_data, backend=backend,
                        training={"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "eval_strategy": "no",
-                                 "logging_steps": 1, "save_total_limit": None})
+                                 "logging_steps": 1, "save_total_limit": None, "keep_optimizer_state": True})
     out = Path(specs["output_dir"])
     FineTunePipeLine(specs).train()
     prefix = "checkpoint" if backend == "hf" else "step"

@@ -2,7 +2,6 @@
 and reloads (through tunepipe and through plain peft) with identical predictions; checkpointing really
 recomputes; merged exports match; what peft cannot do fails early with a clear error."""
 import json
-from pathlib import Path
 
 import pytest
 

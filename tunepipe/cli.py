@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="the output_dir of a run trained with a peft section (or its adapter dir)")
     p.add_argument("--to", dest="target", help="directory to write (default: <output_dir>/merged)")
     _add_trust_arg(p)
+    p = sub.add_parser("cache", help="show or clear the cache of read and tokenized datasets (TUNEPIPE_CACHE_DIR, "
+                                     "default ~/.cache/tunepipe)")
+    p.add_argument("action", choices=("info", "clear"), nargs="?", default="info")
     return parser
 
 
@@ -482,6 +485,21 @@ def _say_where(pipe) -> None:
     _say(run_summary(pipe.output_dir, pipe.tracking, getattr(pipe.specs.training, "report_to", None)))
 
 
+def cmd_cache(args) -> int:
+    from .data import cache
+    root = cache.datasets_dir()
+    if args.action == "clear":
+        freed = cache.clear()
+        print(f"removed {freed / 2**20:.1f} MiB from {root}" if freed or not root.exists() else
+              f"{root} is not tagged as tunepipe's cache (no {cache.TAG}): left alone")
+        return 0
+    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    entries = [p for p in root.glob("*/*") if (p / cache.DONE).is_file()] if root.is_dir() else []
+    print(f"{root}: {len(entries)} entries, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB "
+          "(`tunepipe cache clear` empties it; data.cache: false turns it off)")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from .merge import merge_and_unload
     target = merge_and_unload(args.output_dir, args.target, trust_remote_code=args.trust_remote_code)
@@ -490,7 +508,7 @@ def cmd_merge(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "check": cmd_check, "evaluate": cmd_evaluate, "predict": cmd_predict, "tasks": cmd_tasks,
-            "init": cmd_init, "demo": cmd_demo, "merge": cmd_merge, "serve": cmd_serve}
+            "init": cmd_init, "demo": cmd_demo, "merge": cmd_merge, "serve": cmd_serve, "cache": cmd_cache}
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -93,26 +93,26 @@ class DatasetModules:
         except Exception:  # noqa: BLE001 - a task without labels
             return "label"
 
-    def _rows(self, split: str, sources: list[Source] | None = None
+    def _rows(self, split: str, sources: list[Source] | None = None, streaming: bool = False
               ) -> Iterator[tuple[dict[str, Any], tuple[str, int]]]:
         data = self.specs.data
         for source in self.sources[split] if sources is None else sources:
             for row, origin in iter_source(source, split, self.task.column("text"), self._label_column(),
-                                           data.hub_config):
+                                           data.hub_config, streaming=streaming):
                 if data.columns:
                     row = {data.columns.get(k, k): v for k, v in row.items()}
                 yield row, origin
 
-    def checked_rows(self, split: str, sources: list[Source] | None = None
-                     ) -> Iterator[tuple[dict[str, Any], tuple[str, int]]]:
+    def checked_rows(self, split: str, sources: list[Source] | None = None, cap: int | None = None,
+                     streaming: bool = False) -> Iterator[tuple[dict[str, Any], tuple[str, int]]]:
         """The split's records (of ``sources``, default all) that pass the checks, as they are read (a bad one
         stops or is skipped)."""
         checker = RecordChecker(self.task, split, skip_bad=self.specs.data.on_bad_record == "skip")
         head: list = []
-        for row, origin in self._rows(split, sources):
+        for row, origin in self._rows(split, sources, streaming):
             if not checker.columns_checked:
                 head.append((row, origin))
-                if len(head) < COLUMN_SAMPLE:
+                if len(head) < min(COLUMN_SAMPLE, cap or COLUMN_SAMPLE):  # never read beyond the cap
                     continue
                 checker.check_columns([r for r, _ in head], head[0][1])
             pending, head = (head or [(row, origin)]), []
@@ -130,7 +130,7 @@ class DatasetModules:
     def _read_split(self, split: str, path: Path) -> tuple[int, int]:
         cap = self._read_cap(split)
         writer = ArrowWriter(path)
-        rows = self.checked_rows(split)
+        rows = self.checked_rows(split, cap=cap)
         try:
             for row, origin in rows:
                 writer.add(row, origin)

@@ -96,7 +96,8 @@ class StreamingTrain(torch.utils.data.IterableDataset):
         sources = self.modules.sources["train"]
 
         def generate(shards):
-            yield from (row for row, _ in self.modules.checked_rows("train", sources=[sources[i] for i in shards]))
+            yield from (row for row, _ in self.modules.checked_rows("train", sources=[sources[i] for i in shards],
+                                                                         streaming=True))
 
         ds = datasets.IterableDataset.from_generator(generate, gen_kwargs={"shards": list(range(len(sources)))})
         if self.world > 1:
