@@ -72,8 +72,8 @@ class FineTunePipeLine:
                 source["training"] = {**(source.get("training") or {}), **extras["training"]}
             extras = {}
         self.specs: Specs = load_specs(_resolve_source(source), overrides=list(overrides or []), **extras)
-        from .tasks import get_task
-        self.task = get_task(self.specs.task)(self.specs)
+        from .extensions import build_task
+        self.task = build_task(self.specs)  # the task, with the specs' metrics: functions around compute_metrics
         from .ownership import expand
         self.specs.output_dir = str(expand(self.specs.output_dir))  # `~/runs/x`, everywhere the specs are read
         self.output_dir = Path(self.specs.output_dir)

@@ -307,6 +307,24 @@ class Specs(_Section):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     backend: Literal[BACKENDS] = "hf"  # type: ignore[valid-type]
+    metrics: list[str] = Field(default_factory=list, description="'module:function' references called after the "
+                                                                 "task's compute_metrics; their metrics are merged "
+                                                                 "in (docs/extending.md)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metric_references(cls, data: Any) -> Any:
+        """``metrics: mod:fn`` (one string) or a list of them; the form only, nothing imported here."""
+        if isinstance(data, dict) and data.get("metrics") is not None:
+            from .extensions import check_reference
+            value = data["metrics"]
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list):
+                raise ConfigError(f"metrics must be a 'module:function' string or a list of them, got {value!r}",
+                                  field="metrics", suggestions=["e.g. metrics: [my_metrics:macro_f1]"])
+            data = {**data, "metrics": [check_reference(v, "metrics" if len(items) == 1 else f"metrics[{i}]")
+                                        for i, v in enumerate(items)]}
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"data": {"train", "validation", "test"}}) | {
@@ -358,7 +376,7 @@ RENAMED_TRAINING_KEYS = {"evaluation_strategy": "eval_strategy", "no_cuda": "use
                          "scheduler_strategy": "lr_scheduler_type", "use_gradient_checkpointing": "gradient_checkpointing"}
 DROPPED_TRAINING_KEYS = {"overwrite_output_dir", "logging_dir", "save_safetensors", "output_dir"}
 TOP_LEVEL = set(SECTIONS) | {"task", "task_type", "output_dir", "overwrite_output_dir", "backend", "use_accelerate",
-                             "use_lightning"}
+                             "use_lightning", "metrics"}
 # Keys a user may expect but this version does not have: a specific error instead of "unknown key".
 UNSUPPORTED_KEYS: dict[str, tuple[str, list[str]]] = {}
 
