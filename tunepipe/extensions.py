@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import re
 import sys
 from dataclasses import dataclass, field
@@ -97,6 +98,36 @@ def _import_error(reference: str, field_name: str, error: BaseException) -> Conf
                        field=field_name, suggestions=["fix the module (the error is raised by its code), then rerun"])
 
 
+def callable_fingerprint(fn: Callable) -> str:
+    """What a cache entry built with ``fn`` depends on: its qualified name, its source, and its module file's bytes
+    (a helper it calls in the same module counts too). Editing the function's module changes it."""
+    target = inspect.unwrap(fn)
+    parts = [getattr(target, "__module__", ""), getattr(target, "__qualname__", type(target).__qualname__)]
+    try:
+        parts.append(inspect.getsource(target))
+    except (OSError, TypeError):
+        pass
+    parts.append(_module_bytes_hash(getattr(target, "__module__", None) or type(target).__module__))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _module_bytes_hash(module_name: str | None) -> str:
+    module = sys.modules.get(module_name or "")
+    path = getattr(module, "__file__", None)
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+    except OSError:
+        return ""
+
+
+def class_code_fingerprint(cls: type) -> str:
+    """The code of ``cls`` and its bases that lives outside tunepipe (a task from a plugin package): tunepipe's own
+    code is covered by cache.code_version(). Empty for tunepipe's own tasks."""
+    own = [c.__module__ for c in cls.__mro__ if c.__module__ != "builtins"
+           and not c.__module__.startswith("tunepipe.")]
+    return hashlib.sha256("\0".join(m + ":" + _module_bytes_hash(m) for m in own).encode()).hexdigest() if own else ""
+
+
 # ---- metrics: ---------------------------------------------------------------------------------------------------
 @dataclass
 class MetricInputs:
@@ -175,9 +206,12 @@ def _checked(extra: Any, reference: str, field_name: str, existing: dict[str, An
 
 def build_task(specs):
     """The Task for ``specs`` (tasks registry), with the ``metrics:`` functions wrapped around its compute_metrics
-    (imported now: a reference that does not resolve fails before any data is read). Every backend calls ``task.compute_metrics``: none of them needs to know."""
+    and ``data.preprocess`` imported once, so that a reference that does not resolve fails now, before any data is
+    read. Every backend calls ``task.compute_metrics``: none of them needs to know."""
     from .tasks import get_task
     task = get_task(specs.task)(specs)
+    if specs.data.preprocess:
+        resolve_callable(specs.data.preprocess, "data.preprocess")
     if specs.metrics:
         task.compute_metrics = ExtendedMetrics(task, specs.metrics)
     return task

@@ -78,6 +78,9 @@ class DataSpec(_Section):
                                                "before training); needs training.max_steps")
     shuffle_buffer: int = Field(10_000, gt=0, description="streaming: records shuffled together (the stream's "
                                                           "order is otherwise the files' order)")
+    preprocess: str | None = Field(None, description="'module:function' (or 'file.py:function') applied to each "
+                                                     "record as it is read, before the checks: dict -> dict, or "
+                                                     "None to drop it (docs/extending.md)")
     # extractive question answering (the names of transformers' run_qa.py)
     version_2_with_negative: bool = Field(False, description="QA: SQuAD v2.0, some questions have no answer")
     null_score_diff_threshold: float = Field(0.0, description="QA v2: answer nothing when null score - best span "
@@ -97,6 +100,13 @@ class DataSpec(_Section):
                                                         "model it ends the prompt (default per task, e.g. "
                                                         "'\\nTL;DR:' for summarization)")
     max_target_length: int | None = Field(None, gt=0, description="seq2seq: target tokens kept for training")
+
+    @model_validator(mode="after")
+    def _preprocess_reference(self) -> "DataSpec":
+        if self.preprocess is not None:  # the form only: the code is imported by the run (extensions.py)
+            from .extensions import check_reference
+            check_reference(self.preprocess, "data.preprocess")
+        return self
 
 
 MAX_STEPS = 10 ** 9  # far beyond any real run; larger values are typos (1e30) that overflow step arithmetic

@@ -96,12 +96,24 @@ class DatasetModules:
     def _rows(self, split: str, sources: list[Source] | None = None, streaming: bool = False
               ) -> Iterator[tuple[dict[str, Any], tuple[str, int]]]:
         data = self.specs.data
+        preprocess = self._user_preprocess()
         for source in self.sources[split] if sources is None else sources:
             for row, origin in iter_source(source, split, self.task.column("text"), self._label_column(),
                                            data.hub_config, streaming=streaming):
                 if data.columns:
                     row = {data.columns.get(k, k): v for k, v in row.items()}
+                if preprocess is not None:  # data.preprocess: before the checks, the raw record's file and line
+                    row = _preprocessed(preprocess, data.preprocess, row, origin, split)
+                    if row is None:
+                        continue
                 yield row, origin
+
+    def _user_preprocess(self):
+        """The data.preprocess function (your specs' code: extensions.py), or None."""
+        if not self.specs.data.preprocess:
+            return None
+        from ..extensions import resolve_callable
+        return resolve_callable(self.specs.data.preprocess, "data.preprocess")
 
     def checked_rows(self, split: str, sources: list[Source] | None = None, cap: int | None = None,
                      streaming: bool = False) -> Iterator[tuple[dict[str, Any], tuple[str, int]]]:
@@ -181,8 +193,12 @@ class DatasetModules:
             if any(stamp is None for stamp in stamps[split]):
                 return None
         settings = data.model_dump(mode="json", exclude=TOKENIZING_ONLY | set(SPLITS))
+        from ..extensions import callable_fingerprint, class_code_fingerprint
+        preprocess = self._user_preprocess()  # its name and code: an edited function rebuilds the entry
         return cache.fingerprint("records", stamps, settings, self.task.name, type(self.task).__qualname__,
-                                 self.task.required_columns(), cache.code_version())
+                                 self.task.required_columns(), cache.code_version(),
+                                 class_code_fingerprint(type(self.task)),
+                                 callable_fingerprint(preprocess) if preprocess is not None else None)
 
     def _scratch_path(self) -> Path:
         if self._scratch is None:
@@ -278,8 +294,10 @@ class DatasetModules:
         simple = (str, int, float, bool, type(None), list, tuple, dict)
         state = {k: v for k, v in vars(self.task).items() if isinstance(v, simple)
                  and k not in ("eval_data", "eval_split")}
+        from ..extensions import class_code_fingerprint  # a task from a plugin package: its own code
         return cache.fingerprint(self.task.name, type(self.task).__qualname__, state, cache.code_version(),
-                                 self.specs.data.model_dump(mode="json", exclude=set(SPLITS)))
+                                 self.specs.data.model_dump(mode="json", exclude=set(SPLITS)),
+                                 class_code_fingerprint(type(self.task)))
 
     def _check_accumulation(self, examples: int) -> None:
         """gradient_accumulation_steps larger than the batches in an epoch: every optimizer step would take the
@@ -295,6 +313,23 @@ class DatasetModules:
                 field="training.gradient_accumulation_steps",
                 suggestions=[f"set training.gradient_accumulation_steps: {batches} (or less)",
                              "or lower training.per_device_train_batch_size, or add training data"])
+
+
+def _preprocessed(fn, reference: str, row: dict[str, Any], origin: tuple[str, int], split: str):
+    """``fn(row)``: a dict, or None to drop the record; anything else (or an exception) names the record."""
+    where = f"{origin[0]}:{origin[1]}"
+    try:
+        out = fn(row)
+    except Exception as e:  # noqa: BLE001 - the user's function failed on this record
+        raise DatasetLoadError(f"data.preprocess '{reference}' failed on a {split} record: {type(e).__name__}: {e}",
+                               field="data.preprocess", file=origin[0], line=origin[1],
+                               suggestions=[f"the record is at {where}; fix the function (return None to drop a "
+                                            "record)"]) from e
+    if out is not None and not isinstance(out, dict):
+        raise DatasetLoadError(f"data.preprocess '{reference}' returned a {type(out).__name__} for a {split} record, "
+                               "not a dict (or None to drop it)", field="data.preprocess", file=origin[0],
+                               line=origin[1], suggestions=["return the record as a dict of column: value"])
+    return out
 
 
 def _derived(records: ArrowRecords, indices, *how) -> ArrowRecords:
