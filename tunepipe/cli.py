@@ -418,11 +418,14 @@ def cmd_serve(args) -> int:
 
 def cmd_tasks(args) -> int:
     import yaml
-    from .tasks import get_task, planned_task_names, task_names
-    for name in task_names():
-        cls = get_task(name)
-        print(f"{name}  ({cls.description})")
+    from .tasks import builtin_task, planned_task_names, plugin_tasks, task_names
+    plugins, skipped = plugin_tasks()  # tasks other packages register (entry point group tunepipe.tasks)
+    for name, cls in [(n, builtin_task(n)) for n in task_names()] + list(plugins.items()):
+        origin = f", from {cls.__module__.split('.')[0]}" if name in plugins else ""
+        print(f"{name}  ({cls.description}{origin})")
         print("  " + yaml.safe_dump(cls.default_specs(), sort_keys=False).replace("\n", "\n  ").rstrip())
+    for why in skipped:
+        _say(f"warning: {why}")
     if planned_task_names():
         print(f"planned, not in this version: {', '.join(planned_task_names())}")
     return 0

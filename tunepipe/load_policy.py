@@ -13,7 +13,10 @@ data, not instructions. So, in one place:
 - a base referenced *relative* to the adapter is honoured only as tunepipe writes it (``../base_model`` beside the
   adapter), never as a path that climbs elsewhere, and never resolved against the current directory (peft would:
   ``./base_model`` in ``adapter_config.json`` is read by tunepipe as that same folder beside the adapter);
-- peft settings that import a module named in the file (``megatron_core``) are refused.
+- peft settings that import a module named in the file (``megatron_core``) are refused;
+- the ``metrics:`` and ``data.preprocess`` functions a run's ``specs.yaml`` names are never imported when the run
+  is loaded (predict, serve, merge: model_loading.make_task builds a bare Task); only a run built from the
+  caller's own specs imports them (extensions.build_task, in FineTunePipeLine).
 """
 from __future__ import annotations
 
