@@ -73,8 +73,8 @@ def test_token_classification_methods_train_save_reload(tiny_specs, ner_data, pe
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt_tuning", "p_tuning"])
 def test_text_classification_methods_train_save_reload(tiny_specs, cls_data, method):
-    pipe, changed = train_run(tiny_specs, "text_classification", cls_data, peft={"method": method, "r": 4,
-                                                                                  "num_virtual_tokens": 4})
+    setting = {"lora": {"r": 4}, "ia3": {}}.get(method, {"num_virtual_tokens": 4})  # only what the method reads
+    pipe, changed = train_run(tiny_specs, "text_classification", cls_data, peft={"method": method, **setting})
     assert changed and any("classifier" in n for n in changed)
     expected = pipe.predict(REVIEWS)
     from tunepipe import FineTunePipeLine

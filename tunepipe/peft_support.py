@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ModelNotFoundError
+from .peft_names import check_config_keys, check_task_type, make_config
 
 ADAPTER_INFO = "tunepipe_adapter.json"
 BASE_MODEL_DIR = "base_model"
@@ -37,7 +38,7 @@ def peft_enabled(specs) -> bool:
 
 def peft_method(specs) -> str:
     """The method name, for raw configs too (``lora`` for a raw LORA config, else the peft type in lower case)."""
-    if specs.peft.config:
+    if specs.peft.config and (specs.peft.method == "none" or "peft_type" in specs.peft.config):
         ptype = str(specs.peft.config.get("peft_type", "")).lower()
         return {"lora": "dora" if specs.peft.config.get("use_dora") else "lora"}.get(ptype, ptype)
     return specs.peft.method
@@ -133,7 +134,8 @@ def check_peft_specs(specs, task, skeleton=None) -> None:
     if not peft_enabled(specs):
         return
     method, task_type = peft_method(specs), peft_task_type(task)
-    if specs.peft.config is not None:
+    check_task_type(specs.peft.config, task_type, task.name)
+    if _is_raw(specs):
         _raw_config(specs, task_type)
     if method in ("prompt_tuning", "p_tuning") or (method == "prefix_tuning" and task_type is None):
         if task_type is None or task_type in _POSITIONAL_TASK_TYPES:
@@ -172,8 +174,14 @@ def _accepts_past(model) -> bool:
     return backbone is not None and "past_key_values" in inspect.signature(backbone.forward).parameters
 
 
+def _is_raw(specs) -> bool:
+    """peft.config is a complete peft config (else: peft's fields for peft.method's class, peft_names.py)."""
+    return specs.peft.config is not None and (specs.peft.method == "none" or "peft_type" in specs.peft.config)
+
+
 def _raw_config(specs, task_type: str | None):
-    from peft import get_peft_config
+    from peft import PeftType, get_peft_config
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     raw = dict(specs.peft.config)
     if "peft_type" not in raw:
         raise ConfigError("peft.config needs a 'peft_type' (e.g. LORA, IA3, LOHA)", field="peft.config.peft_type",
@@ -181,6 +189,8 @@ def _raw_config(specs, task_type: str | None):
     raw["peft_type"] = str(raw["peft_type"]).upper()
     if task_type and "task_type" not in raw:
         raw["task_type"] = task_type  # without it peft would not save the task head
+    if raw["peft_type"] in PeftType.__members__:
+        check_config_keys(PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[raw["peft_type"]]], raw)
     try:
         return get_peft_config(raw)
     except (KeyError, TypeError, ValueError) as e:
@@ -193,25 +203,26 @@ def build_peft_config(specs, task, model):
     """The peft config for ``specs.peft`` on ``model`` (task type, targets and head filled in)."""
     import peft
     task_type = peft_task_type(task)
-    if specs.peft.config is not None:
+    if _is_raw(specs):
         return _raw_config(specs, task_type)
     p, method = specs.peft, specs.peft.method
+    passed = {k: v for k, v in (p.config or {}).items() if k != "task_type"}  # peft's own fields (peft_names.py)
     heads = head_modules(model)
-    modules_to_save = p.modules_to_save if p.modules_to_save is not None else heads + _resized_embeddings(model)
+    resized = [] if passed.get("trainable_token_indices") else _resized_embeddings(model)
+    modules_to_save = p.modules_to_save if p.modules_to_save is not None else heads + resized
     common = {"task_type": task_type, "modules_to_save": modules_to_save or None}
     if method in ("lora", "qlora", "dora"):
         targets = p.target_modules if p.target_modules is not None else backbone_target_regex(model)
-        return peft.LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, bias=p.bias,
-                               target_modules=targets, use_dora=method == "dora", **common)
+        return make_config(peft.LoraConfig, {"r": p.r, "lora_alpha": p.alpha, "lora_dropout": p.dropout,
+                                             "bias": p.bias, "target_modules": targets, "use_dora": method == "dora",
+                                             **common, **passed})
     if method == "ia3":
         extra = {"target_modules": p.target_modules, "feedforward_modules": []} if p.target_modules else {}
-        return peft.IA3Config(**extra, **common)
-    if method == "prefix_tuning":
-        return peft.PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, **common)
-    if method == "prompt_tuning":
-        return peft.PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, **common)
-    if method == "p_tuning":
-        return peft.PromptEncoderConfig(num_virtual_tokens=p.num_virtual_tokens, **common)
+        return make_config(peft.IA3Config, {**extra, **common, **passed})
+    classes = {"prefix_tuning": peft.PrefixTuningConfig, "prompt_tuning": peft.PromptTuningConfig,
+               "p_tuning": peft.PromptEncoderConfig}
+    if method in classes:
+        return make_config(classes[method], {"num_virtual_tokens": p.num_virtual_tokens, **common, **passed})
     raise ConfigError(f"Unknown peft.method '{method}'", field="peft.method")
 
 

@@ -243,7 +243,19 @@ class PeftSpec(_Section):
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     num_virtual_tokens: int = Field(20, gt=0)
-    config: dict[str, Any] | None = Field(None, description="a raw PEFT config, passed to peft as is")
+    config: dict[str, Any] | None = Field(None, description="peft's own fields for the method's config class "
+                                                            "(LoraConfig, IA3Config, ...); with a peft_type: a "
+                                                            "complete peft config, passed to peft as is")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _peft_names(cls, data: Any) -> Any:
+        """peft's names beside tunepipe's (lora_alpha -> alpha, use_dora, init_lora_weights -> config, ...): one
+        canonical section, its typos and contradictions refused (peft_names.py)."""
+        if not isinstance(data, dict):
+            return data
+        from .peft_names import normalise_peft
+        return normalise_peft(data, {k: f.default for k, f in cls.model_fields.items()})
 
 
 class QuantizationSpec(_Section):
@@ -532,6 +544,9 @@ def _check_section_keys(d: dict[str, Any]) -> None:
     for name, section in d.items():
         model = SECTIONS.get(name)
         if model is None or model.model_config.get("extra") == "allow" or not isinstance(section, dict):
+            continue
+        if model is PeftSpec:  # peft's own names too: PeftSpec._peft_names checks them
+            PeftSpec._peft_names(section)
             continue
         for key in section:
             if f"{name}.{key}" in UNSUPPORTED_KEYS:
