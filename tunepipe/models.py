@@ -192,6 +192,8 @@ class TokenizerModules:
                 tokenizer = AutoTokenizer.from_pretrained(name, add_prefix_space=True, **kwargs)
         except Exception as e:  # noqa: BLE001
             raise tokenizer_load_error(e, name, self.field()) from None
+        from .special_tokens import add_special_tokens
+        add_special_tokens(tokenizer, self.specs.tokenizer)  # before the pad fallback: a pad_token given wins
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if tokenizer.pad_token is None:
@@ -258,6 +260,9 @@ class ModelModules:
     def load(self, task, tokenizer=None):
         model = self._load(task, tokenizer)
         if tokenizer is not None:
+            from .special_tokens import resize_embeddings
+            if self.specs.tokenizer.special_tokens or self.specs.tokenizer.additional_special_tokens:
+                resize_embeddings(model, tokenizer)  # rows for the added tokens (saved with an adapter too)
             self._check_vocabulary(model, tokenizer)
         from .limits import check_lengths
         check_lengths(task, model.config)  # a length over the model's positions: refused before any training
@@ -271,9 +276,10 @@ class ModelModules:
         """Token ids at or above the embedding size crash in the first forward pass ('index out of range')."""
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         rows = getattr(embeddings, "num_embeddings", None)
-        if rows is None or len(tokenizer) <= rows:
-            return
         spec = self.specs
+        if rows is None or len(tokenizer) <= rows or spec.tokenizer.special_tokens or \
+                spec.tokenizer.additional_special_tokens:  # added tokens: load() resizes the embeddings
+            return
         field = "tokenizer.name_or_path" if spec.tokenizer.name_or_path or spec.tokenizer.train else "model.name_or_path"
         raise ModelError(f"The tokenizer has {len(tokenizer)} tokens but the model's embeddings only {rows}: the "
                          "model cannot read its ids", field=field,

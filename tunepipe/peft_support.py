@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigError, ModelNotFoundError
 from .peft_names import check_config_keys, check_task_type, make_config
+from .special_tokens import card_note, resized_embeddings
 
 ADAPTER_INFO = "tunepipe_adapter.json"
 BASE_MODEL_DIR = "base_model"
@@ -208,7 +209,7 @@ def build_peft_config(specs, task, model):
     p, method = specs.peft, specs.peft.method
     passed = {k: v for k, v in (p.config or {}).items() if k != "task_type"}  # peft's own fields (peft_names.py)
     heads = head_modules(model)
-    resized = [] if passed.get("trainable_token_indices") else _resized_embeddings(model)
+    resized = [] if passed.get("trainable_token_indices") else resized_embeddings(model)
     modules_to_save = p.modules_to_save if p.modules_to_save is not None else heads + resized
     common = {"task_type": task_type, "modules_to_save": modules_to_save or None}
     if method in ("lora", "qlora", "dora"):
@@ -224,22 +225,6 @@ def build_peft_config(specs, task, model):
     if method in classes:
         return make_config(classes[method], {"num_virtual_tokens": p.num_virtual_tokens, **common, **passed})
     raise ConfigError(f"Unknown peft.method '{method}'", field="peft.method")
-
-
-def _resized_embeddings(model) -> list[str]:
-    """Embedding (and untied LM head) names when the vocabulary was resized away from the base checkpoint's."""
-    base = getattr(model.config, "_name_or_path", "") or ""
-    if not base or not (Path(base) / "config.json").is_file():
-        return []
-    saved = json.loads((Path(base) / "config.json").read_text()).get("vocab_size")
-    emb = model.get_input_embeddings()
-    if saved is None or emb.num_embeddings == saved:
-        return []
-    names = [n for n, m in model.named_modules() if m is emb]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is not emb.weight:
-        names += [n for n, m in model.named_modules() if m is out]
-    return names
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -649,7 +634,7 @@ print(pipe.predict({json.dumps(example, ensure_ascii=False)}))
 ```
 {_cli_line(example)}
 `tunepipe merge .` writes a merged full model to `merged/`, loadable with plain transformers alone.
-""" + (_QUANTIZED_CARD_NOTE if quantized else "")
+""" + card_note(resize) + (_QUANTIZED_CARD_NOTE if quantized else "")
 
 
 def _bundled_hub_id() -> str:

@@ -45,6 +45,16 @@ class TokenizerSpec(_Section):
     use_fast: bool = True
     padding_side: Literal["left", "right"] | None = None
     train: dict[str, Any] | None = Field(None, description="train a tokenizer on the training text")
+    special_tokens: dict[str, str] | None = Field(None, description="named special tokens, added when new: "
+                                                                    "{pad_token: '<pad>', ...}; embeddings resized")
+    additional_special_tokens: list[str] | None = Field(None, description="tokens added as special (never split): "
+                                                                          "['<ent>', '</ent>']; embeddings resized")
+
+    @model_validator(mode="after")
+    def _special_tokens(self) -> "TokenizerSpec":
+        from .special_tokens import check_special_tokens
+        check_special_tokens(self.special_tokens, self.additional_special_tokens)
+        return self
 
 
 class DataSpec(_Section):
