@@ -4,8 +4,9 @@ How adapters share the base. peft keeps many adapters in one ``PeftModel`` only 
 the same head shape and the same peft method: a NER head (9 labels) and a sentiment head (2 labels) cannot both live
 in one ``modules_to_save`` wrapper (peft copies the original head per adapter, and the shapes differ). So adapters
 are grouped by (model class, head settings, peft type); each group is one ``PeftModel`` with its own head, and every
-group's model gets the *same* backbone module (``model.<base_model_prefix>``), loaded once. peft injects the
-adapter layers of all groups into that shared backbone, one ``ModuleDict`` entry per adapter name.
+group's model gets the *same* backbone module (``model.<base_model_prefix>``). The base is read from disk once
+(shared_base.SharedBase): each group's model is built around its tensors in memory, not loaded again. peft injects
+the adapter layers of all groups into that shared backbone, one ``ModuleDict`` entry per adapter name.
 
 Why switching is checked. ``set_adapter`` on one group only touches that group's tuner type, and leaves layers of
 other groups (or a prompt-learning group) in whatever state the last request left; a switch that "succeeds" while
@@ -31,6 +32,7 @@ from typing import Any, Callable, Sequence
 from .errors import ConfigError, ModelNotFoundError, TaskTypeError, TunepipeError, ValidationError
 from .model_loading import (canonical_task, check_predict_kwargs, default_device, load_tokenizer, make_task, place,
                             resolve_dtype)
+from .shared_base import SharedBase
 
 log = logging.getLogger("tunepipe")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -123,7 +125,7 @@ class MultiAdapterManager:
         self.active: str | None = None
         self._adapters: dict[str, _Adapter] = {}
         self._groups: dict[tuple, _Group] = {}
-        self._backbone = None
+        self._shared: SharedBase | None = None  # the base, read from disk once, and its shared backbone
         self._base_task = self._base_tokenizer = None
         self._lock = threading.RLock()
 
@@ -211,7 +213,7 @@ class MultiAdapterManager:
                 return
             self._make_room(keep=name)
             group = self._group_for(record.auto_model_class, record.model_kwargs, record.peft_type)
-            vocab = self._backbone.get_input_embeddings().num_embeddings if self._backbone is not None else None
+            vocab = self._shared_base().backbone.get_input_embeddings().num_embeddings
             if record.vocab_size and vocab and record.vocab_size != vocab:
                 self._drop_if_empty(group)
                 raise ConfigError(f"Adapter '{name}' was trained with a resized vocabulary ({record.vocab_size} "
@@ -278,50 +280,26 @@ class MultiAdapterManager:
             self._groups.pop(group.key, None)  # its head goes; the shared backbone stays
 
     def _group_for(self, auto_model_class: str, model_kwargs: dict[str, Any], family: str | None) -> _Group:
-        """The model that holds adapters of this class/head/peft type, its backbone shared with every group."""
-        import transformers
-
-        from .errors import ErrorHandler
-        from .load_policy import remote_code
+        """The model that holds adapters of this class/head/peft type: built on the base read once from disk, its
+        backbone the one shared by every group (shared_base)."""
         key = (auto_model_class, json.dumps(model_kwargs, sort_keys=True, default=str), family)
         if key in self._groups:
             return self._groups[key]
-        if self.base is None:
-            raise ModelNotFoundError("No base model", suggestions=["pass base_model or register an adapter first"])
-        kwargs = {**model_kwargs, **remote_code(self.trust_remote_code)}
-        if "num_labels" in kwargs:
-            kwargs["ignore_mismatched_sizes"] = True  # a base with a head of another size: the adapter brings its own
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # the "newly initialised head" report: the adapter replaces it
-        try:
-            with ErrorHandler.guard(f"loading the base model {self.base}"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = getattr(transformers, auto_model_class).from_pretrained(self.base, **kwargs)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-        self._share_backbone(model)
-        group = _Group(key, place(model, self.device, self.dtype).eval())
+        group = _Group(key, self._shared_base().build(auto_model_class, model_kwargs))
         self._groups[key] = group
         return group
 
-    def _share_backbone(self, model) -> None:
-        prefix = getattr(model, "base_model_prefix", "")
-        backbone = getattr(model, prefix, None) if prefix else None
-        if backbone is None or backbone is model:
-            raise ConfigError(f"{type(model).__name__} has no separate backbone to share between adapters",
-                              suggestions=["load each adapter alone with InferencePipeLine(checkpoint=<adapter>)"])
-        if self._backbone is None:
-            self._backbone = backbone
-            return
-        if type(backbone) is not type(self._backbone):
-            raise ConfigError(f"Backbones differ ({type(backbone).__name__} vs {type(self._backbone).__name__})",
-                              suggestions=["register adapters of one base model per manager"])
-        for child_name, child in backbone.named_children():  # e.g. the pooler a token-level model left out
-            if getattr(self._backbone, child_name, None) is None:
-                setattr(self._backbone, child_name, child)
-        setattr(model, prefix, self._backbone)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
+    def _shared_base(self) -> SharedBase:
+        if self.base is None:
+            raise ModelNotFoundError("No base model", suggestions=["pass base_model or register an adapter first"])
+        if self._shared is None:
+            self._shared = SharedBase(self.base, self.device, self.dtype, self.trust_remote_code)
+        return self._shared
+
+    @property
+    def base_loads(self) -> int:
+        """How many times the base model was read from disk: 1 once anything is loaded, whatever the tasks."""
+        return self._shared.loads if self._shared is not None else 0
 
     def _tokenizer_of_base(self):
         if self._base_tokenizer is None:
