@@ -81,7 +81,8 @@ class DatasetModules:
             info["rows"][split], info["skipped"][split] = count, skipped
             if split == "train" and self.task.labels is None:
                 import datasets
-                train = ArrowRecords(datasets.Dataset.from_file(str(folder / "train.arrow")), set())
+                path = folder / "train.arrow"
+                train = ArrowRecords(datasets.Dataset.from_file(str(path)), set(), path=path)
                 self.task.labels = self.task.infer_labels(
                     {self.task.column("label"): v} for v in train.column(self._label_column()))
         info["labels"] = self.task.labels
@@ -181,7 +182,7 @@ class DatasetModules:
             if split in splits and path.is_file():
                 files = {s.name for s in self.sources[split] if s.kind in ("file", "saved")}
                 split_key = cache.fingerprint(key, split) if key else None
-                self.records[split] = ArrowRecords(datasets.Dataset.from_file(str(path)), files, split_key)
+                self.records[split] = ArrowRecords(datasets.Dataset.from_file(str(path)), files, split_key, path)
 
     def _records_key(self, splits) -> str | None:
         data = self.specs.data
@@ -280,13 +281,28 @@ class DatasetModules:
         return prepared
 
     def _tokenize(self, records, split: str, tokenizer, path: Path, key: str | None) -> None:
-        import uuid
+        """Batches of 1,000 records through the task's preprocess into an Arrow file, written by datasets' own
+        writer (its compact integer types). The records are read with plain reads (ArrowRecords.batches), so
+        tokenizing millions of them leaves no mapped pages behind in this process."""
+        from datasets.arrow_writer import ArrowWriter as FeatureWriter
+        from tqdm.auto import tqdm
         fn = self.task.preprocess if split == "train" else self.task.preprocess_eval
-        ds = records.dataset
-        with ErrorHandler.guard(f"tokenizing the {split} data"):
-            ds.map(fn, batched=True, fn_kwargs={"tokenizer": tokenizer}, remove_columns=ds.column_names,
-                   desc=f"tokenizing {split}", cache_file_name=str(path), load_from_cache_file=False,
-                   new_fingerprint=key or uuid.uuid4().hex)
+        writer = FeatureWriter(path=str(path), writer_batch_size=1000)
+        with ErrorHandler.guard(f"tokenizing the {split} data"), tqdm(
+                total=len(records), desc=f"tokenizing {split}", unit=" examples",
+                disable=not _progress_bars()) as bar:
+            try:
+                for batch in records.batches(1000):
+                    out = fn(batch, tokenizer)
+                    writer.write_batch({k: list(v) for k, v in out.items()})
+                    bar.update(len(next(iter(batch.values()))) if batch else 0)
+                writer.finalize()
+            finally:
+                writer.close()
+        if not path.exists():  # no features at all (texts shorter than one packed block, say): an empty table
+            import pyarrow as pa
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, pa.schema([])):
+                pass
 
     def _preprocessing_state(self) -> str:
         """The task's settings that shape its features (the specs' data section, labels, the attributes a task
@@ -330,6 +346,11 @@ def _preprocessed(fn, reference: str, row: dict[str, Any], origin: tuple[str, in
                                "not a dict (or None to drop it)", field="data.preprocess", file=origin[0],
                                line=origin[1], suggestions=["return the record as a dict of column: value"])
     return out
+
+
+def _progress_bars() -> bool:
+    import datasets
+    return datasets.is_progress_bar_enabled()
 
 
 def _derived(records: ArrowRecords, indices, *how) -> ArrowRecords:

@@ -68,9 +68,10 @@ class _View(Sequence):
 class ArrowRecords:
     """``rows`` and ``origins`` read lazily from the Arrow table; ``dataset`` is what tokenizing maps over."""
 
-    def __init__(self, table_dataset, files: set[str], key: str | None = None):
+    def __init__(self, table_dataset, files: set[str], key: str | None = None, path: Path | None = None):
         self._all = table_dataset
         self.files, self.key = set(files), key
+        self.path = path  # the Arrow file itself, when these are all its rows in order (read_batches)
         self.dataset = table_dataset.remove_columns([c for c in ORIGIN_COLUMNS if c in table_dataset.column_names])
         self.rows = _View(self.dataset, lambda row: row)
         origins = table_dataset.select_columns(list(ORIGIN_COLUMNS))
@@ -86,8 +87,37 @@ class ArrowRecords:
         """One column's values, read in batches (label inference over millions of records)."""
         if name not in self.dataset.column_names:
             return
+        if self.path is not None:
+            for batch in read_batches(self.path, batch_size, columns=[name]):
+                yield from batch[name]
+            return
         for batch in self.dataset.select_columns([name]).iter(batch_size=batch_size):
             yield from batch[name]
+
+    def batches(self, batch_size: int = 1000) -> Iterator[dict[str, list]]:
+        """The records as column batches (what a batched preprocess takes), without the origin columns."""
+        if self.path is not None:
+            yield from read_batches(self.path, batch_size)
+            return
+        yield from self.dataset.iter(batch_size=batch_size)
+
+
+def read_batches(path: Path, batch_size: int, columns: list[str] | None = None) -> Iterator[dict[str, list]]:
+    """An Arrow stream file read with plain reads, not memory-mapped: a pass over millions of records then does
+    not leave their pages in this process's resident memory (a mapping would, until it is closed)."""
+    import pyarrow as pa
+    with pa.OSFile(str(path)) as source:
+        reader = pa.ipc.open_stream(source)
+        keep = [n for n in reader.schema.names if n not in ORIGIN_COLUMNS and (columns is None or n in columns)]
+        pending = None
+        for batch in reader:
+            table = pa.Table.from_batches([batch]).select(keep)
+            pending = table if pending is None else pa.concat_tables([pending, table])
+            while pending.num_rows >= batch_size:
+                yield pending.slice(0, batch_size).to_pydict()
+                pending = pending.slice(batch_size)
+        if pending is not None and pending.num_rows:
+            yield pending.to_pydict()
 
 
 class ArrowWriter:
