@@ -3,7 +3,7 @@ to each record as it is read). See docs/extending.md.
 
 A reference is ``module:function`` (an importable module: installed, or on PYTHONPATH; ``function`` may be a dotted
 attribute path, ``module:Class.method``) or ``path/to/file.py:function`` (a Python file, relative to the current
-directory like the data paths). The specs only check the form (specs.py, no import); the code is imported when a
+directory like the data paths). The specs only check the form (specs/schema.py, no import); the code is imported when a
 run is built from *your* specs (FineTunePipeLine: train, evaluate, check). A finished run's specs.yaml read by
 predict, serve or merge never gets here (load_policy.py: no code from folders), so these references are inert
 there.
