@@ -142,7 +142,7 @@ Path(sys.argv[2], f"seen-{rank}.json").write_text(json.dumps(seen))
 
 
 @pytest.mark.parametrize("backend, launcher", [("hf", "torchrun"), ("accelerate", "torchrun"),
-                                               ("lightning", "python")])
+                                               ("lightning", "python"), ("lightning+accelerate", "python")])
 def test_two_processes_see_disjoint_parts_of_the_stream(tiny_specs, ner_data, tmp_path, backend, launcher):
     """2-process DDP on CPU: with one file the ranks take every other record (split_dataset_by_node), so in one
     pass over 80 distinct records each rank trains on 40 and no record is seen twice."""
@@ -153,7 +153,7 @@ def test_two_processes_see_disjoint_parts_of_the_stream(tiny_specs, ner_data, tm
     specs = stream_specs(tiny_specs, {**ner_data, "train": str(tmp_path / "train.jsonl")}, backend)
     specs["training"].update(max_steps=5, bf16=False, save_strategy="no")
     specs["output_dir"] = str(tmp_path / "run")
-    if backend == "lightning":
+    if backend.startswith("lightning"):
         specs["distributed"] = {"devices": 2, "strategy": "ddp"}
     (tmp_path / "specs.yaml").write_text(yaml.safe_dump(specs))
     (tmp_path / "probe.py").write_text(PROBE)
