@@ -585,7 +585,7 @@ def _load_section(output_dir: Path, task, info: dict[str, Any], task_type: str |
                       *(["import torch"] if quantized else []), "", *prelude, *quant_code,
                       f"model = {auto_peft}.from_pretrained({_args(auto_args)}).eval()", *cpu_fix,
                       'tokenizer = AutoTokenizer.from_pretrained("adapter")'])
-    example = _predict_example(task)
+    example = task.predict_example()
     where = {
         "run": "The base is `base_model/` in this run (the initial weights of the model built from config; its "
                "config carries the task head), so the run directory is self-contained.",
@@ -698,20 +698,6 @@ def _args(args: list[str]) -> str:
 def _wrap(text: str) -> str:
     import textwrap
     return textwrap.fill(text, width=115, break_long_words=False, break_on_hyphens=False)
-
-
-def _predict_example(task) -> Any:
-    data = getattr(task, "example_data", None) or {}
-    if task.name == "masked_language_modeling":
-        return "the [MASK] sat on the mat ."  # tunepipe reads [MASK] / <mask> as the tokenizer's mask token
-    if "question" in data and "context" in data:
-        return {"question": data["question"], "context": data["context"]}
-    for key in ("text", "source", "document", "prompt"):
-        if isinstance(data.get(key), str):
-            return data[key]
-    if isinstance(data.get("tokens"), list):
-        return " ".join(data["tokens"])
-    return "some text"
 
 
 def _cli_line(example: Any) -> str:

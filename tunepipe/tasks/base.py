@@ -97,6 +97,19 @@ class Task:
         crash deep inside. ``where`` names it in errors ('Input 3')."""
         return item
 
+    @classmethod
+    def predict_example(cls) -> Any:
+        """One input ``predict`` takes, for model cards and help texts: from ``example_data`` by default."""
+        data = cls.example_data or {}
+        if "question" in data and "context" in data:
+            return {"question": data["question"], "context": data["context"]}
+        for key in ("text", "source", "document", "prompt"):
+            if isinstance(data.get(key), str):
+                return data[key]
+        if isinstance(data.get("tokens"), list):
+            return " ".join(data["tokens"])
+        return "some text"
+
     def prepare_inputs(self, items: Sequence[Any]) -> list[Any]:
         return [self.prepare_input(x, f"Input {n + 1}") for n, x in enumerate(items)]
 

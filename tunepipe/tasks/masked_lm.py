@@ -131,6 +131,10 @@ class MaskedLMTask(Task):
     }
     example_data = {"text": "Emma Woodhouse, handsome, clever, and rich, with a comfortable home."}
 
+    @classmethod
+    def predict_example(cls) -> str:
+        return "the [MASK] sat on the mat ."  # tunepipe reads [MASK] / <mask> as the tokenizer's mask token
+
     def __init__(self, specs):
         super().__init__(specs)
         if specs.data.whole_word_mask and getattr(specs.training, "remove_unused_columns", False):
