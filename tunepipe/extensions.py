@@ -21,20 +21,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, TrainingError
+from .specs.references import FORM_HINT, REFERENCE, check_reference
 
-_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-REFERENCE = re.compile(rf"^(?P<module>{_NAME}(?:\.{_NAME})*|.+\.py):(?P<attr>{_NAME}(?:\.{_NAME})*)$")
 # what the trainers add to every evaluation: a custom metric of the same name would be overwritten or overwrite it
 RESERVED_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch"}
-FORM_HINT = "write it as 'module:function' (an importable module) or 'path/to/file.py:function'"
-
-
-def check_reference(value: Any, field_name: str) -> str:
-    """The form of one reference, checked without importing anything (specs validation)."""
-    if not isinstance(value, str) or not REFERENCE.match(value.strip()):
-        raise ConfigError(f"{field_name} must name a Python callable as 'module:function', got {value!r}",
-                          field=field_name, suggestions=[FORM_HINT, "e.g. my_metrics:macro_f1"])
-    return value.strip()
 
 
 def resolve_callable(reference: str, field_name: str) -> Callable:

@@ -57,7 +57,7 @@ def virtual_tokens(peft: Any) -> int:
     """Positions a PEFT section puts before the input: prompt / p-tuning's num_virtual_tokens, else 0."""
     if not isinstance(peft, dict) or peft.get("method") not in VIRTUAL_TOKEN_METHODS:
         return 0
-    from .specs import PeftSpec
+    from .specs.schema import PeftSpec
     n = peft.get("num_virtual_tokens", PeftSpec.model_fields["num_virtual_tokens"].default)
     return n if isinstance(n, int) and n > 0 else 0
 
@@ -102,7 +102,7 @@ def limits_for_model_section(model: Any) -> dict[str, PositionLimit | None] | No
     try:
         from transformers import AutoConfig
         if model.get("encoder_decoder"):
-            from .models import encoder_decoder_sides
+            from .model_paths import encoder_decoder_sides
             configs = [_local_config(side) for side in encoder_decoder_sides(model["encoder_decoder"])]
             if any(c is None for c in configs):
                 return None
@@ -122,7 +122,7 @@ def _local_config(name: Any):
 
     from transformers import AutoConfig
 
-    from .models import resolve_model_path
+    from .model_paths import resolve_model_path
     if not isinstance(name, str):
         return None
     path = resolve_model_path(name)
@@ -133,7 +133,7 @@ def _local_config(name: Any):
 
 def default_value(task, field: str) -> Any:
     """The value ``field`` has when the user does not set it: the task's default, else the specs schema's."""
-    from .specs import SECTIONS
+    from .specs.schema import SECTIONS
     section, key = field.split(".", 1)
     defaults = type(task).default_specs().get(section, {})
     if key in defaults:

@@ -97,7 +97,7 @@ def _all_methods_fields() -> dict[str, frozenset[str]]:
 
 
 def _suggest(key: str, allowed) -> list[str]:
-    from .specs import suggest
+    from .suggest import suggest
     return suggest(key, set(allowed))
 
 
@@ -291,3 +291,31 @@ def make_config(cls, kwargs: dict[str, Any], field: str = "peft"):
         raise ConfigError(f"peft rejected the {cls.__name__} settings: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}", field=field,
                           suggestions=[f"check the values against peft's {cls.__name__}"]) from None
+
+
+def peft_enabled(specs) -> bool:
+    return specs.peft.method != "none" or bool(specs.peft.config)
+
+
+def peft_method(specs) -> str:
+    """The method name, for raw configs too (``lora`` for a raw LORA config, else the peft type in lower case)."""
+    if specs.peft.config and (specs.peft.method == "none" or "peft_type" in specs.peft.config):
+        ptype = str(specs.peft.config.get("peft_type", "")).lower()
+        return {"lora": "dora" if specs.peft.config.get("use_dora") else "lora"}.get(ptype, ptype)
+    return specs.peft.method
+
+
+# Fallback when a Task does not declare ``peft_task_type``: peft's task type from the model class it uses.
+_TASK_TYPE_BY_AUTO_CLASS = {"AutoModelForTokenClassification": "TOKEN_CLS",
+                            "AutoModelForSequenceClassification": "SEQ_CLS",
+                            "AutoModelForQuestionAnswering": "QUESTION_ANS",
+                            "AutoModelForSeq2SeqLM": "SEQ_2_SEQ_LM", "AutoModelForCausalLM": "CAUSAL_LM"}
+_AUTO_CLASS_BY_TASK_TYPE = {v: k for k, v in _TASK_TYPE_BY_AUTO_CLASS.items()}
+
+
+def peft_task_type(task) -> str | None:
+    value = getattr(task, "peft_task_type", None)
+    return value if value is not None else _TASK_TYPE_BY_AUTO_CLASS.get(task.auto_model_class)
+
+
+# ---- model structure --------------------------------------------------------------------------------------------

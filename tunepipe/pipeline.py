@@ -403,7 +403,8 @@ class FineTunePipeLine:
         curves = CURVES_FILE if (self.output_dir / CURVES_FILE).is_file() else None
         n_train = len(self.datasets["train"]) if hasattr(self.datasets.get("train"), "__len__") else 0
         base = self.specs.model.name_or_path or f"from_config({(self.specs.model.from_config or {}).get('model_type')})"
-        from .peft_support import adapter_card, peft_enabled
+        from .adapter_card import adapter_card
+        from .peft_support import peft_enabled
         if peft_enabled(self.specs):  # an adapter/ to load, on a base named as the adapter records it
             peft_card = adapter_card(self.output_dir, self.task, self.specs)
             card = model_card(self.specs, self.task, self.metrics, peft_card["base"], n_train,

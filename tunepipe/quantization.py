@@ -22,6 +22,7 @@ import warnings
 from typing import Any
 
 from .errors import ConfigError, CudaError, DependencyError
+from .type_utils import TypeUtils, is_quantized, quantization_type
 
 INFERENCE_METHODS = ("bf16", "dynamic_int8", "torchao_int8_weight_only")
 _CAST_WARNING = "MatMul8bitLt: inputs will be cast"
@@ -62,8 +63,8 @@ class QuantizationManager:
     def __init__(self, specs=None, *, bits: int | None = None, quant_type: str = "nf4", double_quant: bool = True,
                  compute_dtype: str = "bfloat16", skip_modules: list[str] | None = None, peft_method: str = "none"):
         if specs is not None:
-            from .peft_support import peft_enabled
-            from .peft_support import peft_method as method_of
+            from .peft_names import peft_enabled
+            from .peft_names import peft_method as method_of
             q = specs.quantization
             peft_method = method_of(specs) if peft_enabled(specs) else "none"
             if q.load_in_4bit and q.load_in_8bit:
@@ -145,7 +146,7 @@ class QuantizationManager:
             return {}
         from transformers import AutoConfig
 
-        from .peft_support import head_modules, model_skeleton
+        from .model_structure import head_modules, model_skeleton
         config_keys = ("revision", "trust_remote_code", "num_labels", "id2label", "label2id")
         config = AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in config_keys})
         skeleton = model_skeleton(auto_cls, config)
@@ -180,28 +181,8 @@ class QuantizationManager:
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     # ---- inspection ----------------------------------------------------------------------------------------
-    @staticmethod
-    def is_quantized(model) -> bool:
-        return QuantizationManager.quantization_type(model) is not None
-
-    @staticmethod
-    def quantization_type(model) -> str | None:
-        """'bnb_4bit_nf4' | 'bnb_4bit_fp4' | 'bnb_8bit' | 'dynamic_int8' | 'torchao' | None (also through PEFT)."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if getattr(base, "is_loaded_in_4bit", False):
-            qc = getattr(base.config, "quantization_config", None)
-            qt = qc.get("bnb_4bit_quant_type") if isinstance(qc, dict) else getattr(qc, "bnb_4bit_quant_type", None)
-            return f"bnb_4bit_{qt or 'nf4'}"
-        if getattr(base, "is_loaded_in_8bit", False):
-            return "bnb_8bit"
-        for module in base.modules():
-            name = type(module).__module__
-            if name.startswith("torch.ao.nn.quantized") or name.startswith("torch.nn.quantized"):
-                return "dynamic_int8"
-        for p in base.parameters():
-            if type(p).__module__.startswith("torchao") or type(p.data).__module__.startswith("torchao"):
-                return "torchao"
-        return None
+    is_quantized = staticmethod(is_quantized)
+    quantization_type = staticmethod(quantization_type)
 
     @staticmethod
     def check_peft_compatible(model, method: str, device: str | None = None) -> None:
@@ -239,7 +220,6 @@ class QuantizationManager:
         dynamic quantization of Linear layers (CPU only); torchao_int8_weight_only: torchao, if installed."""
         import torch
 
-        from .type_utils import TypeUtils
         if method not in INFERENCE_METHODS:
             raise ConfigError(f"Unknown inference quantization '{method}'",
                               suggestions=[f"choose one of: {', '.join(INFERENCE_METHODS)}"])

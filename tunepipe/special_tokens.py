@@ -25,7 +25,7 @@ _RESIZED = "_tunepipe_resized_vocab"  # set on a model whose embeddings were res
 
 def check_special_tokens(named: Any, additional: Any) -> None:
     """The shape of the two settings (TokenizerSpec's validator): names from NAMED, non-empty token texts."""
-    from .specs import suggest
+    from .suggest import suggest
     for key, value in (named or {}).items():
         if key not in NAMED:
             raise ConfigError(f"Unknown special token name 'tokenizer.special_tokens.{key}'",

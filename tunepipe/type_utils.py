@@ -132,11 +132,10 @@ class TypeUtils:
     @staticmethod
     def convert(model, dtype, device: str | None = None):
         """Cast (and optionally move) a full-precision model, refusing pairs the device cannot run."""
-        from .quantization import QuantizationManager
         dtype = TypeUtils.dtype(dtype)
         device = device or next(model.parameters()).device.type
-        if QuantizationManager.is_quantized(model):
-            raise ConfigError(f"Cannot cast a quantized model ({QuantizationManager.quantization_type(model)}) "
+        if is_quantized(model):
+            raise ConfigError(f"Cannot cast a quantized model ({quantization_type(model)}) "
                               f"to {dtype}", suggestions=["reload the model in full precision, then convert"])
         ok, note = TypeUtils.device_supports(dtype, device)
         if not ok:
@@ -241,7 +240,7 @@ def _activation_bytes(config, b: int, s: int, checkpointing: bool, act_bytes: fl
 
 def _alternatives(model, specs, seq: int, est: MemoryEstimate, kw: dict[str, Any]) -> list[str]:
     """What would fit: the cheapest changes first, each with its estimate."""
-    from .peft_support import peft_enabled
+    from .peft_names import peft_enabled
     t, out = specs.training, []
     n = sum(parameter_count(p) for p in model.parameters())
     if not t.gradient_checkpointing:
@@ -264,3 +263,26 @@ def _alternatives(model, specs, seq: int, est: MemoryEstimate, kw: dict[str, Any
                 break
     out.append("a smaller data.max_length")
     return out
+
+
+def is_quantized(model) -> bool:
+    return quantization_type(model) is not None
+
+
+def quantization_type(model) -> str | None:
+    """'bnb_4bit_nf4' | 'bnb_4bit_fp4' | 'bnb_8bit' | 'dynamic_int8' | 'torchao' | None (also through PEFT)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_loaded_in_4bit", False):
+        qc = getattr(base.config, "quantization_config", None)
+        qt = qc.get("bnb_4bit_quant_type") if isinstance(qc, dict) else getattr(qc, "bnb_4bit_quant_type", None)
+        return f"bnb_4bit_{qt or 'nf4'}"
+    if getattr(base, "is_loaded_in_8bit", False):
+        return "bnb_8bit"
+    for module in base.modules():
+        name = type(module).__module__
+        if name.startswith("torch.ao.nn.quantized") or name.startswith("torch.nn.quantized"):
+            return "dynamic_int8"
+    for p in base.parameters():
+        if type(p).__module__.startswith("torchao") or type(p.data).__module__.startswith("torchao"):
+            return "torchao"
+    return None

@@ -2,13 +2,13 @@
 unknown keys answered with a "did you mean"."""
 from __future__ import annotations
 
-import difflib
 import functools
 import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..suggest import suggest
 from .schema import SECTIONS, MlflowSpec, PeftSpec, TrainingSpec
 
 # Flat keys of the original design -> (section, key). Values may need translating (see _apply_legacy).
@@ -34,11 +34,6 @@ TOP_LEVEL = set(SECTIONS) | {"task", "task_type", "output_dir", "overwrite_outpu
                              "use_lightning", "metrics"}
 # Keys a user may expect but this version does not have: a specific error instead of "unknown key".
 UNSUPPORTED_KEYS: dict[str, tuple[str, list[str]]] = {}
-
-
-def suggest(key: str, allowed: set[str] | list[str]) -> list[str]:
-    close = difflib.get_close_matches(key, sorted(allowed), n=3, cutoff=0.6)
-    return [f"did you mean '{c}'?" for c in close]
 
 
 @functools.lru_cache(maxsize=1)

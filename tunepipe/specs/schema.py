@@ -103,7 +103,7 @@ class DataSpec(_Section):
     @model_validator(mode="after")
     def _preprocess_reference(self) -> "DataSpec":
         if self.preprocess is not None:  # the form only: the code is imported by the run (extensions.py)
-            from ..extensions import check_reference
+            from .references import check_reference
             check_reference(self.preprocess, "data.preprocess")
         return self
 
@@ -337,7 +337,7 @@ class Specs(_Section):
     def _metric_references(cls, data: Any) -> Any:
         """``metrics: mod:fn`` (one string) or a list of them; the form only, nothing imported here."""
         if isinstance(data, dict) and data.get("metrics") is not None:
-            from ..extensions import check_reference
+            from .references import check_reference
             value = data["metrics"]
             items = [value] if isinstance(value, str) else value
             if not isinstance(items, list):

@@ -51,7 +51,7 @@ class Task:
         """``defaults`` (from default_specs) with each of ``capped_lengths`` lowered to the model's hard position
         limit: a default the model cannot read is not what the user asked for (limits.py). ``input_extra``:
         positions taken before the input (prompt tuning's virtual tokens)."""
-        from ..specs import SECTIONS
+        from ..specs.schema import SECTIONS
         for field, side, extra in cls.capped_lengths:
             extra += input_extra if side == "input" else 0
             section, key = field.split(".", 1)
