@@ -168,7 +168,8 @@ def main() -> None:
             result = throughput(args, work)
             (RESULTS / "backends_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
         if args.part in ("ddp", "all"):
-            result = ddp_f1(args, work)
+            result = {"command": "python benchmarks/backends_throughput.py " + " ".join(sys.argv[1:]),
+                      **ddp_f1(args, work)}
             (RESULTS / "backends_ddp_f1.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

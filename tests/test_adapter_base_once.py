@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 import torch
-from test_adapters import LABELS, REVIEWS, TEXTS, TINY, train_adapter
+from test_adapters import LABELS, REVIEWS, TEXTS, TINY, save_full_tagger, train_adapter
 from test_peft_portability import QUESTION, qa_data
 
 QUESTIONS = [QUESTION, {"question": "Who moved to Cork ?", "context": "Omar Haddad moved to Cork ."}]
@@ -119,15 +119,8 @@ def test_every_task_model_computes_with_the_same_backbone_storage(runs):
 def test_a_base_with_a_head_of_its_own_keeps_it_beside_adapters(runs, tmp_path):
     """A fine-tuned token classifier as the base: no adapter = that model exactly (its own head, from the one
     load), and a NER adapter of other labels beside it (two heads on one backbone)."""
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
     from tunepipe import InferencePipeLine
-    torch.manual_seed(7)
-    full = AutoModelForTokenClassification.from_pretrained(runs["base"], num_labels=len(LABELS),
-                                                           id2label=dict(enumerate(LABELS)))
-    full.config.tunepipe_task = "token_classification"
-    full.save_pretrained(tmp_path / "full")
-    AutoTokenizer.from_pretrained(runs["base"]).save_pretrained(tmp_path / "full")
+    save_full_tagger(runs["base"], LABELS, tmp_path / "full", seed=7)
     alone = InferencePipeLine(checkpoint=tmp_path / "full").predict(TEXTS)
     with counting_loads(tmp_path / "full") as counts, pytest.warns(UserWarning, match="trained on"):
         ip = InferencePipeLine(checkpoint=tmp_path / "full", adapter_config={"ner": runs["dirs"]["ner"]})

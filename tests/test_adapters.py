@@ -119,20 +119,25 @@ def test_lru_eviction_and_reload_are_exact(runs):
     assert "a, b" in e.value.suggestions[0]
 
 
+def save_full_tagger(base, labels, target, seed: int):
+    """A fine-tuned-looking token classifier (a random head of ``labels``) saved with its tokenizer: a full model
+    to use as the base under adapters."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    torch.manual_seed(seed)
+    full = AutoModelForTokenClassification.from_pretrained(base, num_labels=len(labels),
+                                                           id2label=dict(enumerate(labels)))
+    full.config.tunepipe_task = "token_classification"
+    full.save_pretrained(target)
+    AutoTokenizer.from_pretrained(base).save_pretrained(target)
+    return target
+
+
 def test_base_model_runs_with_adapters_disabled(runs, tmp_path):
     """A fine-tuned full model as the base: no adapter = that model exactly; an adapter in between changes
     nothing about it."""
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
     from tunepipe import InferencePipeLine
-    labels = runs["pipes"]["a"].task.labels
-    torch.manual_seed(5)
-    full = AutoModelForTokenClassification.from_pretrained(runs["base"], num_labels=len(labels),
-                                                           id2label=dict(enumerate(labels)))
-    full.config.tunepipe_task = "token_classification"
-    full.save_pretrained(tmp_path / "full")
-    AutoTokenizer.from_pretrained(runs["base"]).save_pretrained(tmp_path / "full")
-    alone = InferencePipeLine(checkpoint=tmp_path / "full").predict(TEXTS)
+    alone = InferencePipeLine(checkpoint=save_full_tagger(runs["base"], runs["pipes"]["a"].task.labels,
+                                                          tmp_path / "full", seed=5)).predict(TEXTS)
 
     with pytest.warns(UserWarning, match="trained on"):
         ip = InferencePipeLine(checkpoint=tmp_path / "full", adapter_config={"a": runs["dirs"]["a"]})

@@ -11,6 +11,7 @@ import pytest
 from tunepipe.errors import ConfigError, ValidationError
 from tunepipe.pipeline import FineTunePipeLine
 
+from test_distributed import PROBE
 from test_resume import BACKENDS, _check_exact_resume, _run_child, forkserver, ner_specs  # noqa: F401
 
 STREAM_PLAN = {"batches": 12, "epochs": 2, "save_steps": 5}  # 96 records / 8 = 12 batches per pass, 2 passes
@@ -121,26 +122,6 @@ def test_what_a_stream_cannot_do_is_said_before_reading(tiny_specs, ner_data, da
     assert e.value.field == field and e.value.suggestions
 
 
-PROBE = r'''
-import json, os, sys
-from pathlib import Path
-import yaml
-from tunepipe.pipeline import FineTunePipeLine
-
-pipe = FineTunePipeLine(yaml.safe_load(Path(sys.argv[1]).read_text()))
-pipe.setup()
-seen = []
-def hook(module, args, kwargs):
-    if module.training and "labels" in kwargs:
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        seen.extend(row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu()))
-pipe.model.register_forward_pre_hook(hook, with_kwargs=True)
-pipe.train()
-rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
-Path(sys.argv[2], f"seen-{rank}.json").write_text(json.dumps(seen))
-'''
-
-
 @pytest.mark.parametrize("backend, launcher", [("hf", "torchrun"), ("accelerate", "torchrun"),
                                                ("lightning", "python"), ("lightning+accelerate", "python")])
 def test_two_processes_see_disjoint_parts_of_the_stream(tiny_specs, ner_data, tmp_path, backend, launcher):
@@ -169,7 +150,7 @@ def test_two_processes_see_disjoint_parts_of_the_stream(tiny_specs, ner_data, tm
     proc = subprocess.run(command + [str(tmp_path / "probe.py"), str(tmp_path / "specs.yaml"), str(out)], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    seen = [json.loads((out / f"seen-{r}.json").read_text()) for r in (0, 1)]
+    seen = [[row for batch in json.loads((out / f"seen-{r}.json").read_text()) for row in batch] for r in (0, 1)]
     tok = AutoTokenizer.from_pretrained(specs["tokenizer"]["name_or_path"])
     train = [json.loads(line) for line in unique]
     index = {tuple(tok(r["tokens"], is_split_into_words=True)["input_ids"]): i for i, r in enumerate(train)}
