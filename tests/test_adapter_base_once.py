@@ -7,8 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-import torch
-from test_adapters import LABELS, REVIEWS, TEXTS, TINY, save_full_tagger, train_adapter
+from test_adapters import LABELS, REVIEWS, TEXTS, save_full_tagger, save_headless_base, train_adapter
 from test_peft_portability import QUESTION, qa_data
 
 QUESTIONS = [QUESTION, {"question": "Who moved to Cork ?", "context": "Omar Haddad moved to Cork ."}]
@@ -20,15 +19,9 @@ TASKS = {"ner": "token_classification", "cls": "text_classification", "qa": "que
 def runs(tmp_path_factory, tokenizer_dir, ner_data, cls_data):
     """A headless base (BertModel + tokenizer) and three LoRA runs on it, one per task; what each predicts loaded
     alone (InferencePipeLine on the run: the base and the adapter from disk, nothing shared)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     from tunepipe import InferencePipeLine
     root = tmp_path_factory.mktemp("base-once")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY)).save_pretrained(
-        root / "base")
-    tokenizer.save_pretrained(root / "base")
+    save_headless_base(tokenizer_dir, root / "base")
     data = {"ner": {"train": ner_data["train"], "labels": LABELS}, "cls": {"train": cls_data["train"]},
             "qa": {"train": qa_data(root)["train"]}}
     dirs = {}

@@ -30,18 +30,22 @@ def train_adapter(out, base, task, data, seed):
     return pipe
 
 
+def save_headless_base(tokenizer_dir, target):
+    """A tiny BertModel without a head (seed 0) and its tokenizer: the base adapters are trained on."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY)).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer_dir, ner_data, cls_data):
     """A headless base (BertModel + tokenizer), NER adapters 'a' and 'b' on different data, classifier 'c'."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     from tunepipe.demo import make_demo_ner
     root = tmp_path_factory.mktemp("adapters")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY)).save_pretrained(
-        root / "base")
-    tokenizer.save_pretrained(root / "base")
+    save_headless_base(tokenizer_dir, root / "base")
     other = make_demo_ner(root / "other-ner", n_train=96, n_validation=4, seed=99)
     rows = [json.loads(line) for line in open(other["train"])]
     for r in rows:  # different data: here every word outside a name is MISC
