@@ -10,7 +10,7 @@ import json, os, random, sys, time
 sys.path.insert(0, os.getcwd())
 import torch
 from transformers import BertConfig, BertForTokenClassification, Trainer, TrainerCallback, TrainingArguments
-from tunepipe.monitor import ResourceMonitor, format_summary
+from tunepipe.tracking.monitor import ResourceMonitor, format_summary
 
 OUT = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 rng = random.Random(0)

@@ -68,7 +68,7 @@ def run_variant(name: str, args, out_dir: Path) -> dict:
     import torch
     torch.set_num_threads(args.threads)
     from tunepipe import FineTunePipeLine
-    from tunepipe.peft_support import trainable_parameters
+    from tunepipe.modeling.peft_support import trainable_parameters
 
     cfg = VARIANTS[name]
     val = read_jsonl(DATA / "validation.jsonl", args.max_validation)
@@ -134,9 +134,9 @@ def peft_round_trips(pipe, again, words, expected, args) -> dict:
     import transformers
     from peft import PeftModel
 
-    from tunepipe.merge import merge_and_unload
-    from tunepipe.peft_support import load_adapter, read_adapter_info, resolve_base
-    from tunepipe.quantization import QuantizationManager
+    from tunepipe.serving.merge import merge_and_unload
+    from tunepipe.modeling.peft_support import load_adapter, read_adapter_info, resolve_base
+    from tunepipe.modeling.quantization import QuantizationManager
     adapter = pipe.output_dir / "adapter"
     info = read_adapter_info(adapter)
     kwargs = {**info["model_kwargs"], "id2label": {int(k): v for k, v in info["model_kwargs"]["id2label"].items()}}
@@ -177,9 +177,9 @@ def inference_quantization(pipe, val, args) -> dict:
     """Post-training quantization of the fully fine-tuned model for inference: speed, size, agreement, F1."""
     import torch
 
-    from tunepipe.quantization import QuantizationManager, serialized_size
+    from tunepipe.modeling.quantization import QuantizationManager, serialized_size
     from tunepipe.tasks.token_classification import entity_metrics
-    from tunepipe.type_utils import TypeUtils
+    from tunepipe.modeling.type_utils import TypeUtils
     words = [r["tokens"] for r in val]
     gold = [r["ner_tags"] for r in val]
     with TypeUtils.plain_forward(pipe.model):

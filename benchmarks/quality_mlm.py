@@ -208,7 +208,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="quality-mlm-") as tmp:
         out = Path(tmp)
-        from tunepipe.models import bundled_model_dir
+        from tunepipe.modeling.models import bundled_model_dir
         minilm = str(bundled_model_dir())
         tp, tp_pipe = tunepipe_run("pretrained", "minilm", None, args.lr_pretrained, len(train_texts), args, out)
         plain, plain_model = plain_run_mlm("pretrained", minilm, None, minilm, args.lr_pretrained, train_texts,

@@ -276,7 +276,7 @@ def main():
     args = ap.parse_args()
     if args.combine:
         return combine()
-    from tunepipe.models import bundled_model_dir
+    from tunepipe.modeling.models import bundled_model_dir
     from tunepipe.tasks.question_answering import QuestionAnsweringTask
     defaults = QuestionAnsweringTask.defaults["training"]
     args.batch_size = args.batch_size or defaults["per_device_train_batch_size"]

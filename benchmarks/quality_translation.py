@@ -53,7 +53,7 @@ def bert2bert(seed: int):
     import transformers
     from transformers import AutoTokenizer, EncoderDecoderModel, set_seed
 
-    from tunepipe.models import bundled_model_dir
+    from tunepipe.modeling.models import bundled_model_dir
     path = str(bundled_model_dir())
     set_seed(seed)
     tok = AutoTokenizer.from_pretrained(path)

@@ -162,7 +162,7 @@ def main():
                     "task, data size, epochs, learning rate, batch size and seeds (the plain recipe does not change "
                     "with tunepipe; it is deterministic per seed)")
     args = ap.parse_args()
-    from tunepipe.models import bundled_model_dir
+    from tunepipe.modeling.models import bundled_model_dir
     model_dir = str(bundled_model_dir())
     if args.task == "ner":
         folder, metric, plain, task = DATA / "conll2003", "f1", plain_ner, "token_classification"

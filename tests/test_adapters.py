@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import close_to
-from tunepipe.adapters import AdapterNotFoundError, AdapterSwitchError, MultiAdapterManager
+from tunepipe.serving.adapters import AdapterNotFoundError, AdapterSwitchError, MultiAdapterManager
 from tunepipe.errors import ConfigError, ModelNotFoundError
 
 TEXTS = ["Greta Varga moved to Lisbon .", "Shares of Alder Foods rose after Omar spoke in Cork .", "Hi"]

@@ -181,7 +181,7 @@ def test_equivalence_at_default_settings_seq2seq_with_warmup(mt_files, tmp_path,
 def test_same_outputs_and_metric_names(tiny_specs, ner_data, tmp_path):
     import torch
 
-    from tunepipe.monitor import STEP_FIELDS
+    from tunepipe.tracking.monitor import STEP_FIELDS
     from tunepipe.trainers.settings import TrainResult
     layouts, log_keys, metric_keys = {}, {}, {}
     for backend in BACKENDS:

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from tunepipe.checkpoints import DamagedCheckpoint
+from tunepipe.trainers.checkpoints import DamagedCheckpoint
 from tunepipe.errors import (CheckpointError, ConfigError, CudaError, DatasetLoadError, DependencyError,
                              ModelError, ModelNotFoundError, TaskTypeError, TunepipeIOError, ValidationError)
 
@@ -117,8 +117,8 @@ def _no_bitsandbytes(mp):
 
 
 def _mps_device(mp):
-    import tunepipe.quantization
-    mp.setattr(tunepipe.quantization, "training_device", lambda specs=None: "mps")
+    import tunepipe.modeling.quantization
+    mp.setattr(tunepipe.modeling.quantization, "training_device", lambda specs=None: "mps")
 
 
 def _no_cuda(mp):

@@ -79,7 +79,7 @@ def test_report_matches_a_real_run(tmp_path, tiny_specs, ner_long, tokenizer_dir
     assert report.memory["total"] > 0 and report.memory["device"] == "cpu"
 
     from tunepipe import FineTunePipeLine
-    from tunepipe.peft_support import trainable_parameters
+    from tunepipe.modeling.peft_support import trainable_parameters
     pipe = FineTunePipeLine(specs)
     pipe.setup()
     assert trainable_parameters(pipe.model) == (report.parameters["trainable"], report.parameters["total"])
@@ -98,7 +98,7 @@ def test_lora_parameters_match_the_loaded_model(tmp_path, tiny_specs, cls_data, 
     assert report.splits["train"]["labels"] == dict(labels)
 
     from tunepipe import FineTunePipeLine
-    from tunepipe.peft_support import is_peft_model, trainable_parameters
+    from tunepipe.modeling.peft_support import is_peft_model, trainable_parameters
     pipe = FineTunePipeLine(specs)
     pipe.setup()
     assert is_peft_model(pipe.model)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tunepipe.checkpoints import (MANIFEST, CheckpointManager, capture_rng_state, restore_rng_state, safe_load,
+from tunepipe.trainers.checkpoints import (MANIFEST, CheckpointManager, capture_rng_state, restore_rng_state, safe_load,
                                   training_relevant_specs)
 from tunepipe.errors import CheckpointError
 from tunepipe.pipeline import FineTunePipeLine

@@ -26,7 +26,7 @@ def test_guard_passes_tunepipe_errors_through():
 
 
 def test_missing_model_path_and_unreachable_hub_id(tmp_path):
-    from tunepipe.models import ModelModules, resolve_model_path
+    from tunepipe.modeling.models import ModelModules, resolve_model_path
     from tunepipe.specs import load_specs
     from tunepipe.tasks import get_task
     with pytest.raises(ModelNotFoundError) as e:

@@ -140,7 +140,7 @@ def test_the_decoder_only_example_decodes_greedily(monkeypatch):
 @pytest.mark.parametrize("path", EXAMPLES, ids=_example_ids())
 def test_example_trains_two_steps(path, tmp_path, monkeypatch, tiny_bert_dir, one_torch_thread):
     from tunepipe import FineTunePipeLine
-    from tunepipe.peft_support import peft_enabled
+    from tunepipe.modeling.peft_support import peft_enabled
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # the MLflow example: its default store inside output_dir
     overrides = [f"output_dir={tmp_path / 'run'}", *FAST, *tiny_overrides(load_specs(path), tiny_bert_dir)]
@@ -242,7 +242,7 @@ def test_predict_help_lists_what_each_task_accepts(capsys):
     import inspect
 
     from tunepipe.errors import ConfigError
-    from tunepipe.model_loading import check_predict_kwargs
+    from tunepipe.serving.model_loading import check_predict_kwargs
     from tunepipe.specs import load_specs as load
     from tunepipe.tasks.token_classification import AGGREGATION_STRATEGIES
     text = _predict_help(capsys)
@@ -296,7 +296,7 @@ def test_readme_serving_example_is_what_the_server_answers(tmp_path, tiny_specs,
     from fastapi.testclient import TestClient
 
     from tunepipe import FineTunePipeLine, InferencePipeLine
-    from tunepipe.serve import create_app
+    from tunepipe.serving.serve import create_app
     part = (ROOT / "README.md").read_text(encoding="utf-8").split("## Inference and serving")[1].split("\n## ")[0]
     match = re.search(r"```bash\n((?:(?!```).)*)```\n```json\n((?:(?!```).)*)```", part, re.DOTALL)
     assert match, "README's serving part has no curl request followed by its JSON answer"

@@ -304,7 +304,7 @@ def test_predict_serve_and_merge_do_not_import_a_runs_functions(plugin, tiny_spe
     from fastapi.testclient import TestClient
 
     from tunepipe import FineTunePipeLine, InferencePipeLine
-    from tunepipe.serve import create_app
+    from tunepipe.serving.serve import create_app
     pipe = FineTunePipeLine(tiny_specs("text_classification", cls_data, peft={"method": "lora", "r": 2},
                                        training={"max_steps": 2, "eval_strategy": "no"}))
     pipe.run()

@@ -204,7 +204,7 @@ def ner_run(tmp_path_factory, tokenizer_dir, ner_data):
 
 
 def test_bf16_and_int8(ner_run):
-    from tunepipe.quantization import QuantizationManager
+    from tunepipe.modeling.quantization import QuantizationManager
     expected = ner_run.predict(TEXTS)
     bf16 = inference(None, ner_run.output_dir, dtype="bfloat16")
     assert next(bf16.model.parameters()).dtype == torch.bfloat16

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tunepipe import FineTunePipeLine
-from tunepipe.monitor import STEP_FIELDS, ResourceMonitor, format_summary, place_before_log_writer
+from tunepipe.tracking.monitor import STEP_FIELDS, ResourceMonitor, format_summary, place_before_log_writer
 
 CPU_FIELDS = [f for f in STEP_FIELDS if not f.startswith("gpu")]
 GPU_FIELDS = ["gpu_mem_mb", "gpu_mem_peak_mb"]  # gpu_util also needs pynvml

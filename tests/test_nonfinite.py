@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from tunepipe.checkpoints import CheckpointManager
+from tunepipe.trainers.checkpoints import CheckpointManager
 from tunepipe.cli import main
 from tunepipe.errors import NonFiniteLossError
 from tunepipe.pipeline import FineTunePipeLine

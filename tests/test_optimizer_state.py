@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tunepipe.checkpoints import CheckpointManager
+from tunepipe.trainers.checkpoints import CheckpointManager
 from tunepipe.errors import CheckpointError
 from tunepipe.pipeline import FineTunePipeLine
 from tunepipe.specs import load_specs

@@ -44,7 +44,7 @@ def plain_peft_logits(pipe, auto_cls_name, texts, pair_words: bool):
 def in_memory_logits(pipe, enc):
     import torch
 
-    from tunepipe.type_utils import TypeUtils
+    from tunepipe.modeling.type_utils import TypeUtils
     pipe.model.eval()
     with torch.no_grad(), TypeUtils.plain_forward(pipe.model):
         return pipe.model(**{k: v.to(pipe.model.device) for k, v in enc.items()}).logits.float().cpu()
@@ -88,7 +88,7 @@ def test_text_classification_methods_train_save_reload(tiny_specs, cls_data, met
 def test_adapter_holds_only_adapter_and_head_weights(tiny_specs, ner_data):
     from safetensors import safe_open
 
-    from tunepipe.peft_support import trainable_parameters
+    from tunepipe.modeling.peft_support import trainable_parameters
     pipe, _ = train_run(tiny_specs, "token_classification", ner_data, peft={"method": "lora", "r": 2})
     path = pipe.output_dir / "adapter" / "adapter_model.safetensors"
     with safe_open(str(path), "pt") as f:
@@ -129,7 +129,7 @@ def test_merged_export_matches_adapter_and_loads_with_plain_transformers(tiny_sp
     from transformers import AutoModelForTokenClassification
 
     from tunepipe.cli import main
-    from tunepipe.peft_support import load_adapter
+    from tunepipe.modeling.peft_support import load_adapter
     pipe, _ = train_run(tiny_specs, "token_classification", ner_data, peft={"method": "lora", "r": 4},
                         training={"learning_rate": 5e-2})
     assert main(["merge", str(pipe.output_dir)]) == 0
@@ -146,7 +146,7 @@ def test_merged_export_matches_adapter_and_loads_with_plain_transformers(tiny_sp
 
 
 def test_prompt_adapter_cannot_be_merged(tiny_specs, cls_data, tmp_path):
-    from tunepipe.merge import merge_and_unload
+    from tunepipe.serving.merge import merge_and_unload
     pipe, _ = train_run(tiny_specs, "text_classification", cls_data, peft={"method": "prompt_tuning",
                                                                            "num_virtual_tokens": 4})
     with pytest.raises(ConfigError) as e:
@@ -203,7 +203,7 @@ def test_prefix_tuning_on_a_causal_lm_saves_and_reloads(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from tunepipe.peft_support import finish_model, load_adapter, save_adapter
+    from tunepipe.modeling.peft_support import finish_model, load_adapter, save_adapter
     from tunepipe.specs import load_specs
 
     class CausalTask:  # the pieces of a Task that PEFT uses
@@ -236,7 +236,7 @@ def test_an_adapter_folder_cannot_switch_on_remote_code(tiny_specs, ner_data, mo
     """trust_remote_code comes from the caller, never from the adapter's own info file."""
     import transformers
 
-    from tunepipe.peft_support import load_adapter
+    from tunepipe.modeling.peft_support import load_adapter
     pipe, _ = train_run(tiny_specs, "token_classification", ner_data, peft={"method": "lora", "r": 2})
     adapter = pipe.output_dir / "adapter"
     info_file = adapter / "tunepipe_adapter.json"

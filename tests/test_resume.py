@@ -216,7 +216,7 @@ def test_exact_resume_lora_adapter(forkserver, tiny_specs, ner_data, tmp_path, b
 # ---- SIGTERM: finish the step, save, stop cleanly; then resume ---------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigterm_saves_and_stops_then_resumes(forkserver, tiny_specs, ner_data, tmp_path, backend):
-    from tunepipe.checkpoints import CheckpointManager
+    from tunepipe.trainers.checkpoints import CheckpointManager
     specs = ner_specs(tiny_specs, ner_data, backend, tmp_path / "run")
     specs["training"].update(save_strategy="no")  # the checkpoint comes from the signal alone
     proc, queue = _run_child(forkserver, specs, 0, mode="term")

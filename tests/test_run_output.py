@@ -69,7 +69,7 @@ def test_every_backend_writes_the_curves(backend, tiny_specs, ner_data, one_torc
 
 
 def test_curves_skip_broken_lines_and_non_finite_values_and_stay_small(tmp_path):
-    from tunepipe.plots import MAX_POINTS, write_training_curves
+    from tunepipe.tracking.plots import MAX_POINTS, write_training_curves
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 30_001)]
     lines += [json.dumps({"step": 30_001, "loss": float("nan")}), '{"step": 30002, "lo']  # NaN, a cut line
     (tmp_path / "train_log.jsonl").write_text("\n".join(lines) + "\n")
@@ -148,7 +148,7 @@ def test_cli_run_is_quiet_prints_a_table_and_says_where_the_run_is(tmp_path, ner
 def test_final_line_names_the_mlflow_ui_command(tmp_path):
     from tunepipe.console import run_summary
     from tunepipe.specs import load_specs
-    from tunepipe.tracking import MlflowTracker
+    from tunepipe.tracking.mlflow_run import MlflowTracker
     specs = load_specs({"task": "ner", "model": "m", "output_dir": str(tmp_path), "data": {"train": "x"},
                         "tracking": {"mlflow": {}}})
     tracker = MlflowTracker(specs.tracking.mlflow, specs, tmp_path)
@@ -243,7 +243,7 @@ def test_tensorboard_gets_every_logged_loss_in_the_run_directory(backend, tiny_s
 def test_report_to_is_checked_before_anything_runs(tiny_specs, ner_data, monkeypatch):
     import importlib.util
 
-    from tunepipe import reporting
+    from tunepipe.tracking import reporting
     from tunepipe.errors import ConfigError, DependencyError
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(reporting.importlib.util, "find_spec",
@@ -279,7 +279,7 @@ def test_generation_bar_moves_per_batch_and_per_decoding_step(capsys):
     import torch
     from transformers import TrainerControl, TrainerState
 
-    from tunepipe.progress import GenerationProgress
+    from tunepipe.tracking.progress import GenerationProgress
     progress = GenerationProgress(max_new_tokens=8, eval_batch_size=4)
     model = torch.nn.Linear(2, 2).eval()
     progress.watch(model)

@@ -341,7 +341,7 @@ def test_default_lengths_follow_the_models_positions():
 def test_position_limits_of_architectures():
     from transformers import AutoConfig
 
-    from tunepipe.limits import config_limit, side_limits
+    from tunepipe.modeling.limits import config_limit, side_limits
 
     def limit(model_type, **kw):
         found = config_limit(AutoConfig.for_model(model_type, **kw))

@@ -22,8 +22,8 @@ def build_adapter(directory, task_name, labels, seed, inputs):
     import transformers
     from peft import get_peft_model
 
-    from tunepipe.models import bundled_model_dir
-    from tunepipe.peft_support import build_peft_config, save_adapter
+    from tunepipe.modeling.models import bundled_model_dir
+    from tunepipe.modeling.peft_support import build_peft_config, save_adapter
     from tunepipe.specs import load_specs
     from tunepipe.tasks import get_task
     specs = load_specs({"task": task_name, "model": "minilm", "output_dir": str(directory),
@@ -62,7 +62,7 @@ def server(adapters):
     import uvicorn
 
     from tunepipe import InferencePipeLine
-    from tunepipe.serve import Limits, create_app, uvicorn_config
+    from tunepipe.serving.serve import Limits, create_app, uvicorn_config
     pipeline = InferencePipeLine(checkpoint="minilm", adapter_config=adapters["dirs"])
     limits = Limits(max_batch=8, max_input_chars=200, max_body_bytes=4000)
     root = os.path.dirname(adapters["dirs"]["ner"])
@@ -192,11 +192,11 @@ def test_malformed_oversized_and_adapter_mistakes(server, adapters, tmp_path):
 
 
 def test_cli_serve_binds_localhost_by_default(monkeypatch, adapters, capsys):
-    import tunepipe.serve
+    import tunepipe.serving.serve
     from tunepipe.cli import main
     seen = {}
     monkeypatch.delenv("TUNEPIPE_API_KEY", raising=False)
-    monkeypatch.setattr(tunepipe.serve, "serve", lambda pipeline, host, port, limits, **kw: seen.update(
+    monkeypatch.setattr(tunepipe.serving.serve, "serve", lambda pipeline, host, port, limits, **kw: seen.update(
         host=host, port=port, limits=limits, adapters=pipeline.adapters.list_adapters(), **kw))
     assert main(["serve", "--model", "minilm", "--adapter", f"sst={adapters['dirs']['sst']}", "--max-batch", "4"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000 and seen["limits"].max_batch == 4
@@ -206,10 +206,10 @@ def test_cli_serve_binds_localhost_by_default(monkeypatch, adapters, capsys):
 
 
 def test_cli_serve_takes_the_key_from_the_environment(monkeypatch, adapters, tmp_path, capsys):
-    import tunepipe.serve
+    import tunepipe.serving.serve
     from tunepipe.cli import main
     seen = {}
-    monkeypatch.setattr(tunepipe.serve, "serve", lambda pipeline, host, port, limits, **kw: seen.update(
+    monkeypatch.setattr(tunepipe.serving.serve, "serve", lambda pipeline, host, port, limits, **kw: seen.update(
         host=host, limits=limits, **kw))
     monkeypatch.setenv("TUNEPIPE_API_KEY", "k" * 32)
     root = os.path.dirname(adapters["dirs"]["sst"])

@@ -52,7 +52,7 @@ def test_settings_are_checked_and_reload_from_specs_yaml(tmp_path):
 
 
 def test_named_special_tokens_are_set_and_added(tiny_specs, ner_data, tokenizer_dir):
-    from tunepipe.models import TokenizerModules
+    from tunepipe.modeling.models import TokenizerModules
     plain = TokenizerModules(load_specs(tiny_specs("token_classification", ner_data))).load()
     specs = load_specs(tiny_specs("token_classification", ner_data,
                                   tokenizer={"special_tokens": {"pad_token": "<pad>", "bos_token": "<s>"},

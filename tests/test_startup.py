@@ -30,10 +30,11 @@ def fresh(code: str, heavy=NOT_FOR_PREDICT + ("torch", "transformers")) -> dict:
 def test_modules_of_the_predict_path_import_nothing_heavy():
     """Importing the CLI and every module predict runs through loads neither torch nor anything predict never
     uses: each command imports what it needs, when it needs it."""
-    got = fresh("import tunepipe.cli, tunepipe.console, tunepipe.errors, tunepipe.inference, tunepipe.adapters, "
-                "tunepipe.model_loading, tunepipe.shared_base, tunepipe.models, tunepipe.load_policy, "
-                "tunepipe.peft_support, tunepipe.quantization, tunepipe.type_utils, tunepipe.limits, tunepipe.data, "
-                "tunepipe.specs, tunepipe.tasks, tunepipe.ownership\n"
+    got = fresh("import tunepipe.cli, tunepipe.console, tunepipe.errors, tunepipe.serving.inference, "
+                "tunepipe.serving.adapters, tunepipe.serving.model_loading, tunepipe.serving.shared_base, "
+                "tunepipe.modeling.models, tunepipe.serving.load_policy, tunepipe.modeling.peft_support, "
+                "tunepipe.modeling.quantization, tunepipe.modeling.type_utils, tunepipe.modeling.limits, "
+                "tunepipe.data, tunepipe.specs, tunepipe.tasks, tunepipe.ownership\n"
                 "from tunepipe.tasks import get_task, task_names\n"
                 "[get_task(name) for name in task_names()]")
     assert got["heavy"] == []
@@ -96,7 +97,7 @@ def test_specs_of_the_run_need_no_trainer(ner_run):
     """Binding the run's task to its specs.yaml (what predict does) imports no trainer, peft or datasets."""
     specs = yaml.safe_load((ner_run / "specs.yaml").read_text())
     assert specs["task"] == "token_classification"
-    got = fresh("import sys\nfrom tunepipe.model_loading import make_task, resolve_checkpoint, task_of_checkpoint\n"
+    got = fresh("import sys\nfrom tunepipe.serving.model_loading import make_task, resolve_checkpoint, task_of_checkpoint\n"
                 f"ck = resolve_checkpoint({str(ner_run)!r})\n"
                 "result['task'] = make_task(task_of_checkpoint(ck), ck.run_dir, ck.path).name\n"
                 "result['trainers'] = sorted(m for m in sys.modules if m.startswith('tunepipe.trainers'))",

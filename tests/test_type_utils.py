@@ -5,7 +5,7 @@ import warnings
 import pytest
 
 from tunepipe.errors import ConfigError
-from tunepipe.type_utils import GB, TypeUtils
+from tunepipe.modeling.type_utils import GB, TypeUtils
 
 
 def tiny_model(**overrides):
@@ -37,7 +37,7 @@ def test_parameter_report_counts_by_dtype_device_and_trainable():
 def test_4bit_weights_count_as_the_parameters_they_hold(tmp_path):
     from transformers import AutoModelForTokenClassification
 
-    from tunepipe.quantization import QuantizationManager
+    from tunepipe.modeling.quantization import QuantizationManager
     model = tiny_model()
     model.save_pretrained(tmp_path)
     q = QuantizationManager(bits=4, peft_method="lora").load(AutoModelForTokenClassification, str(tmp_path))
@@ -50,7 +50,7 @@ def test_4bit_weights_count_as_the_parameters_they_hold(tmp_path):
 def test_convert_checks_the_device():
     import torch
 
-    from tunepipe.quantization import QuantizationManager
+    from tunepipe.modeling.quantization import QuantizationManager
     assert TypeUtils.device_supports("fp32", "cpu") == (True, None)
     assert TypeUtils.device_supports("bf16", "cpu")[0] is True
     assert TypeUtils.device_supports("fp16", "cpu")[0] is False
@@ -115,7 +115,7 @@ def test_pipeline_warns_before_an_oom_with_what_would_fit(tiny_specs, ner_data, 
 
 def test_batch_size_suggestion_is_one_that_fits():
     from tunepipe.specs import load_specs
-    from tunepipe.type_utils import _alternatives
+    from tunepipe.modeling.type_utils import _alternatives
     model = tiny_model(max_position_embeddings=512)
     specs = load_specs({"task": "ner", "model": "m", "data": {"train": "x", "max_length": 512},
                         "training": {"per_device_train_batch_size": 64}})

@@ -158,7 +158,7 @@ def test_server_adapter_route_runs_no_code_from_the_folder(crafted, tmp_path, on
     from fastapi.testclient import TestClient
 
     from tunepipe import InferencePipeLine
-    from tunepipe.serve import create_app
+    from tunepipe.serving.serve import create_app
     clean = crafted["root"] / "clean-adapter"  # a plain peft adapter on the same base: the server starts with it
     if not clean.exists():
         shutil.copytree(crafted["run"] / "adapter", clean,
@@ -186,7 +186,7 @@ def test_a_relative_base_that_climbs_out_is_not_followed(crafted, tmp_path):
     recorded base_model (absent here: a typed error, nothing loaded)."""
     import shutil
 
-    from tunepipe.peft_support import read_adapter_info, resolve_base
+    from tunepipe.modeling.peft_support import read_adapter_info, resolve_base
     adapter = tmp_path / "adapter"
     shutil.copytree(crafted["run"] / "adapter", adapter)
     record = json.loads((adapter / "tunepipe_adapter.json").read_text())
@@ -199,7 +199,7 @@ def test_a_relative_base_that_climbs_out_is_not_followed(crafted, tmp_path):
 
 
 def test_the_record_keeps_only_the_head_description(crafted):
-    from tunepipe.peft_support import read_adapter_info
+    from tunepipe.modeling.peft_support import read_adapter_info
     info = read_adapter_info(crafted["run"] / "adapter")
     assert set(info["model_kwargs"]) == {"num_labels", "id2label", "label2id"}
     assert "trust_remote_code" not in info
@@ -221,7 +221,7 @@ def test_a_pickled_adapter_from_elsewhere_is_not_unpickled(crafted, tmp_path):
 def test_an_adapter_config_naming_a_module_to_import_is_refused(crafted, tmp_path):
     import shutil
 
-    from tunepipe.peft_support import read_adapter_info
+    from tunepipe.modeling.peft_support import read_adapter_info
     adapter = tmp_path / "adapter"
     shutil.copytree(crafted["run"] / "adapter", adapter)
     cfg = json.loads((adapter / "adapter_config.json").read_text())

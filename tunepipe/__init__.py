@@ -12,15 +12,16 @@ _EXPORTS = {
     "FineTunePipeLine": "pipeline",
     "Specs": "specs", "load_specs": "specs",
     "DatasetModules": "data",
-    "ModelModules": "models", "TokenizerModules": "models",
+    "ModelModules": "modeling.models", "TokenizerModules": "modeling.models",
     "NLPTrainer": "trainers.hf", "NLPSeq2SeqTrainer": "trainers.hf",
     "AcceleratedNLPTrainer": "trainers.accelerated", "AcceleratedNLPSeq2SeqTrainer": "trainers.accelerated",
     "NLPTrainerWithLightning": "trainers.lightning", "NLPSeq2SeqTrainerWithLightning": "trainers.lightning",
     "ErrorHandler": "errors", "TunepipeError": "errors",
     "get_task": "tasks",
-    "QuantizationManager": "quantization", "TypeUtils": "type_utils", "merge_and_unload": "merge",
-    "InferencePipeLine": "inference", "MultiAdapterManager": "adapters",
-    "CheckpointManager": "checkpoints",
+    "QuantizationManager": "modeling.quantization", "TypeUtils": "modeling.type_utils",
+    "merge_and_unload": "serving.merge",
+    "InferencePipeLine": "serving.inference", "MultiAdapterManager": "serving.adapters",
+    "CheckpointManager": "trainers.checkpoints",
 }
 __all__ = sorted(_EXPORTS)
 

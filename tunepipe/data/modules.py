@@ -272,7 +272,7 @@ class DatasetModules:
                     entry.mkdir(exist_ok=True)
                     build(entry)
             prepared[split] = datasets.Dataset.from_file(str(entry / "data.arrow"))
-            from ..limits import check_sequences
+            from ..modeling.limits import check_sequences
             check_sequences(self.task, prepared[split], split, records.origins)  # within the model's positions
             if split != "train":
                 self.task.bind_eval_data(split, records.rows, prepared[split])

@@ -86,7 +86,7 @@ def load_specs(source: "Specs | dict[str, Any] | str | Path", overrides: list[st
     _refuse_non_finite(merged)  # before pydantic, whose message for NaN would be "greater than or equal to 0"
     specs = _validate(merged)  # a bad value is reported before the model's config is read (transformers: seconds)
     if task.capped_lengths:  # a default length the model cannot read is lowered to its limit (limits.py)
-        from ..limits import limits_for_model_section, virtual_tokens
+        from ..modeling.limits import limits_for_model_section, virtual_tokens
         limits = limits_for_model_section(d.get("model"))
         fitted = task.fit_default_lengths(copy.deepcopy(defaults), limits, virtual_tokens(d.get("peft"))) \
             if limits else defaults

@@ -41,7 +41,7 @@ class TokenizerSpec(_Section):
 
     @model_validator(mode="after")
     def _special_tokens(self) -> "TokenizerSpec":
-        from ..special_tokens import check_special_tokens
+        from ..modeling.special_tokens import check_special_tokens
         check_special_tokens(self.special_tokens, self.additional_special_tokens)
         return self
 
@@ -253,7 +253,7 @@ class PeftSpec(_Section):
         canonical section, its typos and contradictions refused (peft_names.py)."""
         if not isinstance(data, dict):
             return data
-        from ..peft_names import normalise_peft
+        from ..modeling.peft_names import normalise_peft
         return normalise_peft(data, {k: f.default for k, f in cls.model_fields.items()})
 
 

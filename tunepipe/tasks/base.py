@@ -65,7 +65,7 @@ class Task:
     def length_settings(self) -> list[Any]:
         """The specs values that bound the sequences the model reads (limits.LengthSetting), checked against
         its position limits once it is loaded."""
-        from ..limits import LengthSetting
+        from ..modeling.limits import LengthSetting
         return [LengthSetting("data.max_length", self.specs.data.max_length, "input")]
 
     def column(self, role: str) -> str:
@@ -118,7 +118,7 @@ class Task:
         id2label = getattr(model.config, "id2label", None)
         if self.uses_labels and id2label:
             self.labels = [id2label[i] for i in range(len(id2label))]
-        from ..limits import check_lengths
+        from ..modeling.limits import check_lengths
         check_lengths(self, model.config, predicting=True)  # a default length over the limit is lowered to it
 
     def bind_tokenizer(self, tokenizer) -> None:

@@ -153,7 +153,7 @@ class CausalLMTask(Task):
     capped_lengths = ()  # the block size defines the training examples: a default over the limit is refused
 
     def length_settings(self) -> list[Any]:
-        from ..limits import LengthSetting
+        from ..modeling.limits import LengthSetting
         packing = bool(self.specs.data.packing)
         return [LengthSetting("data.chunk_size" if packing and self.specs.data.chunk_size else "data.max_length",
                               self.block_size() if packing else (self.specs.data.max_length or 512))]

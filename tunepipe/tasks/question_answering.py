@@ -216,7 +216,7 @@ class QuestionAnsweringTask(Task):
             data.stride = self._setting("max_length") // 3
 
     def length_settings(self):
-        from ..limits import LengthSetting
+        from ..modeling.limits import LengthSetting
         return [LengthSetting("data.max_length", self._setting("max_length"), "input")]
 
     def _setting(self, name: str):

@@ -290,7 +290,7 @@ class Seq2SeqTask(Task):
     def length_settings(self) -> list[Any]:
         """Encoder-decoder: sources on the encoder; targets and generated tokens (after the start token) on the
         decoder. Decoder-only: prompt and completion share one stack, within data.max_length."""
-        from ..limits import LengthSetting
+        from ..modeling.limits import LengthSetting
         data = self.specs.data
         settings = [LengthSetting("data.max_length", data.max_length, "input")]
         if not self.decoder_only:

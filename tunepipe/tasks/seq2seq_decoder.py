@@ -26,7 +26,7 @@ def is_decoder_only(config) -> bool:
 def names_a_decoder_only_model(model: Any) -> bool:
     """Whether the specs' model section (before anything loads) is a decoder-only LM: from_config's model_type, or
     the config of a local folder or hub id. Anything unreadable counts as no: the real load reports it."""
-    from ..models import read_model_config
+    from ..modeling.models import read_model_config
     model = {"name_or_path": model} if isinstance(model, str) else model
     if not isinstance(model, dict) or model.get("encoder_decoder"):
         return False

@@ -203,7 +203,7 @@ class FinalEvaluation:
 
     def reloaded(self, checkpoint) -> None:
         """The weights were replaced by those of ``checkpoint`` (best model at end)."""
-        from ..checkpoints import CheckpointManager
+        from .checkpoints import CheckpointManager
         step = CheckpointManager.step_of(Path(str(checkpoint))) if checkpoint else None
         self.weights_step = -1 if step is None else step
 

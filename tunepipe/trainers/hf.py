@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 
-from ..checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, log, resume_setting
+from .checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, log, resume_setting
 from ..errors import CheckpointError
 from .common import (
     FinalEvaluation,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import TrainerControl, TrainerState, set_seed
 
-from ..checkpoints import (
+from .checkpoints import (
     CheckpointManager,
     StopOnSignal,
     load_model_weights,

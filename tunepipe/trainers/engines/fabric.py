@@ -17,7 +17,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.wrappers import _FabricModule
 
 from ...errors import TrainingError
-from ...quantization import QuantizationManager
+from ...modeling.quantization import QuantizationManager
 from ..distributed import lightning_devices, lightning_strategy
 from ..settings import has_gpu
 from .accelerate import mixed_precision

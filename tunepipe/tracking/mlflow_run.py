@@ -433,7 +433,7 @@ class MlflowTracker(TrainerCallback):
 
 def _generation_progress(specs):
     """A generation bar for tasks evaluated by generating, unless the specs turn progress bars off."""
-    from .tasks import get_task
+    from ..tasks import get_task
     if not getattr(get_task(specs.task), "generative", False) or getattr(specs.training, "disable_tqdm", False):
         return None
     from .progress import GenerationProgress
@@ -450,7 +450,7 @@ def require_mlflow(tracking_uri: str) -> None:
     only the client (mlflow-skinny will do); a local SQLite store needs full mlflow (SQLAlchemy, Alembic)."""
     import importlib.util
 
-    from .errors import DependencyError
+    from ..errors import DependencyError
     if importlib.util.find_spec("mlflow") is None:
         raise DependencyError("tracking.mlflow is set but MLflow is not installed", field="tracking.mlflow",
                               suggestions=["pip install 'tunepipe[mlflow]'", "or remove tracking.mlflow"])

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import CheckpointError, TrainingError, TunepipeIOError
-from .output import follow_umask
+from ..errors import CheckpointError, TrainingError, TunepipeIOError
+from ..output import follow_umask
 
 log = logging.getLogger("tunepipe")
 

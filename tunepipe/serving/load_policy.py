@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # from_pretrained keyword arguments an adapter record may carry, with the check each value must pass.
 _HEAD_KWARGS = {

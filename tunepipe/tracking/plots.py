@@ -172,7 +172,7 @@ def write_training_curves(output_dir: str | Path, metric: str | None = None, tit
         panels = curves(read_log(output_dir / "train_log.jsonl"), metric)
         if not panels:
             return None
-        from .output import atomic_text
+        from ..output import atomic_text
         target = output_dir / CURVES_FILE
         atomic_text(target, render_svg(panels, title or output_dir.name))
         return target

@@ -6,7 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import ConfigError, ModelError, ModelNotFoundError
+from ..errors import ConfigError, ModelError, ModelNotFoundError
 
 BUNDLED_ALIASES = ("minilm", "all-minilm-l6-v2", "bundled")
 # The hub repository the bundled encoder is a copy of: what a run records as its base (portable), mapped back to the

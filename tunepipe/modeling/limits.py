@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("tunepipe")
 
@@ -57,7 +57,7 @@ def virtual_tokens(peft: Any) -> int:
     """Positions a PEFT section puts before the input: prompt / p-tuning's num_virtual_tokens, else 0."""
     if not isinstance(peft, dict) or peft.get("method") not in VIRTUAL_TOKEN_METHODS:
         return 0
-    from .specs.schema import PeftSpec
+    from ..specs.schema import PeftSpec
     n = peft.get("num_virtual_tokens", PeftSpec.model_fields["num_virtual_tokens"].default)
     return n if isinstance(n, int) and n > 0 else 0
 
@@ -133,7 +133,7 @@ def _local_config(name: Any):
 
 def default_value(task, field: str) -> Any:
     """The value ``field`` has when the user does not set it: the task's default, else the specs schema's."""
-    from .specs.schema import SECTIONS
+    from ..specs.schema import SECTIONS
     section, key = field.split(".", 1)
     defaults = type(task).default_specs().get(section, {})
     if key in defaults:

@@ -196,7 +196,7 @@ class ResourceMonitor(TrainerCallback):
             self._nvml = None
         if state.is_world_process_zero:
             if self.output_dir is not None:
-                from .output import write_json
+                from ..output import write_json
                 write_json(self.output_dir / "resources.json", self.summary)
             if self.verbose:
                 print(format_summary(self.summary), flush=True)
@@ -260,7 +260,7 @@ def place_before_log_writer(trainer, callback) -> bool:
     """Move ``callback`` ahead of the train_log.jsonl writer in the trainer's callback list, so the fields it adds
     to ``logs`` in ``on_log`` are written. Works for the transformers Trainer (``callback_handler``) and the
     tunepipe loops (``handler``); returns False when the callback is not found."""
-    from .trainers.hf import _JsonlLogCallback
+    from ..trainers.hf import _JsonlLogCallback
     handler = getattr(trainer, "callback_handler", None) or getattr(trainer, "handler", None)
     callbacks = getattr(handler, "callbacks", None)
     if callbacks is None or callback not in callbacks:

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ConfigError, CudaError
+from ..errors import ConfigError, CudaError
 
 log = logging.getLogger("tunepipe")
 GB = 1024 ** 3
@@ -115,7 +115,7 @@ class TypeUtils:
         """(supported, note). A note on a supported pair says why it may be slow."""
         import torch
 
-        from .trainers.settings import cpu_has_fast_bf16
+        from ..trainers.settings import cpu_has_fast_bf16
         dtype, kind = TypeUtils.dtype(dtype), str(device).split(":")[0]
         if dtype == torch.float32:
             return True, None
@@ -199,7 +199,7 @@ class TypeUtils:
     @staticmethod
     def check_memory(model, specs, seq_len: int | None = None) -> MemoryEstimate:
         """Estimate the training step of ``specs`` on ``model``; warn with what would fit when it does not."""
-        from .trainers.settings import resolve_precision
+        from ..trainers.settings import resolve_precision
         t = specs.training
         bf16, fp16 = resolve_precision(t)
         seq = seq_len or specs.data.max_length or min(getattr(model.config, "max_position_embeddings", 512), 512)

@@ -22,7 +22,7 @@ import logging
 import warnings
 from typing import Any
 
-from .errors import ConfigError, ErrorHandler
+from ..errors import ConfigError, ErrorHandler
 from .model_loading import place
 
 log = logging.getLogger("tunepipe")
@@ -50,7 +50,7 @@ class SharedBase:
         import transformers
 
         from .load_policy import remote_code
-        from .quantization import QuantizationManager
+        from ..modeling.quantization import QuantizationManager
         trust = remote_code(self.trust_remote_code)
         with ErrorHandler.guard(f"loading the base model {self.path}"), _quiet():
             config = transformers.AutoConfig.from_pretrained(self.path, **trust)

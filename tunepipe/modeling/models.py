@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ErrorHandler, ModelError, ModelNotFoundError, TaskTypeError
+from ..errors import ConfigError, ErrorHandler, ModelError, ModelNotFoundError, TaskTypeError
 from .model_paths import (  # noqa: F401 - importable from here as before
     ARCHITECTURE_TASKS,
     BUNDLED_ALIASES,
@@ -137,9 +137,9 @@ class TokenizerModules:
         import inspect
         import tempfile
 
-        from .data import DatasetModules
-        from .suggest import suggest
-        from .tiny import TOKENIZER_TRAINERS
+        from ..data import DatasetModules
+        from ..suggest import suggest
+        from ..tiny import TOKENIZER_TRAINERS
         options = dict(self.specs.tokenizer.train or {})
         kind = str(options.pop("type", "wordpiece")).lower()
         if kind not in TOKENIZER_TRAINERS:
@@ -162,7 +162,7 @@ class TokenizerModules:
                                   suggestions=suggest(key, allowed) or [f"'{kind}' accepts: {', '.join(sorted(allowed))}"])
         options.setdefault("vocab_size", 8000)
         if task is None:
-            from .tasks import get_task
+            from ..tasks import get_task
             task = get_task(self.specs.task)(self.specs)
         rows = DatasetModules(self.specs, task).load()["train"].rows
         texts_of = getattr(task, "tokenizer_training_texts", None)

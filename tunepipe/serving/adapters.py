@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import ConfigError, ModelNotFoundError, TaskTypeError, TunepipeError, ValidationError
+from ..errors import ConfigError, ModelNotFoundError, TaskTypeError, TunepipeError, ValidationError
 from .model_loading import (canonical_task, check_predict_kwargs, default_device, load_tokenizer, make_task, place,
                             resolve_dtype)
 from .shared_base import SharedBase
@@ -107,7 +107,7 @@ class MultiAdapterManager:
     def __init__(self, base_model: str | None = None, task_type: str | None = None, base_run_dir: Path | None = None,
                  max_adapters_in_memory: int = 8, device: str | None = None, dtype: Any = None,
                  trust_remote_code: bool = False):
-        from .models import resolve_model_path
+        from ..modeling.models import resolve_model_path
         if max_adapters_in_memory < 1:
             raise ConfigError("max_adapters_in_memory must be at least 1", field="max_adapters_in_memory")
         self.base = resolve_model_path(base_model) if base_model else None
@@ -132,7 +132,7 @@ class MultiAdapterManager:
     # ---- registry ------------------------------------------------------------------------------------------
     def register_adapter(self, name: str, path: str | Path, task: str | None = None) -> dict[str, Any]:
         """Record an adapter under ``name`` (not loaded yet: ``load_adapter`` or the first request loads it)."""
-        from .peft_support import read_adapter_info, resolve_base
+        from ..modeling.peft_support import read_adapter_info, resolve_base
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ConfigError(f"Invalid adapter name {name!r}", field="adapter",
                               suggestions=["use letters, digits, '_', '-', '.' (up to 64 characters)"])
@@ -148,7 +148,7 @@ class MultiAdapterManager:
             if not task_name:
                 raise TaskTypeError(f"Cannot tell the task of the adapter in {directory}", field="task",
                                     suggestions=["pass task= when registering it"])
-            from .tasks import get_task
+            from ..tasks import get_task
             kwargs = dict(info.get("model_kwargs") or {})
             if "id2label" in kwargs:
                 kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
@@ -238,7 +238,7 @@ class MultiAdapterManager:
             run_dir = record.path.parent if record.path.name == "adapter" else None
             record.task = make_task(record.task_name, run_dir)
             record.task.on_model_loaded(group.model)
-            from .peft_support import load_adapter_tokenizer
+            from ..modeling.peft_support import load_adapter_tokenizer
             record.tokenizer = (load_adapter_tokenizer(record.path, self.base, self.trust_remote_code)
                                 or self._tokenizer_of_base())
             record.loaded, record.group = True, group.key
@@ -316,7 +316,7 @@ class MultiAdapterManager:
                 if not task_name:
                     raise TaskTypeError("The base model has no task of its own", field="task",
                                         suggestions=["name an adapter", "or pass the base model's task_type"])
-                from .models import adopt_model_config
+                from ..modeling.models import adopt_model_config
                 fresh = self._base_task is None or self._base_task.name != task_name
                 if fresh:
                     base_dir = self.base if Path(self.base).is_dir() else None

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ConfigError, DependencyError, TunepipeError, ValidationError
+from ..errors import ConfigError, DependencyError, TunepipeError, ValidationError
 
 log = logging.getLogger("tunepipe.serve")
 API_KEY_ENV = "TUNEPIPE_API_KEY"
@@ -216,7 +216,7 @@ def create_app(pipeline, limits: Limits | None = None, *, api_key: str | None = 
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from . import __version__
+    from .. import __version__
     from .serve_guard import GuardMiddleware, InFlight
     from .serve_scheduler import ModelWorker
     limits = limits or Limits()

@@ -30,7 +30,7 @@ def adapter_card(output_dir: Path, task, specs) -> dict[str, Any]:
     matter), ``load`` (the "Load it" section). Its snippets run as written from the run directory: paths relative
     to it, the base as recorded (hub id, ``base_model`` in the run, or a local folder by absolute path, which the
     card then says)."""
-    from .load_policy import check_peft_config
+    from ..serving.load_policy import check_peft_config
     output_dir = Path(output_dir)
     adapter = output_dir / "adapter"
     method = peft_method(specs)
@@ -58,7 +58,7 @@ def adapter_card_section(output_dir: Path, task, specs) -> str:
 
 def _load_section(output_dir: Path, task, info: dict[str, Any], task_type: str | None, kind: str | None,
                   base: str | None, method: str) -> str:
-    from .load_policy import PEFT_RELATIVE_BASE
+    from ..serving.load_policy import PEFT_RELATIVE_BASE
     auto_cls = info.get("auto_model_class") or task.auto_model_class
     auto_peft = _AUTO_PEFT_CLASS.get(str(task_type), "AutoPeftModel")
     quantized = info.get("quantization")
@@ -177,7 +177,7 @@ def _resize_line(info: dict[str, Any], base: str | Path | None) -> list[str]:
     try:
         from transformers import AutoConfig
 
-        from .load_policy import remote_code
+        from ..serving.load_policy import remote_code
         source = bundled_copy(str(base)) or str(base)
         config = AutoConfig.from_pretrained(source, local_files_only=True, **remote_code(False))
     except Exception:  # noqa: BLE001 - unknown: the snippet stays without the line

@@ -21,7 +21,7 @@ import time
 import warnings
 from typing import Any
 
-from .errors import ConfigError, CudaError, DependencyError
+from ..errors import ConfigError, CudaError, DependencyError
 from .type_utils import TypeUtils, is_quantized, quantization_type
 
 INFERENCE_METHODS = ("bf16", "dynamic_int8", "torchao_int8_weight_only")

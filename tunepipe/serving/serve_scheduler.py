@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
 
-from .errors import TunepipeError
+from ..errors import TunepipeError
 
 log = logging.getLogger("tunepipe.serve")
 

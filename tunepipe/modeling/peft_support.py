@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .model_paths import resolve_model_path
 from .model_structure import (  # noqa: F401 - importable from here as before
     backbone_target_regex,
@@ -213,7 +213,7 @@ def _persist_from_config_base(model, specs, task, qm, tokenizer=None):
     adapter needs it)."""
     import transformers
 
-    from .output import atomic_dir
+    from ..output import atomic_dir
     target = Path(specs.output_dir).resolve() / BASE_MODEL_DIR
 
     def write(tmp):

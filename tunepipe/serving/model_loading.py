@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ModelNotFoundError, TaskTypeError
+from ..errors import ConfigError, ModelNotFoundError, TaskTypeError
 
 log = logging.getLogger("tunepipe")
 SPECS_FILE = "specs.yaml"
@@ -38,7 +38,7 @@ def _run_dir_of(path: Path) -> Path | None:
 
 def resolve_checkpoint(checkpoint: str | Path) -> Checkpoint:
     """A tunepipe output_dir, a saved model directory, an adapter directory, 'minilm', or a hub id."""
-    from .models import BUNDLED_ALIASES, resolve_model_path
+    from ..modeling.models import BUNDLED_ALIASES, resolve_model_path
     name = str(checkpoint)
     if name.lower() in BUNDLED_ALIASES:
         return Checkpoint("base", resolve_model_path(name))
@@ -65,7 +65,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> Checkpoint:
 def canonical_task(name: str | None) -> str | None:
     if name is None:
         return None
-    from .tasks import get_task
+    from ..tasks import get_task
     return get_task(name).name
 
 
@@ -74,13 +74,13 @@ def task_of_checkpoint(ck: Checkpoint) -> str | None:
     architecture name."""
     import yaml
 
-    from .models import task_from_model_dir
+    from ..modeling.models import task_from_model_dir
     if ck.run_dir is not None:
         task = (yaml.safe_load((ck.run_dir / SPECS_FILE).read_text()) or {}).get("task")
         if task:
             return canonical_task(task)
     if ck.kind == "adapter":
-        from .peft_support import read_adapter_info
+        from ..modeling.peft_support import read_adapter_info
         return canonical_task(read_adapter_info(ck.path).get("task"))
     return task_from_model_dir(ck.path) if Path(ck.path).is_dir() else None
 
@@ -88,8 +88,8 @@ def task_of_checkpoint(ck: Checkpoint) -> str | None:
 def make_task(task_name: str, run_dir: Path | None = None, model_dir: str | Path | None = None):
     """A Task bound to the specs the model was trained with (specs.yaml), so max_length, QA settings and generation
     settings match training; without specs.yaml, the task defaults plus the model's saved generation config."""
-    from .specs import load_specs
-    from .tasks import get_task
+    from ..specs import load_specs
+    from ..tasks import get_task
     if run_dir is not None and (Path(run_dir) / SPECS_FILE).is_file():
         # a run directory's specs describe the data and the head; they never switch on remote code (load_policy)
         specs = load_specs(Path(run_dir) / SPECS_FILE,
@@ -110,7 +110,7 @@ def _saved_generation(model_dir: str | Path | None) -> dict[str, Any]:
     """Generation settings that save_pretrained wrote (generation_config.json), in GenerationSpec names."""
     if model_dir is None or not (Path(model_dir) / "generation_config.json").is_file():
         return {}
-    from .specs import GenerationSpec
+    from ..specs import GenerationSpec
     saved = json.loads((Path(model_dir) / "generation_config.json").read_text())
     return {k: v for k, v in saved.items() if k in GenerationSpec.model_fields and v is not None}
 
@@ -167,7 +167,7 @@ def _check_type(key: str, value: Any, default: Any) -> None:
 def _check_spec_setting(key: str, value: Any) -> None:
     from pydantic import ValidationError as PydanticError
 
-    from .specs import DataSpec
+    from ..specs import DataSpec
     if key in DataSpec.model_fields:
         try:
             DataSpec.model_validate({key: value})
@@ -180,7 +180,7 @@ def _check_generation_setting(key: str, value: Any) -> None:
     from pydantic import ValidationError as PydanticError
     from transformers import GenerationConfig
 
-    from .specs import GenerationSpec
+    from ..specs import GenerationSpec
     if key in GenerationSpec.model_fields:
         try:
             GenerationSpec.model_validate({key: value})
@@ -209,17 +209,17 @@ def resolve_dtype(dtype: Any, device: str) -> Any:
     if str(dtype).lower() in _INT8:
         return "int8"
     if str(dtype).lower() == "auto":
-        from .type_utils import TypeUtils
+        from ..modeling.type_utils import TypeUtils
         ok, note = TypeUtils.device_supports("bfloat16", device)
         return "bfloat16" if ok and note is None else None
-    from .type_utils import TypeUtils
+    from ..modeling.type_utils import TypeUtils
     return TypeUtils.dtype(dtype)
 
 
 def place(model, device: str, dtype: Any):
     """Move and cast a loaded model (bf16 via TypeUtils.convert; int8 via QuantizationManager)."""
-    from .quantization import QuantizationManager
-    from .type_utils import TypeUtils
+    from ..modeling.quantization import QuantizationManager
+    from ..modeling.type_utils import TypeUtils
     quantized = QuantizationManager.is_quantized(model)
     if dtype == "int8":
         if str(device).split(":")[0] != "cpu":
@@ -241,7 +241,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from .load_policy import remote_code
-    from .models import tokenizer_load_error
+    from ..modeling.models import tokenizer_load_error
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **remote_code(trust_remote_code))
     except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json: named with its line, like in training

@@ -23,7 +23,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # tunepipe method -> (peft source file, config class)
 METHOD_CLASSES = {"lora": ("tuners/lora/config.py", "LoraConfig"), "qlora": ("tuners/lora/config.py", "LoraConfig"),
@@ -97,7 +97,7 @@ def _all_methods_fields() -> dict[str, frozenset[str]]:
 
 
 def _suggest(key: str, allowed) -> list[str]:
-    from .suggest import suggest
+    from ..suggest import suggest
     return suggest(key, set(allowed))
 
 
