@@ -65,7 +65,7 @@ def test_stream_trains_the_same_on_every_backend(tiny_specs, ner_data, tmp_path)
     assert losses(pipe) != pytest.approx(runs["hf"], rel=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["hf", "accelerate"])
+@pytest.mark.parametrize("backend", ["hf", "accelerate", "lightning"])
 def test_exact_resume_mid_stream(forkserver, tiny_specs, ner_data, tmp_path, backend):  # noqa: F811
     """Killed with SIGKILL mid-stream and resumed with resume: auto: the weights, losses and metrics of the
     uninterrupted run (the run crosses a pass boundary, where the stream starts over reshuffled)."""
