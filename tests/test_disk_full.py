@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tunepipe.trainers.checkpoints as checkpoints
+import tunepipe.trainers.disk_space as disk_space
 from tunepipe.trainers.checkpoints import CheckpointManager, is_disk_full
 from tunepipe.errors import TunepipeIOError
 from tunepipe.pipeline import FineTunePipeLine
@@ -49,7 +49,7 @@ def test_disk_full_during_a_checkpoint_save(tiny_specs, ner_data, backend, shape
     else:
         _fail_saves_of_step_4(monkeypatch, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
                                                         "704 vs 598"))
-        monkeypatch.setattr(checkpoints, "free_bytes", lambda path: 1024)  # less than a checkpoint
+        monkeypatch.setattr(disk_space, "free_bytes", lambda path: 1024)  # less than a checkpoint
     with pytest.raises(TunepipeIOError) as err:
         FineTunePipeLine(specs).train()
     e = err.value

@@ -18,141 +18,62 @@ manifest; the Accelerate and Lightning loops write ``step-N`` through :meth:`Che
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from ..errors import CheckpointError, TrainingError, TunepipeIOError
+from ..errors import CheckpointError, TunepipeIOError
 from ..output import follow_umask
+from .disk_space import (  # noqa: F401 - importable from here as before
+    DISK_FULL_ERRNOS,
+    disk_full_as_io_error,
+    disk_full_error,
+    directory_bytes,
+    free_bytes,
+    human_bytes,
+    is_disk_full,
+    model_checkpoint_bytes,
+    model_weight_bytes,
+)
+from .run_state import (  # noqa: F401 - importable from here as before
+    NOT_TRAINING_DATA,
+    NOT_TRAINING_RELEVANT,
+    NOT_TRAINING_SECTIONS,
+    _differences,
+    RNG_STATE,
+    StopOnSignal,
+    TrainingInterrupted,
+    capture_rng_state,
+    load_model_weights,
+    load_rng,
+    restore_rng_state,
+    resume_setting,
+    safe_load,
+    save_rank_rng,
+    specs_hash,
+    training_relevant_specs,
+)
 
 log = logging.getLogger("tunepipe")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATA_STATE = "data_state.json"
-RNG_STATE = "rng_state.pth"
 CHECKPOINT_DIR = re.compile(r"^(checkpoint|step)-(\d+)$")
 LAYOUTS = {"checkpoint": "transformers-trainer", "step": "tunepipe-loop"}
 
-# TrainingSpec keys that do not change the trained weights: changing them between a run and its resumption is
-# allowed (logging, saving, evaluation, data loading mechanics, where things are written).
-NOT_TRAINING_RELEVANT = {
-    "resume", "resume_from_checkpoint", "keep_last_n", "keep_best", "keep_optimizer_state", "save_strategy", "save_steps",
-    "save_total_limit", "save_only_model", "save_on_each_node", "logging_steps", "logging_strategy",
-    "logging_first_step", "logging_dir", "logging_nan_inf_filter", "disable_tqdm", "report_to", "run_name",
-    "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
-    "eval_accumulation_steps", "eval_do_concat_batches", "metric_for_best_model", "greater_is_better",
-    "load_best_model_at_end", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-    "dataloader_prefetch_factor", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
-    "prediction_loss_only", "include_num_input_tokens_seen", "ignore_data_skip", "skip_memory_metrics",
-    "log_level", "log_level_replica", "log_on_each_node", "output_dir", "overwrite_output_dir", "project",
-    "trackio_space_id", "batch_eval_metrics", "include_for_metrics", "torch_empty_cache_steps",
-}
-NOT_TRAINING_SECTIONS = {"output_dir", "overwrite_output_dir", "tracking", "generation", "distributed", "backend"}
-NOT_TRAINING_DATA = {"train", "validation", "test", "max_eval_samples", "format"}
 
 
 class DamagedCheckpoint(CheckpointError):
     """A checkpoint that is incomplete (no manifest), or whose files are missing, changed or truncated. Still a
     ``CHECKPOINT_ERROR``; ``resume: auto`` skips such a checkpoint for the newest intact one, while a checkpoint
     named explicitly stays an error. Other specs or other data are not damage: those stop ``resume: auto`` too."""
-
-
-class TrainingInterrupted(TrainingError):
-    """Training stopped on SIGTERM / SIGINT after saving a checkpoint; rerun with ``resume: auto``."""
-    code = "TRAINING_INTERRUPTED"
-
-
-# ---- what must not change between a run and its resumption --------------------------------------------------
-def training_relevant_specs(specs) -> dict[str, Any]:
-    """The part of the specs that changes the trained weights: task, model, tokenizer, data preparation, PEFT,
-    quantization and the optimisation settings. Paths, logging, saving and evaluation settings are left out."""
-    d = specs.to_dict()
-    out = {k: v for k, v in d.items() if k not in NOT_TRAINING_SECTIONS}
-    out["data"] = {k: v for k, v in d.get("data", {}).items() if k not in NOT_TRAINING_DATA}
-    out["training"] = {k: v for k, v in d.get("training", {}).items() if k not in NOT_TRAINING_RELEVANT}
-    return json.loads(json.dumps(out, sort_keys=True, default=str))
-
-
-def specs_hash(relevant: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-
-
-def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key, "<unset>"), now.get(key, "<unset>")
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, name + ".")
-        elif a != b:
-            out.append(f"{name}: {a!r} in the checkpoint, {b!r} now")
-    return out
-
-
-def resume_setting(specs) -> str | None:
-    """``training.resume`` (auto | path), or its older name ``training.resume_from_checkpoint``."""
-    training = specs.training
-    value = getattr(training, "resume", None) or getattr(training, "resume_from_checkpoint", None)
-    if value is True:
-        return "auto"
-    return str(value) if value else None
-
-
-# ---- RNG states in forms torch.load(weights_only=True) accepts -----------------------------------------------
-def capture_rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-    import torch
-    version, keys, gauss = random.getstate()
-    kind, np_keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(keys), gauss],
-             "numpy": {"kind": kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.random.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-    import torch
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.random.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.random.set_rng_state_all(cuda)
-        else:
-            torch.cuda.random.set_rng_state(cuda[0])
-
-
-def safe_load(path: Path, what: str, map_location="cpu"):
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled objects."""
-    import torch
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged checkpoint for the user
-        raise CheckpointError(f"Cannot read the {what} in {path}: {str(e).splitlines()[0]}", file=str(path),
-                              suggestions=["resume from an earlier checkpoint, or delete this one"]) from None
 
 
 # ---- atomic directory writes ---------------------------------------------------------------------------------
@@ -175,103 +96,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-# ---- disk full while saving ------------------------------------------------------------------------------------
-DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "storagefull", "not enough space")
-
-
-def is_disk_full(exc: BaseException | None) -> bool:
-    """ENOSPC / EDQUOT, also when a library re-raised it as its own error (safetensors reports the OS error in
-    its message) or chained it."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(text in str(exc).lower() for text in DISK_FULL_TEXT):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "an unknown amount"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def model_weight_bytes(model) -> int | None:
-    """The bytes of the model's parameters as saved (their own dtypes)."""
-    try:
-        return sum(p.numel() * p.element_size() for p in model.parameters())
-    except Exception:  # noqa: BLE001 - an estimate only
-        return None
-
-
-def model_checkpoint_bytes(model) -> int | None:
-    """Weights + AdamW's two fp32 moments of the trainable parameters: a checkpoint's size when none was
-    written yet to measure."""
-    weights = model_weight_bytes(model)
-    if weights is None:
-        return None
-    return weights + sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
-
-
-def free_bytes(path: Path) -> int | None:
-    for p in [Path(path), *Path(path).parents]:
-        if p.exists():
-            try:
-                return shutil.disk_usage(p).free
-            except OSError:
-                return None
-    return None
-
-
-def disk_full_error(exc: BaseException, target: Path, needed: int | None, how: str, what: str = "checkpoint",
-                    previous: Path | None = None) -> TunepipeIOError | None:
-    """The rule for a save that failed, in one place: a TunepipeIOError naming ``target``, the space the save
-    needs (``how`` says how it was estimated) and the space free, when ``exc`` means a full disk; else None.
-    torch.save reports a failed write without its OS error ("unexpected pos ..."), so a failed write also counts as
-    a full disk when less space is free than the save needs. Call it after removing the partial write."""
-    free = free_bytes(Path(target).parent)
-    short_of_space = (isinstance(exc, (OSError, RuntimeError)) and needed is not None and free is not None
-                      and free < needed)
-    if not (is_disk_full(exc) or short_of_space):
-        return None
-    short = needed - free if needed is not None and free is not None and needed > free else needed
-    suggestions = [f"free at least {human_bytes(short)} on the filesystem of {Path(target).parent}"]
-    if what == "checkpoint":
-        suggestions.append("or keep less on this disk: a larger training.save_steps, training.keep_last_n: 1")
-    if previous is not None:
-        suggestions.append(f"{previous} is intact: continue from it with `--set training.resume=auto` once there "
-                           "is space")
-    return TunepipeIOError(f"Disk full while saving the {what} {target}: it needs about {human_bytes(needed)} "
-                           f"({how}) and {human_bytes(free)} are free; the partial write was removed"
-                           + (f", {previous} is intact" if previous is not None else ""),
-                           file=str(target), suggestions=suggestions)
-
-
-@contextlib.contextmanager
-def disk_full_as_io_error(target: Path, needed: int | None, how: str, what: str) -> Iterator[None]:
-    """Around a save that removes its own partial write (``output.atomic_dir``): a full disk becomes the
-    IO_ERROR of :func:`disk_full_error`. For the final model, e.g. ``with disk_full_as_io_error(target,
-    model_weight_bytes(model), "the model's weights", "final model"): atomic_dir(target, write)``."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - anything else is re-raised unchanged
-        error = disk_full_error(e, target, needed, how, what=what)
-        if error is not None:
-            raise error from e
-        raise
 
 
 class CheckpointManager:
@@ -623,82 +447,3 @@ def _is_optimizer_file(name: str) -> bool:
     return first.startswith("optimizer") or "-optimizer" in first
 
 
-def save_rank_rng(directory: Path, rank: int) -> None:
-    """Process ``rank``'s RNG states next to rank 0's (dropout advances each rank's RNG differently)."""
-    import torch
-    torch.save(capture_rng_state(), Path(directory) / f"rng_state_{rank}.pth")
-
-
-def load_rng(path: Path, rank: int = 0) -> dict[str, Any]:
-    """This process's RNG states: ``rng_state_<rank>.pth`` in a multi-process checkpoint, else rank 0's."""
-    own = Path(path) / f"rng_state_{rank}.pth"
-    return safe_load(own if rank and own.is_file() else Path(path) / RNG_STATE, "RNG state")
-
-
-def load_model_weights(path: Path, model) -> None:
-    """Load the weights ``save_pretrained`` wrote in ``path`` (safetensors) into ``model`` (full model or PEFT
-    adapter)."""
-    from safetensors.torch import load_file
-    path = Path(path)
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-        adapter = path / "adapter_model.safetensors"
-        if not adapter.is_file():
-            raise CheckpointError(f"No adapter weights (adapter_model.safetensors) in {path}", file=str(path),
-                                  suggestions=["resume with the specs the checkpoint was trained with (peft)"])
-        set_peft_model_state_dict(model, load_file(str(adapter)))
-        return
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):  # model.safetensors or its shards
-        state.update(load_file(str(f)))
-    if not state:
-        raise CheckpointError(f"No weights (*.safetensors) in {path}", file=str(path),
-                              suggestions=["point to a checkpoint written by tunepipe (checkpoints/step-N)"])
-    result = model.load_state_dict(state, strict=False)  # tied weights are saved once
-    if result.unexpected_keys:
-        raise CheckpointError(f"The weights in {path} do not fit this model (e.g. {result.unexpected_keys[0]})",
-                              file=str(path), suggestions=["resume with the specs the checkpoint was trained with"])
-
-
-# ---- SIGTERM / SIGINT: finish the step, save, stop ----------------------------------------------------------
-class StopOnSignal:
-    """While active, SIGTERM and SIGINT only set ``requested``; the training loop checks it after each optimizer
-    step, saves a checkpoint and stops. A second SIGINT raises KeyboardInterrupt as usual. Handlers are installed
-    only in the main thread and restored on exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.getsignal(sig)
-                signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signum
-        log.warning("received %s: finishing the current step, then saving a checkpoint",
-                    signal.Signals(signum).name)
-
-    def synced(self, reduce_max: Callable[[int], int] | None = None) -> bool:
-        """Whether to stop now; with ``reduce_max`` (multi-process) every rank decides the same."""
-        flag = 1 if self.requested is not None else 0
-        return bool(reduce_max(flag)) if reduce_max is not None else bool(flag)
-
-    def interrupted(self, step: int, checkpoint: Path | None) -> TrainingInterrupted:
-        name = signal.Signals(self.requested).name if self.requested else "a signal"
-        where = f"; checkpoint saved to {checkpoint}" if checkpoint else ""
-        return TrainingInterrupted(f"Training stopped by {name} after step {step}{where}",
-                                   suggestions=["continue with `--set training.resume=auto` (or `resume: auto` in "
-                                                "the training section of the specs)"])
