@@ -164,29 +164,31 @@ def _check_type(key: str, value: Any, default: Any) -> None:
                               suggestions=[f"e.g. {key}={default}"])
 
 
-def _check_spec_setting(key: str, value: Any) -> None:
+def _check_section_setting(section: str, key: str, value: Any, what: str) -> bool:
+    """Whether ``key`` is a field of the specs section ``section``; its value checked by that section's rules."""
     from pydantic import ValidationError as PydanticError
 
-    from ..specs import DataSpec
-    if key in DataSpec.model_fields:
-        try:
-            DataSpec.model_validate({key: value})
-        except PydanticError as e:
-            raise ConfigError(f"Invalid prediction setting {key}={value!r}: {e.errors()[0]['msg']}", field=key,
-                              suggestions=[f"see `data.{key}` in the specs reference"]) from None
+    from ..specs import SECTIONS
+    spec = SECTIONS[section]
+    if key not in spec.model_fields:
+        return False
+    try:
+        spec.model_validate({key: value})
+    except PydanticError as e:
+        raise ConfigError(f"Invalid {what} {key}={value!r}: {e.errors()[0]['msg']}", field=key,
+                          suggestions=[f"see `{section}.{key}` in the specs reference"]) from None
+    return True
+
+
+def _check_spec_setting(key: str, value: Any) -> None:
+    _check_section_setting("data", key, value, "prediction setting")
 
 
 def _check_generation_setting(key: str, value: Any) -> None:
-    from pydantic import ValidationError as PydanticError
     from transformers import GenerationConfig
 
     from ..specs import GenerationSpec
-    if key in GenerationSpec.model_fields:
-        try:
-            GenerationSpec.model_validate({key: value})
-        except PydanticError as e:
-            raise ConfigError(f"Invalid generation setting {key}={value!r}: {e.errors()[0]['msg']}", field=key,
-                              suggestions=[f"see `generation.{key}` in the specs reference"]) from None
+    if _check_section_setting("generation", key, value, "generation setting"):
         return
     if not hasattr(GenerationConfig(), key) or key in ("max_length",):
         import difflib
