@@ -164,7 +164,7 @@ def test_tracking_without_mlflow_installed_fails_before_training(tmp_path, monke
 
     from tunepipe.errors import DependencyError
     from tunepipe.specs import load_specs
-    from tunepipe.tracking.mlflow_run import Tracking
+    from tunepipe.tracking.run_tracking import Tracking
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     specs = load_specs({"task": "token_classification", "output_dir": str(tmp_path / "run"),
@@ -256,7 +256,7 @@ def test_crashed_training_leaves_its_run_failed_in_the_local_default_store(tiny_
 
 def test_run_status_names_why_training_ended():
     from tunepipe.errors import TrainingError
-    from tunepipe.tracking.mlflow_run import Tracking
+    from tunepipe.tracking.run_tracking import Tracking
 
     class Recorder:
         def finish(self, status, error=None):

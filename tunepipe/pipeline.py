@@ -231,7 +231,7 @@ class FineTunePipeLine:
             self.datasets["train"] = self.data.stream(self.tokenizer)
         if trained_dir is None:
             self._check_metric_for_best_model()
-        from .tracking.mlflow_run import Tracking
+        from .tracking.run_tracking import Tracking
         self.tracking = Tracking(self.specs, self.output_dir)
         self.trainer = trainer_cls(self.task, self.specs, self.model, self.tokenizer, self.datasets, self.output_dir,
                                    callbacks=self.tracking.callbacks)

@@ -13,12 +13,9 @@ the ``MLFLOW_HTTP_REQUEST_*`` variables. The client API (``MlflowClient``) is us
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 import warnings
@@ -27,113 +24,28 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from .mlflow_params import (  # noqa: F401 - importable from here as before
+    TRUNCATION_MARKER,
+    clean_name,
+    default_tracking_uri,
+    flatten,
+    mlflow_limits,
+    plot_loss,
+    read_train_log,
+    specs_params,
+    truncate,
+)
+
 log = logging.getLogger("tunepipe")
 
 RETRY_AFTER_S = 60.0
-TRUNCATION_MARKER = "...[truncated]"
 TAG_VALUE_LIMIT = 8000  # MLflow 3 MAX_TAG_VAL_LENGTH
 DEFAULT_REQUEST_TIMEOUT = 5  # seconds per HTTP request (MLflow's default: 120)
 DEFAULT_MAX_RETRIES = 1  # MLflow's default: 7, with exponential backoff (minutes against a dead server)
-_BAD_NAME_CHARS = re.compile(r"[^/\w.\- ]")
 
 
 class TrackingWarning(UserWarning):
     """MLflow could not be reached or refused a call; training continues."""
-
-
-# ---- specs -> params ---------------------------------------------------------------------------------------------
-def mlflow_limits() -> tuple[int, int]:
-    """(param value length, key length) limits of the installed MLflow."""
-    try:
-        from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
-        return MAX_PARAM_VAL_LENGTH, MAX_ENTITY_KEY_LENGTH
-    except ImportError:  # pragma: no cover - older layouts
-        return 6000, 250
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dot keys; lists stay values. ``None`` leaves are dropped (the specs.yaml artifact has them)."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        elif value is not None:
-            out[name] = value
-    return out
-
-
-def clean_name(name: str, limit: int = 250) -> str:
-    """A key MLflow accepts on every platform: slashes, word characters, periods, dashes, spaces."""
-    return _BAD_NAME_CHARS.sub("_", str(name))[:limit]
-
-
-def truncate(value: str, limit: int) -> str:
-    return value if len(value) <= limit else value[: limit - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
-
-
-def specs_params(specs_dict: dict[str, Any], value_limit: int | None = None) -> tuple[dict[str, str], list[str]]:
-    """(params, keys whose value was truncated) for ``specs.to_dict()``."""
-    default_value_limit, key_limit = mlflow_limits()
-    value_limit = value_limit or default_value_limit
-    params, truncated = {}, []
-    for key, value in flatten(specs_dict).items():
-        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-        name = clean_name(key, key_limit)
-        if len(text) > value_limit:
-            truncated.append(name)
-        params[name] = truncate(text, value_limit)
-    return params, truncated
-
-
-def default_tracking_uri(output_dir: Path) -> str:
-    """A SQLite store under output_dir: MLflow 3 refuses new ``file:`` stores (deprecated), SQLite needs no
-    server and ``mlflow ui --backend-store-uri`` opens it."""
-    return f"sqlite:///{(Path(output_dir) / 'mlruns' / 'mlflow.db').resolve()}"
-
-
-# ---- the loss plot -------------------------------------------------------------------------------------------------
-def read_train_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def plot_loss(train_log: Path, target: Path) -> Path | None:
-    """Training (and evaluation) loss per step to ``target`` (PNG). None when matplotlib is not installed or the
-    log has no loss. Uses matplotlib's object API, so a user's pyplot backend is left alone."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.info("matplotlib is not installed: no loss plot (pip install matplotlib)")
-        return None
-    records = read_train_log(train_log)
-    series = {name: [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))
-                     and "step" in r] for name in ("loss", "eval_loss")}
-    if not series["loss"]:
-        return None
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, points in series.items():
-        if points:
-            ax.plot(*zip(*points), marker="o" if name == "eval_loss" else None, markersize=3, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, target)
-    return target
 
 
 # ---- sending metrics off the training thread ------------------------------------------------------------------------
@@ -431,16 +343,6 @@ class MlflowTracker(TrainerCallback):
             self.log_metrics(missing, state.global_step)
 
 
-def _generation_progress(specs):
-    """A generation bar for tasks evaluated by generating, unless the specs turn progress bars off."""
-    from ..tasks import get_task
-    if not getattr(get_task(specs.task), "generative", False) or getattr(specs.training, "disable_tqdm", False):
-        return None
-    from .progress import GenerationProgress
-    return GenerationProgress(max_new_tokens=specs.generation.max_new_tokens,
-                              eval_batch_size=specs.training.per_device_eval_batch_size)
-
-
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -459,83 +361,3 @@ def require_mlflow(tracking_uri: str) -> None:
                               field="tracking.mlflow.tracking_uri",
                               suggestions=["pip install 'tunepipe[mlflow]'",
                                            "or set tracking.mlflow.tracking_uri to a running mlflow server"])
-
-
-# ---- what FineTunePipeLine attaches ------------------------------------------------------------------------------
-class Tracking:
-    """The callbacks every backend gets from the pipeline: the ``tracking:`` section's (resource monitor, MLflow
-    run), ``training.report_to``'s integrations where tunepipe drives them (reporting.py), and the generation
-    progress bar of generative tasks (progress.py); plus the pipeline's hooks into them."""
-
-    def __init__(self, specs, output_dir: str | Path):
-        from .monitor import ResourceMonitor
-        from .reporting import check_report_to, loop_callbacks
-        self.output_dir = Path(output_dir)
-        self.monitor = ResourceMonitor(output_dir) if specs.tracking.resources else None
-        mlflow_spec = specs.tracking.mlflow
-        self.mlflow = MlflowTracker(mlflow_spec, specs, output_dir) if mlflow_spec is not None else None
-        if self.mlflow is not None:
-            require_mlflow(self.mlflow.tracking_uri)
-        check_report_to(specs)
-        self.reporters = loop_callbacks(specs, output_dir)
-        self.progress = _generation_progress(specs)
-
-    @property
-    def callbacks(self) -> list:
-        return [cb for cb in (self.monitor, self.mlflow, *self.reporters, self.progress) if cb is not None]
-
-    def attach(self, trainer) -> None:
-        """The monitor adds fields to ``logs``: it must run before the train_log.jsonl writer. TensorBoard's files
-        go to the run's directory. With the generation bar, transformers' evaluation bar steps aside."""
-        if self.monitor is not None:
-            from .monitor import place_before_log_writer
-            place_before_log_writer(trainer, self.monitor)
-        from .reporting import point_trainer_callbacks
-        point_trainer_callbacks(trainer, self.output_dir)
-        if self.progress is not None:
-            from transformers.trainer_callback import ProgressCallback
-
-            from .progress import TrainingProgress
-            handler = getattr(trainer, "callback_handler", None) or getattr(trainer, "handler", None)
-            for i, callback in enumerate(getattr(handler, "callbacks", [])):
-                if type(callback) is ProgressCallback:
-                    handler.callbacks[i] = TrainingProgress()
-            self.progress.eval_dataset = getattr(trainer, "eval_dataset", None)
-            self.progress.watch(getattr(trainer, "model", None))
-
-    @contextlib.contextmanager
-    def evaluating(self, split: str, dataset, is_main_process: bool = True):
-        """Around an evaluation the pipeline runs: the generation bar shows (main process only)."""
-        if self.progress is None or not is_main_process:
-            yield
-            return
-        self.progress.arm(split, dataset)
-        try:
-            yield
-        finally:
-            self.progress.disarm()
-
-    def start(self, is_main_process: bool) -> None:
-        if self.mlflow is not None and is_main_process:
-            self.mlflow.start()
-
-    def training_done(self, model_dir: Path | None, step: int = 0) -> None:
-        if self.mlflow is None:
-            return
-        summary = self.monitor.summary if self.monitor is not None else None
-        if summary:
-            self.mlflow.log_metrics({f"resources.{k}": v for k, v in summary.items()}, step)
-        self.mlflow.log_training_outputs(model_dir)
-
-    def evaluation_done(self) -> None:
-        if self.mlflow is not None:
-            self.mlflow.log_evaluation_outputs()
-
-    def finish(self, error: BaseException | None = None) -> None:
-        if self.mlflow is None:
-            return
-        if error is None:
-            self.mlflow.finish("FINISHED")
-        else:  # stopped on purpose (Ctrl-C, or SIGTERM/SIGINT after a checkpoint) -> KILLED; anything else FAILED
-            stopped = isinstance(error, KeyboardInterrupt) or getattr(error, "code", None) == "TRAINING_INTERRUPTED"
-            self.mlflow.finish("KILLED" if stopped else "FAILED", error)
