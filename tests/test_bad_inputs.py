@@ -479,19 +479,24 @@ def assert_refused(case, argv: list[str], monkeypatch, capsys) -> str:
     return stderr
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, tmp_path, request, monkeypatch, capsys):
+def build_case(case, env_class, tmp_path, request, monkeypatch):
+    """(env, what the case built, the specs file it refers to: a dict written to c.yaml, else as built)."""
     monkeypatch.chdir(tmp_path)
-    env = Env(tmp_path / "case", request)
+    env = env_class(tmp_path / "case", request)
     env.root.mkdir()
     built = case.build(env)
-    if isinstance(built, dict):
-        if case.prior:
-            write_prior_run(built, case.prior)
-        config = env.root / "c.yaml"
-        config.write_text(yaml.safe_dump(built))
-    else:
-        config = built
+    if not isinstance(built, dict):
+        return env, built, built
+    if getattr(case, "prior", None):
+        write_prior_run(built, case.prior)
+    config = env.root / "c.yaml"
+    config.write_text(yaml.safe_dump(built))
+    return env, built, config
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path, request, monkeypatch, capsys):
+    env, built, config = build_case(case, Env, tmp_path, request, monkeypatch)
     if case.patch:
         case.patch(monkeypatch)
     before = snapshot(tmp_path)

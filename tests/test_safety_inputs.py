@@ -24,7 +24,7 @@ from tunepipe.errors import (ConfigError, DatasetLoadError, ErrorHandler, ModelE
 from conftest import TINY_BERT, write_jsonl
 from test_bad_inputs import CLS_ROWS, NER_ROWS
 from test_bad_inputs import Env as BadInputEnv
-from test_bad_inputs import assert_refused
+from test_bad_inputs import assert_refused, build_case
 
 QA_ROWS = [{"id": "q1", "question": "Where was Ada born?", "context": "Ada was born in London.",
             "answers": {"text": ["London"], "answer_start": [16]}}]
@@ -259,19 +259,8 @@ CASES = SPECS_CASES + DATA_CASES + MODEL_CASES + PREDICT_CASES
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_refused(case: Case, tmp_path, request, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    env = Env(tmp_path / "case", request)
-    env.root.mkdir()
-    built = case.build(env)
-    if isinstance(built, list):
-        argv = built
-    else:
-        if isinstance(built, dict):
-            config = env.root / "c.yaml"
-            config.write_text(yaml.safe_dump(built))
-        else:
-            config = built
-        argv = ["train", str(config), *case.cli_args]
+    env, built, config = build_case(case, Env, tmp_path, request, monkeypatch)
+    argv = built if isinstance(built, list) else ["train", str(config), *case.cli_args]
 
     assert_refused(case, argv, monkeypatch, capsys)
     if argv[0] == "train":
