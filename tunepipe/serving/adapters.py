@@ -15,7 +15,8 @@ another adapter still computes is the classic silent failure. Every request ther
 verifies the state, and raises if anything disagrees.
 
 Adapters trained on a quantized base (QLoRA) run here on the full-precision shared base, as after merging; load one
-alone with ``InferencePipeLine(checkpoint=<adapter dir>)`` to run it on its quantized base.
+alone with ``InferencePipeLine(checkpoint=<adapter dir>)`` to run it on its quantized base. What an adapter's folder
+records (task, head, peft type, base), read before any loading, is in adapter_records.py.
 """
 from __future__ import annotations
 
@@ -30,15 +31,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, ModelNotFoundError, TaskTypeError, TunepipeError, ValidationError
+from .adapter_records import (  # noqa: F401 - local_adapter_dir importable from here as before
+    AdapterRecord, local_adapter_dir, read_adapter, same_model)
 from .model_loading import (canonical_task, check_predict_kwargs, default_device, load_tokenizer, make_task, place,
                             resolve_dtype)
 from .shared_base import SharedBase
 
 log = logging.getLogger("tunepipe")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_TASK_BY_PEFT_TYPE = {"TOKEN_CLS": "token_classification", "SEQ_CLS": "text_classification",
-                      "QUESTION_ANS": "question_answering", "CAUSAL_LM": "causal_lm",
-                      "SEQ_2_SEQ_LM": "text_generation"}
 
 
 class AdapterNotFoundError(TunepipeError):
@@ -50,51 +50,10 @@ class AdapterSwitchError(TunepipeError):
 
 
 @dataclass
-class _Adapter:
-    name: str
-    path: Path
-    task_name: str
-    auto_model_class: str
-    model_kwargs: dict[str, Any]
-    peft_type: str
-    base_model: str | None
-    vocab_size: int | None
-    loaded: bool = False
-    load_count: int = 0
-    loaded_at: float | None = None
-    last_used: float | None = None
-    group: tuple | None = None
-    task: Any = None
-    tokenizer: Any = None
-
-
-@dataclass
 class _Group:
     key: tuple
     model: Any
     adapters: list[str] = field(default_factory=list)
-
-
-def local_adapter_dir(path: str | Path) -> Path:
-    """An adapter directory (or a run's ``adapter/``); a hub id is downloaded where there is a network."""
-    p = Path(str(path)).expanduser()
-    if p.is_dir():
-        if (p / "adapter" / "adapter_config.json").is_file():
-            p = p / "adapter"
-        if not (p / "adapter_config.json").is_file():
-            raise ModelNotFoundError(f"No PEFT adapter in {p}", file=str(p),
-                                     suggestions=["pass a directory with adapter_config.json, or a run's output_dir"])
-        return p
-    if str(path).startswith((".", "/", "~")) or p.exists() or str(path).count("/") != 1:
-        raise ModelNotFoundError(f"Adapter directory not found: {path}", file=str(path),
-                                 suggestions=["check the path", "or pass a hub id like 'user/adapter'"])
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(path)))
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, ...
-        raise ModelNotFoundError(f"Cannot fetch adapter '{path}' from the hub: {str(e).splitlines()[0]}",
-                                 file=str(path), suggestions=["no network? download it and pass the directory"]
-                                 ) from None
 
 
 class MultiAdapterManager:
@@ -123,7 +82,7 @@ class MultiAdapterManager:
                                                           "model with dtype int8", "or use dtype bfloat16"])
         self.total_loads = 0
         self.active: str | None = None
-        self._adapters: dict[str, _Adapter] = {}
+        self._adapters: dict[str, AdapterRecord] = {}
         self._groups: dict[tuple, _Group] = {}
         self._shared: SharedBase | None = None  # the base, read from disk once, and its shared backbone
         self._base_task = self._base_tokenizer = None
@@ -132,7 +91,6 @@ class MultiAdapterManager:
     # ---- registry ------------------------------------------------------------------------------------------
     def register_adapter(self, name: str, path: str | Path, task: str | None = None) -> dict[str, Any]:
         """Record an adapter under ``name`` (not loaded yet: ``load_adapter`` or the first request loads it)."""
-        from ..modeling.peft_support import read_adapter_info, resolve_base
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ConfigError(f"Invalid adapter name {name!r}", field="adapter",
                               suggestions=["use letters, digits, '_', '-', '.' (up to 64 characters)"])
@@ -140,36 +98,17 @@ class MultiAdapterManager:
             if name in self._adapters:
                 raise ConfigError(f"An adapter named '{name}' is already registered", field="adapter",
                                   suggestions=["choose another name", f"or unregister '{name}' first"])
-            directory = local_adapter_dir(path)
-            info = read_adapter_info(directory)
-            config = json.loads((directory / "adapter_config.json").read_text())
-            task_name = canonical_task(task or info.get("task") or _TASK_BY_PEFT_TYPE.get(config.get("task_type"))
-                                       or self.task_type)
-            if not task_name:
-                raise TaskTypeError(f"Cannot tell the task of the adapter in {directory}", field="task",
-                                    suggestions=["pass task= when registering it"])
-            from ..tasks import get_task
-            kwargs = dict(info.get("model_kwargs") or {})
-            if "id2label" in kwargs:
-                kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
-            try:
-                recorded_base = resolve_base(directory, info)
-            except ModelNotFoundError:
-                recorded_base = None
+            record = read_adapter(name, path, task, self.task_type)
             if self.base is None:
-                if recorded_base is None:
-                    raise ModelNotFoundError(f"No base model given and the adapter in {directory} names none",
+                if record.base_model is None:
+                    raise ModelNotFoundError(f"No base model given and the adapter in {record.path} names none",
                                              suggestions=["pass base_model"])
-                self.base = recorded_base
-            elif recorded_base and not _same_model(recorded_base, self.base):
-                warnings.warn(f"Adapter '{name}' was trained on {recorded_base}; it runs here on {self.base}",
+                self.base = record.base_model
+            elif record.base_model and not same_model(record.base_model, self.base):
+                warnings.warn(f"Adapter '{name}' was trained on {record.base_model}; it runs here on {self.base}",
                               stacklevel=2)
-            self._adapters[name] = _Adapter(
-                name=name, path=directory, task_name=task_name,
-                auto_model_class=info.get("auto_model_class") or get_task(task_name).auto_model_class,
-                model_kwargs=kwargs, peft_type=str(config.get("peft_type", "")).upper(),
-                base_model=recorded_base, vocab_size=info.get("vocab_size"))
-            return self._describe(self._adapters[name])
+            self._adapters[name] = record
+            return self._describe(record)
 
     def unregister_adapter(self, name: str) -> None:
         with self._lock:
@@ -189,12 +128,12 @@ class MultiAdapterManager:
     def load_counts(self) -> dict[str, int]:
         return {name: a.load_count for name, a in self._adapters.items()}
 
-    def _describe(self, a: _Adapter) -> dict[str, Any]:
+    def _describe(self, a: AdapterRecord) -> dict[str, Any]:
         return {"name": a.name, "path": str(a.path), "task": a.task_name, "peft_type": a.peft_type,
                 "loaded": a.loaded, "active": self.active == a.name and a.loaded, "load_count": a.load_count,
                 "loaded_at": a.loaded_at, "last_used": a.last_used, "base_model": a.base_model}
 
-    def _get(self, name: str) -> _Adapter:
+    def _get(self, name: str) -> AdapterRecord:
         if name not in self._adapters:
             known = ", ".join(sorted(self._adapters)) or "none"
             raise AdapterNotFoundError(f"No adapter named '{name}'", field="adapter",
@@ -430,10 +369,3 @@ def group_by_adapter(inputs: Sequence[Any], adapters: Sequence[str | None],
         for i, result in zip(idx, run([inputs[i] for i in idx], name)):
             out[i] = result
     return out
-
-
-def _same_model(a: str, b: str) -> bool:
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a == b

@@ -3,14 +3,14 @@
 ``create_app(pipeline, limits, api_key=...)`` builds the app without starting a server (tests and ASGI hosts use
 it directly); ``serve(...)`` runs it with uvicorn and refuses a non-loopback address without an API key. Every
 user mistake is a 4xx with ``{"error": {"code", "message", "field", "suggestions"}}``; only a fault of the server
-itself is a 500. What guards the server is in serve_guard.py (key, body size and encoding, requests in flight,
-connection timeouts); who gets the model when is in serve_scheduler.py (one model thread, micro-batches served
-round robin between requests). docs/serving.md is the operator's guide.
+itself is a 500. Who may use it (the API key, binding without one, adapter paths) is in serve_access.py; what
+guards the server is in serve_guard.py (key, body size and encoding, requests in flight, connection timeouts); who
+gets the model when is in serve_scheduler.py (one model thread, micro-batches served round robin between requests).
+docs/serving.md is the operator's guide.
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,10 +18,10 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError, DependencyError, TunepipeError, ValidationError
+from .serve_access import (  # noqa: F401 - importable from here as before
+    API_KEY_ENV, MIN_KEY_CHARS, AdapterPathError, adapter_dir_under, check_bind, read_api_key, real_roots)
 
 log = logging.getLogger("tunepipe.serve")
-API_KEY_ENV = "TUNEPIPE_API_KEY"
-MIN_KEY_CHARS = 16
 
 
 @dataclass
@@ -80,10 +80,6 @@ class AdapterRequest(BaseModel):
     load: bool = Field(True, description="load it now (else at its first request)")
 
 
-class AdapterPathError(TunepipeError):
-    code = "ADAPTER_PATH_REFUSED"
-
-
 class ForbiddenError(TunepipeError):
     code = "FORBIDDEN"
 
@@ -126,82 +122,6 @@ def _size(value: Any) -> int:
     return 0
 
 
-# ---- who may bind where, with which key -------------------------------------------------------------------
-def read_api_key(key: str | None = None, key_file: str | None = None) -> str | None:
-    """The key from --api-key, else --api-key-file, else $TUNEPIPE_API_KEY; None when none is set."""
-    if key and key_file:
-        raise ConfigError("Give --api-key or --api-key-file, not both", field="api_key")
-    if key_file:
-        try:
-            key = Path(key_file).expanduser().read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ConfigError(f"Cannot read the API key file {key_file}: {e.strerror}", field="api_key_file",
-                              suggestions=["check the path and its permissions"]) from None
-    key = key if key is not None else os.environ.get(API_KEY_ENV)
-    if key is None or key == "":
-        return None
-    key = key.strip()
-    if len(key) < MIN_KEY_CHARS or not key.isascii() or not key.isprintable() or " " in key:
-        raise ConfigError(f"The API key must be at least {MIN_KEY_CHARS} printable ASCII characters without spaces",
-                          field="api_key", suggestions=["make one: python -c 'import secrets; "
-                                                        "print(secrets.token_urlsafe(32))'"])
-    return key
-
-
-def check_bind(host: str, api_key: str | None) -> None:
-    """Without a key the server answers anyone who reaches it: loopback only."""
-    from .serve_guard import is_loopback
-    if api_key is None and not is_loopback(host):
-        raise ConfigError(f"Refusing to bind --host {host} without an API key: anyone who can reach it could use it",
-                          field="host", suggestions=[f"set {API_KEY_ENV} (or --api-key-file FILE) to require a key",
-                                                     "or bind 127.0.0.1 and put a reverse proxy in front "
-                                                     "(docs/serving.md)"])
-
-
-def _real_roots(roots: Sequence[str | Path]) -> list[str]:
-    out = []
-    for root in roots:
-        real = os.path.realpath(os.path.expanduser(str(root)))
-        if not os.path.isdir(real):
-            raise ConfigError(f"Adapter root {root} is not a directory", field="adapter_root",
-                              suggestions=["give an existing directory holding adapters"])
-        out.append(real)
-    return out
-
-
-def _under(path: str, roots: list[str]) -> bool:
-    return any(os.path.commonpath([path, root]) == root for root in roots)
-
-
-def adapter_dir_under(path: str, roots: list[str]) -> str:
-    """The real adapter directory ``path`` names, if it lies under one of ``roots``. One answer for outside the
-    roots, missing, not a directory and not an adapter: the route must not tell which paths exist. Checked here,
-    before the adapter manager sees the path (it would take a name that is not a directory as a hub id)."""
-    refused = AdapterPathError(f"'{path[:200]}' is not an adapter directory under this server's adapter roots",
-                               field="path", suggestions=["give an adapter directory (or a run's output_dir) inside "
-                                                          "an --adapter-root of the server, absolute or relative "
-                                                          "to the root"])
-    if not path or "\x00" in path or len(path) > 4096:
-        raise refused
-    try:
-        candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in roots]
-        for candidate in candidates:
-            real = os.path.realpath(candidate)
-            for _ in range(4):  # a run's output_dir holds adapter/; follow it as the manager would
-                if not _under(real, roots) or not os.path.isdir(real):
-                    break
-                inner = os.path.join(real, "adapter")
-                if os.path.isfile(os.path.join(inner, "adapter_config.json")):
-                    real = os.path.realpath(inner)
-                    continue
-                if os.path.isfile(os.path.join(real, "adapter_config.json")):
-                    return real
-                break
-    except (OSError, ValueError):
-        pass
-    raise refused
-
-
 # ---- the app ----------------------------------------------------------------------------------------------
 def create_app(pipeline, limits: Limits | None = None, *, api_key: str | None = None,
                allow_adapter_management: bool = False, adapter_roots: Sequence[str | Path] = (),
@@ -222,7 +142,7 @@ def create_app(pipeline, limits: Limits | None = None, *, api_key: str | None = 
     limits = limits or Limits()
     if scheduling not in ("fair", "fifo"):
         raise ConfigError(f"Unknown scheduling {scheduling!r}", field="scheduling", suggestions=["fair or fifo"])
-    roots = _real_roots(adapter_roots)
+    roots = real_roots(adapter_roots)
     if allow_adapter_management and not roots:
         raise ConfigError("Adapter management needs at least one adapter root", field="adapter_root",
                           suggestions=["add --adapter-root DIR: only adapters under it can be registered"])
