@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import saved_run
 from .errors import ConfigError, ErrorHandler
 from .evaluation_records import add_evaluation, adopt_trained_labels
 from .evaluation_records import reported_metrics as _reported_metrics
@@ -261,13 +262,14 @@ class FineTunePipeLine:
                     CheckpointManager.for_specs(self.specs).drop_optimizer_state()
         except BaseException as e:  # the MLflow run ends FAILED (KILLED on Ctrl-C), then the error goes on
             if self.trainer.is_main_process:
-                self._write_curves()  # the curve up to the failure (a diverging loss, say)
+                # the curve up to the failure (a diverging loss, say)
+                saved_run.write_curves(self.specs, self.task, self.output_dir)
             self.tracking.finish(error=e)
             if not self._in_run:
                 self._unlock()
             raise
         if self.trainer.is_main_process:
-            self._write_curves()
+            saved_run.write_curves(self.specs, self.task, self.output_dir)
         self.tracking.training_done(saved, self.train_result.global_step)
         if not self._in_run:
             self.tracking.finish()
@@ -306,8 +308,8 @@ class FineTunePipeLine:
         elif self.trainer.is_main_process:
             from .output import write_json
             write_json(self.output_dir / "metrics.json", self.metrics)
-            self._write_curves()
-            self._write_card()
+            saved_run.write_curves(self.specs, self.task, self.output_dir)
+            saved_run.write_card(self.specs, self.task, self.output_dir, self.metrics, self.datasets)
         if self.trainer.is_main_process:
             self.tracking.evaluation_done()
         return self.metrics
@@ -343,76 +345,13 @@ class FineTunePipeLine:
 
     def load_trained(self, model_dir: str | Path | None = None):
         """Load the saved model of this run (output_dir/model) for prediction or evaluation."""
-        import transformers
-
-        from .modeling.peft_support import is_adapter_dir, load_adapter, peft_enabled
-        path = Path(model_dir or self.output_dir / ("adapter" if peft_enabled(self.specs) else "model"))
-        from .modeling.models import adopt_model_config
-        adopt_model_config(self.task, path, trust_remote_code=self.specs.model.trust_remote_code)
-        if is_adapter_dir(path):  # PEFT run: base model (quantized as trained) + adapter
-            with ErrorHandler.guard(f"loading the adapter in {path}"):
-                self.model, self.tokenizer = load_adapter(path, self.task.auto_model_class,
-                                                           trust_remote_code=self.specs.model.trust_remote_code)
-            self.task.on_model_loaded(self.model)
-            return self.model, self.tokenizer
-        if not (path / "config.json").is_file():
-            from .errors import ModelNotFoundError
-            raise ModelNotFoundError(f"No trained model in {path}", file=str(path),
-                                     suggestions=["run `tunepipe train` first, or pass the model directory"])
-        auto_cls = getattr(transformers, self.task.auto_model_class)
-        trust = {"trust_remote_code": self.specs.model.trust_remote_code}  # the caller's specs, explicit
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, **trust)
-        self.model = auto_cls.from_pretrained(path, **trust)
-        self.task.on_model_loaded(self.model)
+        self.model, self.tokenizer = saved_run.load_trained(self.specs, self.task, self.output_dir, model_dir)
         return self.model, self.tokenizer
 
-    # ---- output ------------------------------------------------------------------------------------------
+    # ---- output (written by saved_run.py) -----------------------------------------------------------------
     def save(self) -> Path:
-        from .output import atomic_dir, atomic_text
-        from .modeling.peft_support import is_peft_model, save_adapter
-        if is_peft_model(self.model):  # adapter only (+ base reference); `tunepipe merge` exports a full model
-            target = self.output_dir / "adapter"
-            with ErrorHandler.guard(f"saving the adapter to {target}"):
-                save_adapter(self.model, self.tokenizer, target, self.specs, self.task)
-                atomic_text(self.output_dir / "specs.yaml", self.specs.to_yaml())
-            return target
-        target = self.output_dir / "model"
-
-        def write(tmp: Path) -> None:
-            self.model.config.tunepipe_task = self.task.name  # lets `tunepipe predict` find the task
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-
-        from .trainers.checkpoints import disk_full_as_io_error, model_weight_bytes
-        with ErrorHandler.guard(f"saving the model to {target}"), disk_full_as_io_error(
-                target, model_weight_bytes(self.model), "the model's weights", "final model"):
-            atomic_dir(target, write)
-            atomic_text(self.output_dir / "specs.yaml", self.specs.to_yaml())
-        return target
-
-    def _write_curves(self):
-        """training_curves.svg from train_log.jsonl, which every backend writes; never fails the run."""
-        from .tracking.plots import write_training_curves
-        metric = self.specs.training.metric_for_best_model or \
-            self.task.default_specs().get("training", {}).get("metric_for_best_model")
-        return write_training_curves(self.output_dir, metric, f"{self.output_dir.name} — {self.task.name}")
-
-    def _write_card(self) -> None:
-        from .output import atomic_text, model_card
-        from .tracking.plots import CURVES_FILE
-        curves = CURVES_FILE if (self.output_dir / CURVES_FILE).is_file() else None
-        n_train = len(self.datasets["train"]) if hasattr(self.datasets.get("train"), "__len__") else 0
-        base = self.specs.model.name_or_path or f"from_config({(self.specs.model.from_config or {}).get('model_type')})"
-        from .modeling.adapter_card import adapter_card
-        from .modeling.peft_support import peft_enabled
-        if peft_enabled(self.specs):  # an adapter/ to load, on a base named as the adapter records it
-            peft_card = adapter_card(self.output_dir, self.task, self.specs)
-            card = model_card(self.specs, self.task, self.metrics, peft_card["base"], n_train,
-                              load_section=peft_card["load"], metadata=peft_card["metadata"],
-                              base_note=peft_card["base_note"], curves=curves)
-        else:
-            card = model_card(self.specs, self.task, self.metrics, base, n_train, curves=curves)
-        atomic_text(self.output_dir / "README.md", card)
+        """The trained model (or adapter) and specs.yaml into output_dir; returns where the model went."""
+        return saved_run.save_model(self.model, self.tokenizer, self.specs, self.task, self.output_dir)
 
 
 def run_from_specs(source, overrides: Sequence[str] | None = None) -> FineTunePipeLine:
