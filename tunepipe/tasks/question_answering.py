@@ -3,18 +3,17 @@
 Long contexts are cut into windows of ``data.max_length`` tokens that overlap by ``data.stride`` tokens; each window
 is one feature. Training labels are the answer's start/end token in the window (the null index, [CLS], when the
 answer is not inside the window or the question has no answer). Evaluation and prediction share one n-best
-post-processing over the windows of a question, so every answer is the exact substring ``context[start:end]``.
+post-processing over the windows of a question (qa_postprocess.py), so every answer is the exact substring
+``context[start:end]``.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Sequence
-
-import numpy as np
 
 from ..errors import ConfigError, TrainingError, ValidationError
 from .base import Task
+from .qa_postprocess import EvalSplit, best_answers
 from .squad_metrics import squad_metrics
 
 
@@ -92,80 +91,6 @@ def answer_token_span(offsets, sequence_ids, context_id: int, start_char: int, e
 def context_offsets(offsets, sequence_ids, context_id: int) -> list:
     """Character offsets of context tokens; None for question, special and padding tokens."""
     return [tuple(o) if s == context_id else None for o, s in zip(offsets, sequence_ids)]
-
-
-# ---- n-best post-processing --------------------------------------------------------------------------------
-def best_answers(contexts: Sequence[str], feature_example: Sequence[int], feature_offsets: Sequence[list],
-                 start_logits, end_logits, null_indices: Sequence[int], *, n_best_size: int = 20,
-                 max_answer_length: int = 30, version_2_with_negative: bool = False,
-                 null_score_diff_threshold: float = 0.0) -> list[dict[str, Any]]:
-    """One answer per context from the start/end logits of its windows (run_qa's n-best search).
-
-    A candidate pairs one of the ``n_best_size`` best context starts with one of the best context ends of the same
-    window (end >= start, at most ``max_answer_length`` tokens); its score is start + end logit. ``score`` in the
-    result is the softmax probability among the n best candidates (and the null answer for v2). For v2 the null
-    answer wins when (lowest null score over the windows) - (best span score) > ``null_score_diff_threshold``.
-    """
-    windows: list[list[int]] = [[] for _ in contexts]
-    for f, example in enumerate(feature_example):
-        windows[example].append(f)
-    results = []
-    for example, context in enumerate(contexts):
-        spans: list[tuple[float, int, int]] = []  # (score, start char, end char)
-        null_score = None
-        for f in windows[example]:
-            offsets = feature_offsets[f]
-            starts_all = np.asarray(start_logits[f], dtype=np.float64)
-            ends_all = np.asarray(end_logits[f], dtype=np.float64)
-            k = null_indices[f]
-            score = starts_all[k] + ends_all[k]
-            null_score = score if null_score is None else min(null_score, score)
-            ctx = np.array([i for i, o in enumerate(offsets[:len(starts_all)]) if o is not None], dtype=np.int64)
-            if ctx.size == 0:
-                continue
-            top_starts = ctx[np.argsort(-starts_all[ctx], kind="stable")[:n_best_size]]
-            top_ends = ctx[np.argsort(-ends_all[ctx], kind="stable")[:n_best_size]]
-            length = top_ends[None, :] - top_starts[:, None]
-            ok = (length >= 0) & (length < max_answer_length)
-            scores = starts_all[top_starts][:, None] + ends_all[top_ends][None, :]
-            for i, j in zip(*np.nonzero(ok)):
-                s, e = int(top_starts[i]), int(top_ends[j])
-                spans.append((float(scores[i, j]), offsets[s][0], offsets[e][1]))
-        spans.sort(key=lambda c: -c[0])
-        spans = spans[:n_best_size]
-        pool = [c[0] for c in spans] + ([null_score] if version_2_with_negative and null_score is not None else [])
-        probs = _softmax(pool)
-        if spans:
-            _, start, end = spans[0]
-            result = {"answer": context[start:end], "start": start, "end": end, "score": probs[0],
-                      "no_answer": False}
-        else:
-            result = {"answer": "", "start": 0, "end": 0, "score": 0.0, "no_answer": True}
-        if version_2_with_negative and null_score is not None:
-            diff = float(null_score - spans[0][0]) if spans else None
-            if diff is None or diff > null_score_diff_threshold:
-                result = {"answer": "", "start": 0, "end": 0, "score": probs[-1], "no_answer": True}
-            result["null_score_diff"] = diff
-        results.append(result)
-    return results
-
-
-def _softmax(scores: list[float]) -> list[float]:
-    if not scores:
-        return []
-    x = np.asarray(scores, dtype=np.float64)
-    e = np.exp(x - x.max())
-    return [float(p) for p in e / e.sum()]
-
-
-@dataclass
-class _EvalSplit:
-    """What compute_metrics needs to turn feature logits of one split back into answers."""
-    contexts: list[str]
-    golds: list[list[str] | None]
-    feature_example: list[int]
-    offsets: list[list]
-    null_indices: list[int]
 
 
 # ---- the task ----------------------------------------------------------------------------------------------
@@ -340,8 +265,8 @@ class QuestionAnsweringTask(Task):
             raw = r.get(self.column("label"))
             parsed = parse_answers(raw)
             golds.append(None if raw is None or isinstance(parsed, str) else parsed[0])
-        self.eval_data[split] = _EvalSplit([r[self.column("text_pair")] for r in records], golds, feature_example,
-                                           list(features["offset_mapping"]), list(features["null_index"]))
+        self.eval_data[split] = EvalSplit([r[self.column("text_pair")] for r in records], golds, feature_example,
+                                          list(features["offset_mapping"]), list(features["null_index"]))
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     def preprocess_logits_for_metrics(self, logits, labels):
@@ -351,7 +276,7 @@ class QuestionAnsweringTask(Task):
 
     def compute_metrics(self, eval_pred) -> dict[str, float]:
         split = self.eval_data.get(self.eval_split)
-        if not isinstance(split, _EvalSplit):
+        if not isinstance(split, EvalSplit):
             raise TrainingError(f"No {self.eval_split} features bound for question answering",
                                 suggestions=["evaluate through FineTunePipeLine, which prepares the data"])
         starts, ends = eval_pred.predictions[0], eval_pred.predictions[1]

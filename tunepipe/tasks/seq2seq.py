@@ -12,18 +12,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, ValidationError
-from . import seq2seq_decoder
+from ..errors import ValidationError
+from . import seq2seq_decoder, seq2seq_generation
 from .base import Task
+from .seq2seq_generation import (  # noqa: F401 - BEAM_ONLY, SAMPLING_ONLY importable from here as before
+    BEAM_ONLY, DECODER_ONLY_GENERATION, SAMPLING_ONLY)
 from .seq2seq_metrics import bleu_chrf, exact_match, generated_lengths, rouge
 
-BEAM_ONLY = ("length_penalty", "early_stopping", "num_beam_groups", "diversity_penalty")
-SAMPLING_ONLY = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
 # warm-up: an encoder-decoder warm-started from pretrained encoders has new, randomly initialised cross-attention
-# Decoder-only LMs decode greedily by default: on SciTLDR, SmolLM2-135M fine-tuned by tunepipe scored ROUGE-1 36.8
-# with 4 beams and no_repeat_ngram_size 3 (the encoder-decoder defaults) and 40.6 greedily, the same trained model
-# (benchmarks/results/quality_summarization_llm.json). A generation section in the specs still wins.
-DECODER_ONLY_GENERATION = {"num_beams": 1, "no_repeat_ngram_size": 0}
 _TRAINING = {"per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "learning_rate": 5e-5,
              "num_train_epochs": 3, "warmup_steps": 0.1}
 
@@ -234,53 +230,13 @@ class Seq2SeqTask(Task):
     def generation_kwargs(self) -> dict[str, Any]:
         """What model.generate() gets: only settings that apply (no beam options for greedy search, no sampling
         options without do_sample), so transformers neither warns nor refuses to save the generation config."""
-        g = self.specs.generation
-        kwargs: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams,
-                                  "do_sample": g.do_sample, "no_repeat_ngram_size": g.no_repeat_ngram_size}
-        if g.num_beams > 1:
-            kwargs["length_penalty"] = g.length_penalty
-            if g.early_stopping is not None:
-                kwargs["early_stopping"] = g.early_stopping
-        if g.min_new_tokens:
-            kwargs["min_new_tokens"] = g.min_new_tokens
-        if g.do_sample:
-            kwargs.update({k: getattr(g, k) for k in ("temperature", "top_k", "top_p") if getattr(g, k) is not None})
-        return kwargs
+        return seq2seq_generation.generation_kwargs(self.specs.generation)
 
     def configure_model(self, model, tokenizer) -> None:
         """Give the model its start/end/pad ids and the specs' generation settings, which save_pretrained writes
         to generation_config.json: plain transformers then generates the same text without extra arguments."""
-        config, gen = model.config, model.generation_config
-        if tokenizer is not None:
-            if getattr(config, "pad_token_id", None) is None:
-                config.pad_token_id = tokenizer.pad_token_id
-            if self.decoder_only and getattr(config, "eos_token_id", None) is None:
-                config.eos_token_id = tokenizer.eos_token_id  # where a completion ends
-            if getattr(config, "decoder_start_token_id", None) is None and not self.decoder_only:
-                config.decoder_start_token_id = (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
-                                                 else config.pad_token_id)
-        if getattr(config, "decoder_start_token_id", None) is None and not self.decoder_only:
-            raise ConfigError("The model has no decoder_start_token_id", field="model",
-                              suggestions=["set decoder_start_token_id in model.from_config",
-                                           "or use a tokenizer with a bos or pad token"])
-        for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
-            if getattr(gen, key, None) is None and getattr(config, key, None) is not None:
-                setattr(gen, key, getattr(config, key))
-        kwargs = self.generation_kwargs()
-        gen.update(**kwargs)
-        gen.max_length = None  # max_new_tokens rules; a pretrained max_length only makes generate() warn
-        # a pretrained generation_config may carry beam or sampling options the specs turn off: unset them, or
-        # save_pretrained refuses the combination
-        unused = (() if kwargs["num_beams"] > 1 else BEAM_ONLY) + (() if kwargs["do_sample"] else SAMPLING_ONLY)
-        for key in unused:
-            if key not in kwargs and getattr(gen, key, None) is not None:
-                setattr(gen, key, None)
-        try:
-            gen.validate(strict=True)
-        except ValueError as e:
-            raise ConfigError(f"Invalid generation settings: {str(e).strip().splitlines()[1:2] or e}",
-                              field="generation", suggestions=["check the generation section"]) from None
-        self.decoder_start_token_id = getattr(config, "decoder_start_token_id", None)
+        seq2seq_generation.configure_generation(model, tokenizer, self.generation_kwargs(), self.decoder_only)
+        self.decoder_start_token_id = getattr(model.config, "decoder_start_token_id", None)
 
     def on_model_loaded(self, model) -> None:
         self.adopt_config(model.config)  # a reloaded model (or an adapter's base) says how to prompt it
