@@ -13,6 +13,7 @@ alternating too, so drift in the machine's load hits both alike; CPU seconds of 
 wall seconds.
 
     python benchmarks/recipe_vs_plain_process.py                      # 2 sizes x 2 epoch counts x seeds 42 43 44
+    python benchmarks/recipe_vs_plain_process.py --threads 1                  # while other jobs share the CPUs
     python benchmarks/recipe_vs_plain_process.py --sizes 2000 --epochs 1 --seeds 42 --output /tmp/x.json
 
 Writes benchmarks/results/ner_vs_plain_process.json.
@@ -99,11 +100,18 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000])
     p.add_argument("--epochs", type=float, nargs="+", default=[1, 2])
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (OMP_NUM_THREADS), for both sides and the scoring; default: "
+                        "torch's own choice. On a shared machine 1 avoids OpenMP threads waiting on each other")
     p.add_argument("--output", type=Path, default=RESULTS / "ner_vs_plain_process.json")
     args = p.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"CoNLL-2003 data not found at {DATA}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     validation_rows = read_jsonl(DATA / "validation.jsonl")
     load_before, runs, turn = os.getloadavg(), [], 0
     with tempfile.TemporaryDirectory(prefix="tunepipe-vs-plain-") as tmp:
@@ -130,7 +138,7 @@ def main() -> None:
               f"  {r['f1_delta_points']:+5.2f}  {r['wall_ratio_plain_over_tunepipe']:19.2f}"
               f"  {r['cpu_ratio_plain_over_tunepipe']:18.2f}")
     result = {"job": {"model": "minilm", "task": "token_classification", "learning_rate": LEARNING_RATE,
-                      "batch_size": BATCH_SIZE, "tunepipe": "defaults otherwise (python -m tunepipe train)",
+                      "batch_size": BATCH_SIZE, "threads": args.threads, "tunepipe": "defaults otherwise (python -m tunepipe train)",
                       "plain": "benchmarks/plain_run_ner.py (run_ner.py's defaults)",
                       "scoring": "backends_defaults.score on the validation split"},
               "summary": table, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
