@@ -24,6 +24,24 @@ def _dist(**values):
                        "distributed": values}).distributed
 
 
+@pytest.mark.parametrize("backend,section,field", [
+    ("accelerate", {"fsdp": {"sharding_strategy": "FULL_SHARD"}}, "distributed.fsdp"),
+    ("lightning", {"strategy": "fsdp"}, "distributed.strategy"),
+    ("lightning", {"strategy": "deepspeed_stage_3"}, "distributed.strategy"),
+    ("lightning+accelerate", {"deepspeed": {"zero_optimization": {"stage": 2}}}, "distributed.deepspeed"),
+])
+def test_sharded_strategies_refused_where_the_loop_would_save_one_shard(backend, section, field):
+    from tunepipe.errors import ConfigError
+    with pytest.raises(ConfigError) as caught:
+        load_specs({"task": "token_classification", "model": "m", "data": {"train": "x"}, "backend": backend,
+                    "distributed": section})
+    assert caught.value.field == field and "backend: hf" in str(caught.value.suggestions)
+    # the hf backend hands them to transformers' Trainer; ddp stays open everywhere
+    load_specs({"task": "token_classification", "model": "m", "data": {"train": "x"}, "distributed": section})
+    load_specs({"task": "token_classification", "model": "m", "data": {"train": "x"}, "backend": backend,
+                "distributed": {"strategy": "ddp"}})
+
+
 def test_distributed_section_passes_configs_through():
     from tunepipe.trainers.distributed import accelerator_kwargs, hf_training_values, lightning_strategy
     ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}

@@ -163,3 +163,25 @@ def _check_combinations(specs: Specs) -> None:
         raise ConfigError("training.fp16 and training.bf16 are both on", field="training.bf16",
                           suggestions=["keep one of them: bf16 (Ampere+ GPUs, CPUs with AVX512-BF16/AMX) or fp16 "
                                        "(CUDA GPUs)"])
+    _check_sharded_strategy(specs)
+
+
+SHARDED_STRATEGIES = ("fsdp", "deepspeed")
+
+
+def _check_sharded_strategy(specs: Specs) -> None:
+    """FSDP / DeepSpeed on the accelerate and lightning backends: their loop checkpoints and saves the model and
+    optimizer from rank 0 as whole tensors, which under a sharding strategy would write one rank's shard as the
+    whole state. Refused until per-rank sharded saving exists, rather than writing a model that looks complete."""
+    dist = specs.distributed
+    strategy = str(dist.strategy).lower()
+    sharded = (dist.fsdp is not None and "fsdp" or dist.deepspeed is not None and "deepspeed"
+               or next((s for s in SHARDED_STRATEGIES if strategy.startswith(s)), None))
+    if sharded and specs.backend != "hf":
+        field = "distributed." + (sharded if getattr(dist, sharded) is not None else "strategy")
+        raise ConfigError(f"{sharded} is not supported on backend: {specs.backend}: its loop saves checkpoints and "
+                          "the final model from rank 0 and cannot yet gather sharded weights and optimizer state",
+                          field=field,
+                          suggestions=[f"backend: hf runs {sharded} through transformers' Trainer, which saves "
+                                       "sharded state per rank (untested here: it needs GPUs)",
+                                       "or strategy: ddp on this backend if the model fits on one device"])
