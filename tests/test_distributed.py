@@ -160,6 +160,37 @@ def test_each_example_once_per_epoch_across_ranks(strategy, size):
             assert orders[0] != orders[1]  # reshuffled every epoch, identically on every rank
 
 
+@pytest.mark.parametrize("strategy", ["group_by_length", "random"])
+def test_two_ranks_train_on_the_batches_of_one_process_with_the_same_global_batch(strategy):
+    """2 ranks x batch 4 see, step by step, the same examples as 1 process x batch 8: a DDP run then trains the
+    model a single process would (up to dropout draws and padding), not one of another data order. Length groups
+    are cut at the global batch (per device x accumulation x ranks) so that the two ranks' batches of a step are
+    halves of the one-process batch."""
+    import datasets
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from tunepipe.trainers.data import train_sampler
+    from tunepipe.trainers.engines.base import sharded_loader
+    rng = random.Random(3)
+    ds = datasets.Dataset.from_dict({"idx": list(range(64)), "length": [rng.randint(3, 60) for _ in range(64)]})
+
+    def collate(rows):
+        return [r["idx"] for r in rows]
+
+    one = _args(strategy, batch_size=8)
+    single = [set(b) for b in sharded_loader(ds, train_sampler(ds, one), 8, collate, one, 1, 0)]
+    two = _args(strategy, batch_size=4)
+    two.world_size = 2
+    loop_ranks = [list(sharded_loader(ds, train_sampler(ds, two), 4, collate, two, 2, r)) for r in range(2)]
+    hf_ranks = [list(prepare_data_loader(DataLoader(ds, batch_size=4, sampler=train_sampler(ds, two),
+                                                    collate_fn=collate), num_processes=2, process_index=r,
+                                         put_on_device=False, use_seedable_sampler=True, data_seed=two.seed))
+                for r in range(2)]
+    for ranks in (loop_ranks, hf_ranks):
+        assert [set(a) | set(b) for a, b in zip(*ranks)] == single
+
+
 # ---- real processes ------------------------------------------------------------------------------------------------
 PROBE = r'''
 """Run one training with a forward hook that records, per rank, the examples each training step sees."""
@@ -201,12 +232,12 @@ def ddp_job(tmp_path_factory):
     return d
 
 
-def _launch(ddp_job, tmp_path, backend: str, command: list[str], **training):
+def _launch(ddp_job, tmp_path, backend: str, command: list[str], model: dict | None = None, **training):
     import yaml
     out = tmp_path / "out"
     out.mkdir()
     specs = {"task": "token_classification", "output_dir": str(tmp_path / "run"), "backend": backend,
-             "model": {"from_config": dict(TINY_BERT)}, "tokenizer": {"name_or_path": str(ddp_job / "tok")},
+             "model": {"from_config": model or dict(TINY_BERT)}, "tokenizer": {"name_or_path": str(ddp_job / "tok")},
              "data": {"train": str(ddp_job / "train.jsonl"), "validation": str(ddp_job / "validation.jsonl")},
              "training": {"num_train_epochs": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
                           "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True, "bf16": False,
@@ -270,6 +301,21 @@ def test_accelerate_launch_two_processes(ddp_job, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: MULTI_CPU with gloo."""
     out, run, specs = _launch(ddp_job, tmp_path, "accelerate", _accelerate_cli())
     _check_ddp_run(ddp_job, out, run, specs)
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(ddp_job, tmp_path):
+    """Default sampling (length groups, token-weighted loss), no dropout, fp32: 2 processes x batch 4 under
+    `accelerate launch` log the per-step losses of 1 process x batch 8 — DDP changes the speed, not the model."""
+    no_dropout = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    losses = []
+    for name, command, batch in (("one", [sys.executable], 8), ("two", _accelerate_cli(), 4)):
+        (tmp_path / name).mkdir()
+        _, run, _ = _launch(ddp_job, tmp_path / name, "accelerate", command, model=no_dropout,
+                            per_device_train_batch_size=batch)
+        records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in records if "loss" in r])
+    assert len(losses[0]) == len(losses[1]) == 12
+    assert losses[1] == pytest.approx(losses[0], rel=2e-3)
 
 
 def _torchrun():

@@ -115,7 +115,10 @@ def train_sampler(dataset, args, tokenizer=None):
         else:
             name = tokenizer.model_input_names[0] if tokenizer is not None else "input_ids"
             lengths = [len(x) for x in dataset[name]]
-        return EpochSeededLengthGroupedSampler(args.train_batch_size * args.gradient_accumulation_steps, lengths, seed)
+        # groups of one optimizer step's examples across all ranks: the ranks' batches of a step are then the
+        # halves (thirds, ...) of the batch one process with the same global batch would train on
+        step_examples = args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        return EpochSeededLengthGroupedSampler(step_examples, lengths, seed)
     if strategy not in ("random",):
         import warnings
         warnings.warn(f"train_sampling_strategy '{strategy}' is not supported by this backend: random is used",
