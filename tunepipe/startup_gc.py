@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import gc
 
-# Python's cyclic GC while torch/transformers import and a model loads: ~1000 collections (6 full ones over a
-# growing heap of module objects) cost ~0.6 s of a one-sentence predict on 2 cores (benchmarks/startup.py); with a
-# young generation of 50,000 allocations instead of 700 the same start-up collects in ~0.15 s (_fewer_gc_passes).
+# Python's cyclic GC while torch/transformers import and a model loads: with the default young generation of 700
+# allocations it runs about a thousand times (several full passes over a growing heap of module objects); a young
+# generation of 50,000 collects rarely. What it saves is measured by benchmarks/startup.py (results/startup.json).
 FEWER_GC_PASSES = (50_000, 20, 100)
 
 

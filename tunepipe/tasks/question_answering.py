@@ -104,9 +104,8 @@ class QuestionAnsweringTask(Task):
     defaults = {
         "data": {"text_column": "question", "text_pair_column": "context", "label_column": "answers",
                  "max_length": 384, "stride": 128, "n_best_size": 20, "max_answer_length": 30},
-        # warmup: at 250 steps from a fresh span head, QA without warmup swung by up to 12 F1 between seeds and
-        # trailed run_qa by 1.5 F1 over 3 seeds; 10% warmup gave -0.4 and half the spread
-        # (benchmarks/results/quality_question_answering_seeds.json)
+        # warmup: short runs from a freshly initialised span head are unstable without it (the seed-to-seed
+        # spread and the gap to run_qa: README.md "Tasks", benchmarks/results/quality_question_answering_seeds.json)
         "training": {"per_device_train_batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 2,
                      "warmup_steps": 0.1, "metric_for_best_model": "f1"},
     }
