@@ -107,13 +107,13 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | Path, specs=None, *, keep_last_n: int | None = None, keep_best: bool = True,
-                 prefix: str = "step", backend: str | None = None):
+                 prefix: str = "step"):
         self.directory = Path(directory)
         self.specs = specs
         self.keep_last_n = keep_last_n
         self.keep_best = keep_best
         self.prefix = prefix
-        self.backend = backend or (getattr(specs, "backend", None) if specs is not None else None)
+        self.backend = getattr(specs, "backend", None)
 
     @classmethod
     def for_specs(cls, specs, directory: str | Path | None = None, prefix: str = "step") -> "CheckpointManager":
@@ -146,30 +146,36 @@ class CheckpointManager:
         return found[-1] if found else None
 
     # ---- writing -------------------------------------------------------------------------------------------
-    def staging_dir(self, step: int) -> Path:
-        """A fresh temporary directory next to the checkpoints (same filesystem: the final rename is atomic)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{self.prefix}-{step}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        return tmp
-
-    def save(self, step: int, write: Callable[[Path], None], data_state: dict[str, Any] | None = None,
-             tmp: Path | None = None, model=None) -> Path:
-        """``write(tmpdir)`` then :meth:`seal`: never a half-written checkpoint under its final name. ``tmp``: a
-        staging directory other processes already wrote into (their RNG states). A full disk is an ``IO_ERROR``
-        naming the space needed (``model`` sizes it when no checkpoint exists yet to measure)."""
-        tmp = Path(tmp) if tmp is not None else self.staging_dir(step)
+    def save(self, step: int, write: Callable[[Path], Path | None], data_state: dict[str, Any] | None = None,
+             model=None, *, main: bool = True, barrier: Callable[[], None] | None = None) -> Path:
+        """Every process calls ``write(staging)``: a fresh directory next to the checkpoints (same filesystem: the
+        final rename is atomic), the same for all processes; ``write`` returns the directory the checkpoint is in
+        when not ``staging`` itself. The ``main`` process then seals it (:meth:`seal`): never a half-written
+        checkpoint under its final name. ``barrier``: waits for every process (multi-process runs). A failed save
+        leaves nothing behind; a full disk is an ``IO_ERROR`` naming the space needed (``model`` sizes it when no
+        checkpoint exists yet to measure)."""
+        barrier = barrier or (lambda: None)
+        staging = self.directory / f".{self.prefix}-{step}.tmp-shared"
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
         try:
-            write(tmp)
-            return self.seal(tmp, step, data_state)
+            written = write(staging) or staging
+            barrier()
+            if main:
+                self.seal(written, step, data_state)
         except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
             full = self.disk_full(e, step, model) if isinstance(e, Exception) else None
             if full is not None:
                 raise full from e
             raise
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)  # what the writer left around the sealed directory
+        barrier()
+        return self.path(step)
 
     def disk_full(self, exc: BaseException, step: int, model=None) -> TunepipeIOError | None:
         """:func:`disk_full_error` for a save of ``step``: the space needed is the newest checkpoint's size, or
@@ -289,17 +295,18 @@ class CheckpointManager:
                              f"{Path(path).parent.parent / 'model'}) in another output_dir"])
 
     # ---- the loops' state (Accelerate, Lightning) ---------------------------------------------------------
-    def shared_staging_dir(self, step: int) -> Path:
-        """The staging directory every process of a multi-process run writes into (same name on every rank)."""
-        return self.directory / f".{self.prefix}-{step}.tmp-shared"
-
     def save_loop_state(self, step: int, *, model, optimizer, scheduler, state, tokenizer=None, scaler=None,
-                        data_state: dict[str, Any] | None = None, tmp: Path | None = None) -> Path:
+                        data_state: dict[str, Any] | None = None, rank: int = 0,
+                        barrier: Callable[[], None] | None = None) -> Path:
         """``<prefix>-N``: save_pretrained weights (safetensors; the adapter only for PEFT models), optimizer,
-        scheduler, scaler, RNG states, trainer_state.json, data position, manifest."""
+        scheduler, scaler, RNG states, trainer_state.json, data position, manifest. In a multi-process run every
+        process calls it (with its ``rank`` and the ``barrier``): the others add their RNG states."""
         import torch
 
         def write(tmp: Path) -> None:
+            if rank:  # dropout advances each rank's RNG differently
+                save_rank_rng(tmp, rank)
+                return
             model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -310,22 +317,17 @@ class CheckpointManager:
             torch.save(capture_rng_state(), tmp / RNG_STATE)
             state.save_to_json(str(tmp / "trainer_state.json"))
 
-        return self.save(step, write, data_state, tmp=tmp, model=model)
+        return self.save(step, write, data_state, model, main=rank == 0, barrier=barrier)
 
     def load_loop_state(self, path: Path, *, model, optimizer=None, scheduler=None, scaler=None,
-                        data_state: dict[str, Any] | None = None, restore_rng: bool = True, verify: bool = True,
-                        rank: int = 0):
+                        data_state: dict[str, Any] | None = None, restore_rng: bool = True, verify: bool = True):
         """Verify, then restore what :meth:`save_loop_state` wrote. Returns (TrainerState, saved data state).
         With ``restore_rng=False`` the caller restores the RNG itself (:func:`restore_rng_state` of
-        ``load_rng(path)``) at the point of the loop where it was saved."""
+        ``load_rng(path)``) at the point of the loop where it was saved; ``verify=False``: the caller verified it."""
         from transformers import TrainerState
         path = Path(path)
         manifest = self.verify(path, data_state=data_state) if verify else json.loads((path / MANIFEST).read_text())
-        if manifest.get("layout") != LAYOUTS["step"]:
-            raise CheckpointError(f"{path} was written by transformers' Trainer (the hf backend)", file=str(path),
-                                  field="training.resume",
-                                  suggestions=["resume it with backend: hf", "or point training.resume at a "
-                                                                              "checkpoints/step-N directory"])
+        self.check_layout(path, manifest)
         load_model_weights(path, model)
         if optimizer is not None and manifest.get("optimizer_state") != "dropped":  # the caller decides (resume)
             optimizer.load_state_dict(safe_load(path / "optimizer.pt", "optimizer state"))
@@ -334,10 +336,25 @@ class CheckpointManager:
         if scaler is not None and (path / "scaler.pt").is_file():
             scaler.load_state_dict(safe_load(path / "scaler.pt", "gradient scaler state"))
         if restore_rng:
-            restore_rng_state(load_rng(path, rank))
+            restore_rng_state(load_rng(path))
         state = TrainerState.load_from_json(str(path / "trainer_state.json"))
         saved_data = json.loads((path / DATA_STATE).read_text()) if (path / DATA_STATE).is_file() else {}
         return state, saved_data
+
+    def check_layout(self, path: Path, manifest: dict[str, Any]) -> None:
+        """A checkpoint resumes on the backends that write its layout: transformers' Trainer (hf, ``checkpoint-N``)
+        or the one loop (the others, ``step-N``)."""
+        if manifest.get("layout") == LAYOUTS[self.prefix]:
+            return
+        if self.prefix == "step":
+            raise CheckpointError(f"{path} was written by transformers' Trainer (the hf backend)", file=str(path),
+                                  field="training.resume",
+                                  suggestions=["resume it with backend: hf", "or point training.resume at a "
+                                                                              "checkpoints/step-N directory"])
+        raise CheckpointError(f"{path} was written by the {manifest.get('backend')} backend's loop, not by "
+                              "transformers' Trainer", file=str(path), field="training.resume",
+                              suggestions=[f"resume it with backend: {manifest.get('backend') or 'accelerate'}",
+                                           "or point training.resume at a checkpoints/checkpoint-N directory"])
 
     # ---- verification --------------------------------------------------------------------------------------
     def verify(self, path: str | Path, data_state: dict[str, Any] | None = None) -> dict[str, Any]:
