@@ -225,22 +225,21 @@ class TrainerBookkeeping:
 
     # ---- resume: auto | <path> ------------------------------------------------------------------------------
     def _resume_point(self) -> Path | None:
-        """``training.resume``, verified (manifest, file hashes, specs, data layout, this backend's checkpoint
-        layout) before anything is loaded from it; None: start fresh."""
+        """``training.resume``, verified before anything is loaded from it: manifest, file hashes, specs, data
+        layout, this backend's checkpoint layout, and the optimizer state when steps are left to train
+        (``keep_optimizer_state``). None: start fresh."""
         path = self.manager.resolve(resume_setting(self.specs))
         if path is not None:
-            self.manager.check_layout(path, self.manager.verify(path, data_state=self._data_state()))
+            manifest = self.manager.verify(path, data_state=self._data_state())
+            self.manager.check_resumable(path, manifest, self._schedule().max_steps)
         return path
 
     def _steps_left(self, path: Path, step: int) -> bool:
-        """Resuming from ``path``, saved after ``step`` optimizer steps: its optimizer state must be there when
-        steps are left (``keep_optimizer_state``), and train_log.jsonl drops what the interrupted run logged after
-        it. False when the checkpoint already holds every step."""
-        max_steps = self._schedule().max_steps
-        self.manager.require_optimizer_state(path, step, max_steps)
+        """Resuming from ``path``, saved after ``step`` optimizer steps: train_log.jsonl drops what the interrupted
+        run logged after it. False when the checkpoint already holds every step."""
         if self.is_main_process:
             truncate_log_after(Path(self.args.output_dir).parent / "train_log.jsonl", step)
-        if step < max_steps:
+        if step < self._schedule().max_steps:
             return True
         log.warning("%s already holds all %d training steps: nothing left to train", path, step)
         return False
