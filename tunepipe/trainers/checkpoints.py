@@ -44,7 +44,6 @@ from .run_state import (  # noqa: F401 - importable from here as before
     NOT_TRAINING_DATA,
     NOT_TRAINING_RELEVANT,
     NOT_TRAINING_SECTIONS,
-    _differences,
     RNG_STATE,
     StopOnSignal,
     TrainingInterrupted,
