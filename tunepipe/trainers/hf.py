@@ -178,13 +178,11 @@ class _TaskTrainerMixin(TrainerBookkeeping):
             if not self._steps_left(resume, saved.global_step):  # transformers would train one step more
                 self._load_from_checkpoint(str(resume))
                 self.state = saved
-                return TrainResult(global_step=saved.global_step, train_metrics={"epoch": saved.epoch},
-                                   log_history=list(saved.log_history))
+                return self._result({"epoch": saved.epoch})
         self.evaluations = FinalEvaluation()
         with self._stopping_on_signals():
             output = self.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-        return TrainResult(global_step=output.global_step, train_metrics=dict(output.metrics),
-                           log_history=list(self.state.log_history))
+        return self._result(dict(output.metrics))
 
     def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:
         metrics = strip_prefix(self.evaluate(eval_dataset=dataset, metric_key_prefix=split), f"{split}_")

@@ -111,8 +111,7 @@ class LoopTrainer(TrainerBookkeeping):
         first_epoch, skip, pending_rng = self._resume(state, schedule)
         self.evaluations = FinalEvaluation()
         if first_epoch is None:
-            return TrainResult(global_step=state.global_step, train_metrics={"epoch": state.epoch},
-                               log_history=list(state.log_history))
+            return self._result({"epoch": state.epoch})
         ga = args.gradient_accumulation_steps
         tr_loss = torch.zeros((), device=engine.device)
         total_loss, self.last_logged, flops = 0.0, state.global_step, FlopCounter(self.trained_model())
@@ -229,8 +228,7 @@ class LoopTrainer(TrainerBookkeeping):
             self.evaluations.reloaded(state.best_model_checkpoint)
         self.control = self.handler.on_train_end(args, state, self.control)
         engine.barrier()
-        return TrainResult(global_step=state.global_step, train_metrics={**metrics, "epoch": state.epoch},
-                           log_history=list(state.log_history))
+        return self._result({**metrics, "epoch": state.epoch})
 
     # ---- after each optimizer step: log, evaluate, keep the best, save, stop on a signal ------------------
     def log(self, logs: dict[str, float]) -> None:
