@@ -15,20 +15,19 @@ RNG states are stored as lists and tensors so that no pickled Python object is n
 
 The hf backend keeps transformers' own ``checkpoint-N`` files (the Trainer restores them itself) and adds the same
 manifest; the Accelerate and Lightning loops write ``step-N`` through :meth:`CheckpointManager.save_loop_state`.
+Listing, verifying and resolving ``resume`` are :class:`~tunepipe.trainers.resume.CheckpointDirectory`'s (resume.py).
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
-import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import CheckpointError, TunepipeIOError
+from ..errors import TunepipeIOError
 from ..output import follow_umask
 from .disk_space import (  # noqa: F401 - importable from here as before
     DISK_FULL_ERRNOS,
@@ -45,35 +44,32 @@ from .run_state import (  # noqa: F401 - importable from here as before
     NOT_TRAINING_DATA,
     NOT_TRAINING_RELEVANT,
     NOT_TRAINING_SECTIONS,
-    _differences,
     RNG_STATE,
     StopOnSignal,
     TrainingInterrupted,
     capture_rng_state,
     load_model_weights,
     load_rng,
+    read_loop_state,
     restore_rng_state,
     resume_setting,
     safe_load,
     save_rank_rng,
     specs_hash,
     training_relevant_specs,
+    write_loop_state,
+)
+from .resume import (  # noqa: F401 - importable from here as before
+    CHECKPOINT_DIR,
+    DATA_STATE,
+    LAYOUTS,
+    MANIFEST,
+    CheckpointDirectory,
+    DamagedCheckpoint,
+    file_sha256,
 )
 
-log = logging.getLogger("tunepipe")
-
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-DATA_STATE = "data_state.json"
-CHECKPOINT_DIR = re.compile(r"^(checkpoint|step)-(\d+)$")
-LAYOUTS = {"checkpoint": "transformers-trainer", "step": "tunepipe-loop"}
-
-
-
-class DamagedCheckpoint(CheckpointError):
-    """A checkpoint that is incomplete (no manifest), or whose files are missing, changed or truncated. Still a
-    ``CHECKPOINT_ERROR``; ``resume: auto`` skips such a checkpoint for the newest intact one, while a checkpoint
-    named explicitly stays an error. Other specs or other data are not damage: those stop ``resume: auto`` too."""
 
 
 # ---- atomic directory writes ---------------------------------------------------------------------------------
@@ -90,15 +86,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-class CheckpointManager:
+class CheckpointManager(CheckpointDirectory):
     """Saves, verifies, lists, rotates and resolves checkpoints under ``directory`` (``<output_dir>/checkpoints``).
 
     ``specs`` supplies the training-relevant settings recorded in (and checked against) every manifest.
@@ -107,13 +95,13 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | Path, specs=None, *, keep_last_n: int | None = None, keep_best: bool = True,
-                 prefix: str = "step", backend: str | None = None):
+                 prefix: str = "step"):
         self.directory = Path(directory)
         self.specs = specs
         self.keep_last_n = keep_last_n
         self.keep_best = keep_best
         self.prefix = prefix
-        self.backend = backend or (getattr(specs, "backend", None) if specs is not None else None)
+        self.backend = getattr(specs, "backend", None)
 
     @classmethod
     def for_specs(cls, specs, directory: str | Path | None = None, prefix: str = "step") -> "CheckpointManager":
@@ -123,53 +111,37 @@ class CheckpointManager:
         return cls(directory or Path(specs.output_dir) / "checkpoints", specs, keep_last_n=keep,
                    keep_best=str(getattr(training, "keep_best", None)).lower() != "false", prefix=prefix)
 
-    # ---- layout --------------------------------------------------------------------------------------------
-    def path(self, step: int) -> Path:
-        return self.directory / f"{self.prefix}-{step}"
-
-    @staticmethod
-    def step_of(path: Path) -> int | None:
-        match = CHECKPOINT_DIR.match(Path(path).name)
-        return int(match.group(2)) if match else None
-
-    def checkpoints(self, complete: bool = True) -> list[Path]:
-        """Checkpoint directories sorted by step; with ``complete`` only those whose manifest was written."""
-        if not self.directory.is_dir():
-            return []
-        found = [p for p in self.directory.iterdir() if p.is_dir() and self.step_of(p) is not None]
-        if complete:
-            found = [p for p in found if (p / MANIFEST).is_file()]
-        return sorted(found, key=lambda p: (self.step_of(p), p.name))
-
-    def latest(self) -> Path | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
-
     # ---- writing -------------------------------------------------------------------------------------------
-    def staging_dir(self, step: int) -> Path:
-        """A fresh temporary directory next to the checkpoints (same filesystem: the final rename is atomic)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{self.prefix}-{step}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        return tmp
-
-    def save(self, step: int, write: Callable[[Path], None], data_state: dict[str, Any] | None = None,
-             tmp: Path | None = None, model=None) -> Path:
-        """``write(tmpdir)`` then :meth:`seal`: never a half-written checkpoint under its final name. ``tmp``: a
-        staging directory other processes already wrote into (their RNG states). A full disk is an ``IO_ERROR``
-        naming the space needed (``model`` sizes it when no checkpoint exists yet to measure)."""
-        tmp = Path(tmp) if tmp is not None else self.staging_dir(step)
+    def save(self, step: int, write: Callable[[Path], Path | None], data_state: dict[str, Any] | None = None,
+             model=None, *, main: bool = True, barrier: Callable[[], None] | None = None) -> Path:
+        """Every process calls ``write(staging)``: a fresh directory next to the checkpoints (same filesystem: the
+        final rename is atomic), the same for all processes; ``write`` returns the directory the checkpoint is in
+        when not ``staging`` itself. The ``main`` process then seals it (:meth:`seal`): never a half-written
+        checkpoint under its final name. ``barrier``: waits for every process (multi-process runs). A failed save
+        leaves nothing behind; a full disk is an ``IO_ERROR`` naming the space needed (``model`` sizes it when no
+        checkpoint exists yet to measure)."""
+        barrier = barrier or (lambda: None)
+        staging = self.directory / f".{self.prefix}-{step}.tmp-shared"
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
         try:
-            write(tmp)
-            return self.seal(tmp, step, data_state)
+            written = write(staging) or staging
+            barrier()
+            if main:
+                self.seal(written, step, data_state)
         except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
             full = self.disk_full(e, step, model) if isinstance(e, Exception) else None
             if full is not None:
                 raise full from e
             raise
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)  # what the writer left around the sealed directory
+        barrier()
+        return self.path(step)
 
     def disk_full(self, exc: BaseException, step: int, model=None) -> TunepipeIOError | None:
         """:func:`disk_full_error` for a save of ``step``: the space needed is the newest checkpoint's size, or
@@ -214,33 +186,19 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         return target
 
-    def remove_partial(self) -> list[Path]:
-        """Delete the temporary directories an interrupted save left behind (never a named checkpoint)."""
-        removed = []
-        if not self.directory.is_dir():
-            return removed
-        for p in self.directory.iterdir():
-            if p.is_dir() and p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-        return removed
-
-    def rotate(self, best: str | Path | None = None) -> list[Path]:
+    def rotate(self, best: str | Path | None = None) -> None:
         """Keep the newest ``keep_last_n`` complete checkpoints, and the best one when ``keep_best``. The best one
         counts among the n, but the newest one is never removed (``resume: auto`` continues from it): with
         ``keep_last_n: 1`` and an older best, both stay. The same rule on every backend."""
         if self.keep_last_n is None or self.keep_last_n <= 0:
-            return []
+            return
         found = self.checkpoints()
         keep_best = Path(best).resolve() if best and self.keep_best else None
         removable = [p for p in found[:-1] if keep_best is None or p.resolve() != keep_best]
-        removed = []
         while len(found) > self.keep_last_n and removable:
             victim = removable.pop(0)
             found.remove(victim)
             shutil.rmtree(victim, ignore_errors=True)
-            removed.append(victim)
-        return removed
 
     # ---- after the run: optimizer state dropped (training.keep_optimizer_state: false) ----------------------
     def drop_optimizer_state(self) -> int:
@@ -268,177 +226,28 @@ class CheckpointManager:
                     target.parent.rmdir()
         return freed
 
-    @staticmethod
-    def require_optimizer_state(path: Path, step: int, max_steps: int) -> None:
-        """Resuming with steps left to train (``step < max_steps``) needs the optimizer state; a finished run's
-        checkpoints hold none unless ``training.keep_optimizer_state`` was on: a CHECKPOINT_ERROR (before anything
-        is changed) rather than an inexact resume. With nothing left to train, the weights alone do."""
-        if step >= max_steps:
-            return
-        try:
-            manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return
-        if manifest.get("optimizer_state") == "dropped":
-            raise CheckpointError(
-                f"{path} holds no optimizer state: it was dropped when the run finished "
-                "(training.keep_optimizer_state: false), so training cannot continue exactly from it",
-                file=str(path), field="training.keep_optimizer_state",
-                suggestions=["set training.keep_optimizer_state: true in runs you may want to continue",
-                             "to train further, start a new run from the trained model (model.name_or_path: "
-                             f"{Path(path).parent.parent / 'model'}) in another output_dir"])
+    # ---- the loops' state (Accelerate, Lightning): the files are run_state.write_loop_state's ---------------
+    def save_loop_state(self, step: int, *, data_state: dict[str, Any] | None = None, rank: int = 0,
+                        barrier: Callable[[], None] | None = None, **objects) -> Path:
+        """``<prefix>-N`` holding ``objects`` (model, optimizer, scheduler, state; tokenizer, scaler: optional) as
+        :func:`write_loop_state` writes them, the data position and the manifest. In a multi-process run every
+        process calls it, with its ``rank`` and the ``barrier``: the others add their RNG states."""
+        return self.save(step, functools.partial(write_loop_state, rank=rank, **objects), data_state,
+                         objects["model"], main=rank == 0, barrier=barrier)
 
-    # ---- the loops' state (Accelerate, Lightning) ---------------------------------------------------------
-    def shared_staging_dir(self, step: int) -> Path:
-        """The staging directory every process of a multi-process run writes into (same name on every rank)."""
-        return self.directory / f".{self.prefix}-{step}.tmp-shared"
-
-    def save_loop_state(self, step: int, *, model, optimizer, scheduler, state, tokenizer=None, scaler=None,
-                        data_state: dict[str, Any] | None = None, tmp: Path | None = None) -> Path:
-        """``<prefix>-N``: save_pretrained weights (safetensors; the adapter only for PEFT models), optimizer,
-        scheduler, scaler, RNG states, trainer_state.json, data position, manifest."""
-        import torch
-
-        def write(tmp: Path) -> None:
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if scaler is not None:
-                torch.save(scaler.state_dict(), tmp / "scaler.pt")
-            torch.save(capture_rng_state(), tmp / RNG_STATE)
-            state.save_to_json(str(tmp / "trainer_state.json"))
-
-        return self.save(step, write, data_state, tmp=tmp, model=model)
-
-    def load_loop_state(self, path: Path, *, model, optimizer=None, scheduler=None, scaler=None,
-                        data_state: dict[str, Any] | None = None, restore_rng: bool = True, verify: bool = True,
-                        rank: int = 0):
-        """Verify, then restore what :meth:`save_loop_state` wrote. Returns (TrainerState, saved data state).
+    def load_loop_state(self, path: Path, *, data_state: dict[str, Any] | None = None, verify: bool = True,
+                        **objects):
+        """Verify, then restore what :meth:`save_loop_state` wrote into ``objects`` (model; optimizer, scheduler,
+        scaler, restore_rng: optional, see :func:`read_loop_state`). Returns (TrainerState, saved data state).
         With ``restore_rng=False`` the caller restores the RNG itself (:func:`restore_rng_state` of
-        ``load_rng(path)``) at the point of the loop where it was saved."""
-        from transformers import TrainerState
+        ``load_rng(path)``) at the point of the loop where it was saved; ``verify=False``: the caller verified it."""
         path = Path(path)
         manifest = self.verify(path, data_state=data_state) if verify else json.loads((path / MANIFEST).read_text())
-        if manifest.get("layout") != LAYOUTS["step"]:
-            raise CheckpointError(f"{path} was written by transformers' Trainer (the hf backend)", file=str(path),
-                                  field="training.resume",
-                                  suggestions=["resume it with backend: hf", "or point training.resume at a "
-                                                                              "checkpoints/step-N directory"])
-        load_model_weights(path, model)
-        if optimizer is not None and manifest.get("optimizer_state") != "dropped":  # the caller decides (resume)
-            optimizer.load_state_dict(safe_load(path / "optimizer.pt", "optimizer state"))
-        if scheduler is not None:
-            scheduler.load_state_dict(safe_load(path / "scheduler.pt", "scheduler state"))
-        if scaler is not None and (path / "scaler.pt").is_file():
-            scaler.load_state_dict(safe_load(path / "scaler.pt", "gradient scaler state"))
-        if restore_rng:
-            restore_rng_state(load_rng(path, rank))
-        state = TrainerState.load_from_json(str(path / "trainer_state.json"))
+        self.check_resumable(path, manifest)
+        state = read_loop_state(path, manifest, **objects)
         saved_data = json.loads((path / DATA_STATE).read_text()) if (path / DATA_STATE).is_file() else {}
         return state, saved_data
 
-    # ---- verification --------------------------------------------------------------------------------------
-    def verify(self, path: str | Path, data_state: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Check a checkpoint before anything is loaded from it: complete (manifest present), intact (every file
-        there with its recorded SHA-256), written by the same training specs and, when ``data_state`` is given,
-        for the same data layout (examples, batches per epoch, processes). Returns the manifest."""
-        path = Path(path)
-        field = "training.resume"
-        if not path.is_dir():
-            raise CheckpointError(f"Checkpoint not found: {path}", file=str(path), field=field,
-                                  suggestions=self._other_choices(path) + ["use `resume: auto` to pick the newest "
-                                                                           "complete checkpoint"])
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise DamagedCheckpoint(f"{path} is incomplete: it has no {MANIFEST} (the save was interrupted, or it "
-                                    "was not written by tunepipe)", file=str(path), field=field,
-                                    suggestions=self._other_choices(path) + ["delete this directory"])
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            files = dict(manifest["files"])
-        except (ValueError, KeyError, TypeError):
-            raise DamagedCheckpoint(f"The manifest of {path} is unreadable", file=str(manifest_path), field=field,
-                                    suggestions=self._other_choices(path) + ["delete this directory"]) from None
-        for name, info in files.items():
-            f = path / name
-            if not f.is_file():
-                raise DamagedCheckpoint(f"{path} is missing {name}", file=str(f), field=field,
-                                        suggestions=self._other_choices(path) + ["delete this directory"])
-            if f.stat().st_size != info.get("size") or file_sha256(f) != info.get("sha256"):
-                raise DamagedCheckpoint(f"{f} is corrupt: its content does not match the manifest (truncated or "
-                                        "changed after the save)", file=str(f), field=field,
-                                        suggestions=self._other_choices(path) + ["delete this checkpoint"])
-        if self.specs is not None and "specs_hash" in manifest:
-            now = training_relevant_specs(self.specs)
-            if specs_hash(now) != manifest["specs_hash"]:
-                diffs = _differences(manifest.get("specs", {}), now)
-                raise CheckpointError(
-                    f"{path} was trained with different specs: " + "; ".join(diffs[:5])
-                    + (f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""),
-                    file=str(manifest_path), field=diffs[0].split(":")[0] if diffs else field,
-                    suggestions=["resume with the specs the checkpoint was trained with (its manifest.json lists "
-                                 "them under 'specs')", "or start a fresh run in another output_dir"])
-        if data_state is not None and (path / DATA_STATE).is_file():
-            saved = json.loads((path / DATA_STATE).read_text())
-            for key in ("num_examples", "steps_in_epoch", "world_size"):
-                if key in saved and key in data_state and saved[key] != data_state[key]:
-                    raise CheckpointError(
-                        f"{path} cannot continue this data: {key} is {saved[key]} in the checkpoint and "
-                        f"{data_state[key]} now", file=str(path / DATA_STATE), field="data.train",
-                        suggestions=["resume with the training data and number of processes of the original run",
-                                     "or start a fresh run in another output_dir"])
-        return manifest
-
-    def _other_choices(self, path: Path) -> list[str]:
-        others = [p for p in self.checkpoints() if p.resolve() != Path(path).resolve()]
-        if others:
-            return [f"resume from {others[-1]} (the newest complete checkpoint)"]
-        return []
-
-    # ---- resume: auto | <path> ----------------------------------------------------------------------------
-    def resolve(self, resume: str | None) -> Path | None:
-        """``None``: start fresh. ``auto``: the newest intact checkpoint here (a damaged newer one is skipped with
-        a warning naming it and why), or fresh (logged) when there is none; every checkpoint damaged is an error,
-        never a silent restart. A path: that checkpoint, verified (damaged: an error)."""
-        if not resume:
-            return None
-        if str(resume).lower() in ("auto", "true", "latest"):
-            return self._newest_intact()
-        path = Path(resume)
-        self.verify(path)
-        log.warning("resuming from %s", path)
-        return path
-
-    def _newest_intact(self) -> Path | None:
-        """Newest first, the first checkpoint that verifies. Only damage (no manifest, missing, changed or
-        truncated files) is skipped: a checkpoint of other specs still stops the run."""
-        self.remove_partial()
-        found = self.checkpoints(complete=False)
-        if not found:
-            log.warning("resume: auto found no complete checkpoint in %s: starting fresh", self.directory)
-            return None
-        skipped: list[tuple[Path, str]] = []
-        for path in reversed(found):
-            try:
-                self.verify(path)
-            except DamagedCheckpoint as e:
-                log.warning("resume: auto skips the damaged checkpoint %s: %s", path, e.message)
-                skipped.append((path, e.message))
-                continue
-            if skipped:
-                log.warning("resuming from %s, the newest intact checkpoint (skipped %s)", path,
-                            ", ".join(p.name for p, _ in skipped))
-            else:
-                log.warning("resuming from %s", path)
-            return path
-        raise DamagedCheckpoint(
-            f"resume: auto found no intact checkpoint in {self.directory}: "
-            + "; ".join(f"{p.name}: {why}" for p, why in skipped[:3]) + (" ..." if len(skipped) > 3 else ""),
-            file=str(self.directory), field="training.resume",
-            suggestions=[f"delete the damaged checkpoints in {self.directory} to start the run afresh",
-                         "or point training.resume at a checkpoint copied from elsewhere"])
 
 
 def _is_optimizer_file(name: str) -> bool:

@@ -1,8 +1,11 @@
 """Logging and evaluation every backend shares: train_log.jsonl, transformers' callback protocol, per-batch
-prediction with the Trainer's padding and metric names, and the Trainer's flop estimate."""
+prediction with the Trainer's padding and metric names, the Trainer's flop estimate, and the bookkeeping around
+training that both trainer families keep the same way (resume, SIGTERM / SIGINT, the final evaluation)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +13,12 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..output import atomic_text
+from .data import data_state, num_examples
+from .finite import flag_non_finite_metrics
+from .run_state import StopOnSignal, resume_setting
 from .settings import Schedule, TrainResult  # noqa: F401  (TrainResult: the backends' result type)
+
+log = logging.getLogger("tunepipe")
 
 
 class JsonlLogWriter:
@@ -170,21 +178,6 @@ def new_state(args, schedule: Schedule, is_world_zero: bool, is_local_zero: bool
     return state
 
 
-def log_metrics(handler, args, state, control, logs: dict[str, float]):
-    """The Trainer's ``log``: add epoch, append to log_history, call on_log."""
-    if state.epoch is not None:
-        logs = {**logs, "epoch": state.epoch}
-    state.log_history.append({**logs, "step": state.global_step})
-    return handler.on_log(args, state, control, logs)
-
-
-def speed_metrics(prefix: str, start: float, num_samples: int, num_steps: int) -> dict[str, float]:
-    from transformers.trainer_utils import speed_metrics as hf_speed_metrics
-    return hf_speed_metrics(prefix, start, num_samples=num_samples, num_steps=num_steps)
-
-
-
-
 # ---- the validation evaluation of the final weights, done once ---------------------------------------------------
 class FinalEvaluation:
     """The validation metrics a trainer computed during training, by the step of the weights it scored. Once
@@ -214,22 +207,98 @@ class FinalEvaluation:
         return metrics
 
 
-def final_evaluation(trainer, dataset, split: str = "validation") -> dict[str, Any] | None:
-    """A trainer's method: the metrics of the evaluation of ``dataset`` (its validation split) that training ran
-    on the final weights, taken once; None when there was none (then the caller evaluates)."""
-    evaluations = getattr(trainer, "evaluations", None)
-    if evaluations is None or dataset is None or dataset is not trainer.eval_dataset:
-        return None
-    metrics = evaluations.take(trainer.state.global_step)
-    if metrics is None:
-        return None
-    # logged as the evaluation it replaces would have logged it (train_log.jsonl's final point, MLflow)
-    logs = {f"{split}_{k}": v for k, v in metrics.items() if k != "epoch"}
-    if hasattr(trainer, "handler"):  # the one loop
-        trainer.control = log_metrics(trainer.handler, trainer.args, trainer.state, trainer.control, logs)
-    else:  # transformers' Trainer
-        trainer.log(logs)
-    if trainer.state.epoch is not None:
-        metrics["epoch"] = trainer.state.epoch
-    from .finite import flag_non_finite_metrics
-    return flag_non_finite_metrics(metrics, split)
+# ---- what both trainer families keep the same way around training ----------------------------------------------
+class TrainerBookkeeping:
+    """Resume, the data position, SIGTERM / SIGINT, the NaN / inf check of every process and the final evaluation,
+    written once for hf.py's Trainer subclasses and loop.py's LoopTrainer. Each provides ``manager`` (its
+    CheckpointManager), ``finite_guard``, ``is_main_process``, ``log(logs)``, ``_schedule()``, ``_save_now()``
+    (a checkpoint at this step) and ``_rank_max(tensor)`` (the maximum over the processes)."""
+
+    stop_guard: StopOnSignal | None = None
+    stopped_by_signal = False
+    last_checkpoint: Path | None = None
+    evaluations: FinalEvaluation | None = None
+
+    def _result(self, metrics: dict[str, float]) -> TrainResult:
+        """What run_training returns, the same on every backend."""
+        return TrainResult(global_step=self.state.global_step, train_metrics=metrics,
+                           log_history=list(self.state.log_history))
+
+    def _data_state(self) -> dict[str, Any]:
+        return data_state(self.args, self._schedule(), num_examples(self.train_dataset), self.args.world_size,
+                          self.state.global_step)
+
+    # ---- resume: auto | <path> ------------------------------------------------------------------------------
+    def _resume_point(self) -> Path | None:
+        """``training.resume``, verified before anything is loaded from it: manifest, file hashes, specs, data
+        layout, this backend's checkpoint layout, and the optimizer state when steps are left to train
+        (``keep_optimizer_state``). None: start fresh."""
+        path = self.manager.resolve(resume_setting(self.specs))
+        if path is not None:
+            manifest = self.manager.verify(path, data_state=self._data_state())
+            self.manager.check_resumable(path, manifest, self._schedule().max_steps)
+        return path
+
+    def _steps_left(self, path: Path, step: int) -> bool:
+        """Resuming from ``path``, saved after ``step`` optimizer steps: train_log.jsonl drops what the interrupted
+        run logged after it. False when the checkpoint already holds every step."""
+        if self.is_main_process:
+            truncate_log_after(Path(self.args.output_dir).parent / "train_log.jsonl", step)
+        if step < self._schedule().max_steps:
+            return True
+        log.warning("%s already holds all %d training steps: nothing left to train", path, step)
+        return False
+
+    # ---- SIGTERM / SIGINT: finish the step, save, stop ----------------------------------------------------------
+    @contextlib.contextmanager
+    def _stopping_on_signals(self):
+        """Training inside: a signal stops it after the step (:meth:`_stop_if_signalled`), with a checkpoint, and
+        then raises TRAINING_INTERRUPTED."""
+        with StopOnSignal() as guard:
+            self.stop_guard = guard
+            try:
+                yield
+            finally:
+                self.stop_guard = None
+        if self.stopped_by_signal:
+            raise guard.interrupted(self.state.global_step, self.last_checkpoint)
+
+    def _stop_if_signalled(self, saved: bool) -> None:
+        """After each optimizer step's logging, evaluation and saving: on a signal (to any process), save a
+        checkpoint at this step unless ``saved``, and stop training."""
+        if self.stop_guard is None or self.stopped_by_signal or not self.stop_guard.synced(self._any_rank()):
+            return
+        if not saved:
+            self._save_now()
+        self.stopped_by_signal = True
+        self.control.should_training_stop = True
+
+    def _any_rank(self):
+        """With several processes, a function saying whether a flag is set on any of them (every rank then
+        decides the same); None with one."""
+        if self.args.world_size <= 1:
+            return None
+        import torch
+        return lambda flag: int(self._rank_max(torch.tensor(float(flag))) > 0)
+
+    def _check_finite(self, grad_norm, parameters=None, scaler=None) -> None:
+        """Before optimizer step N+1: stop with NON_FINITE_LOSS (every process at the same step) if its loss or,
+        without an active gradient scaler, its gradients are NaN / inf (trainers/finite.py)."""
+        self.finite_guard.check(self.state.global_step + 1, grad_norm=grad_norm, parameters=parameters,
+                                scaler=scaler, reduce_max=self._rank_max if self.args.world_size > 1 else None,
+                                last_checkpoint=self.manager.latest)
+
+    # ---- the validation evaluation of the final weights, done once --------------------------------------------
+    def final_evaluation(self, dataset, split: str = "validation") -> dict[str, Any] | None:
+        """The metrics of the evaluation of ``dataset`` (the validation split) that training ran on the final
+        weights, taken once; None when there was none (then the caller evaluates)."""
+        if self.evaluations is None or dataset is None or dataset is not self.eval_dataset:
+            return None
+        metrics = self.evaluations.take(self.state.global_step)
+        if metrics is None:
+            return None
+        # logged as the evaluation it replaces would have logged it (train_log.jsonl's final point, MLflow)
+        self.log({f"{split}_{k}": v for k, v in metrics.items() if k != "epoch"})
+        if self.state.epoch is not None:
+            metrics["epoch"] = self.state.epoch
+        return flag_non_finite_metrics(metrics, split)

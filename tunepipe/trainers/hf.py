@@ -3,29 +3,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
 from pathlib import Path
 from typing import Any
 
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 
-from .checkpoints import LAYOUTS, CheckpointManager, StopOnSignal, log, resume_setting
-from ..errors import CheckpointError
+from .checkpoints import CheckpointManager
 from .common import (
     FinalEvaluation,
     JsonlLogWriter,
+    TrainerBookkeeping,
     _JsonlLogCallback,
-    final_evaluation,
     prediction_step,
     strip_prefix,
-    truncate_log_after,
 )
-from .data import data_state, is_stream, keep_train_columns, num_examples, token_weighted_loss, train_sampler
+from .data import is_stream, keep_train_columns, token_weighted_loss, train_sampler
 from .finite import NonFiniteGuard, flag_non_finite_metrics
 from .settings import TrainResult, training_arguments, training_schedule
 
 
-class _TaskTrainerMixin:
+class _TaskTrainerMixin(TrainerBookkeeping):
     """Everything the two HF trainer classes add to transformers' own: construction from (task, specs)."""
 
     args_class: Any = None
@@ -49,6 +46,7 @@ class _TaskTrainerMixin:
         self.loss_weighting = token_weighted_loss(specs, datasets.get("train"))
         self.finite_guard = NonFiniteGuard(self.args)
         self.evaluations = FinalEvaluation()
+        self.manager = CheckpointManager.for_specs(specs, Path(self.args.output_dir), prefix="checkpoint")
 
     # ---- the validation split is scored once at the end (common.FinalEvaluation) ------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
@@ -62,8 +60,6 @@ class _TaskTrainerMixin:
         super()._load_best_model()
         self.evaluations.reloaded(self.state.best_model_checkpoint)
 
-    final_evaluation = final_evaluation  # the training's evaluation of the final weights, taken once
-
     # ---- NaN / inf: the shared rule (trainers/finite.py) replaces the Trainer's "log nan and keep going" --------
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -74,13 +70,11 @@ class _TaskTrainerMixin:
         """The Trainer calls this once per optimizer step, after clipping and before ``optimizer.step()``: the
         pre-clipping norm, then the non-finite check, so a NaN step never reaches the weights."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        reduce_max = None
-        if self.args.world_size > 1:
-            def reduce_max(tensor):
-                return self.accelerator.gather(tensor.reshape(1)).max().item()
-        self.finite_guard.check(self.state.global_step + 1, grad_norm=grad_norm, scaler=self.accelerator.scaler,
-                                reduce_max=reduce_max, last_checkpoint=self.checkpoint_manager().latest)
+        self._check_finite(grad_norm, scaler=self.accelerator.scaler)
         return grad_norm
+
+    def _rank_max(self, tensor) -> float:
+        return self.accelerator.gather(tensor.reshape(1).to(self.args.device)).max().item()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = {"labels": inputs.get("labels")}  # kept: a label smoother pops them from inputs
@@ -128,16 +122,7 @@ class _TaskTrainerMixin:
         return super()._get_train_sampler(train_dataset)
 
     # ---- checkpoints: the Trainer's own files, written atomically, with tunepipe's manifest ------------------
-    stop_guard: StopOnSignal | None = None
-    stopped_by_signal = False
-    last_checkpoint: Path | None = None
     _staging_root: Path | None = None
-
-    def checkpoint_manager(self) -> CheckpointManager:
-        if getattr(self, "_checkpoint_manager", None) is None:
-            self._checkpoint_manager = CheckpointManager.for_specs(self.specs, Path(self.args.output_dir),
-                                                                   prefix="checkpoint")
-        return self._checkpoint_manager
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging_root) if self._staging_root is not None else super()._get_output_dir(trial)
@@ -145,59 +130,34 @@ class _TaskTrainerMixin:
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer writes checkpoint-N into a staging directory; rank 0 then adds the manifest, syncs and
         renames it into place, and removes old checkpoints (keeping the best)."""
-        manager, step = self.checkpoint_manager(), self.state.global_step
-        staging = manager.directory / f".checkpoint-{step}.tmp-shared"
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        self._staging_root = staging
-        try:
+        manager, step = self.manager, self.state.global_step
+
+        def write(staging: Path) -> Path:
+            self._staging_root = staging
             try:
-                super()._save_checkpoint(model, trial)
+                super(_TaskTrainerMixin, self)._save_checkpoint(model, trial)
             finally:
                 self._staging_root = None
-            self.accelerator.wait_for_everyone()
             staged = staging / f"checkpoint-{step}"
-            if self.args.should_save:
-                best = self.state.best_model_checkpoint
-                if best and Path(best).parent == staging:  # the Trainer recorded the staging path
-                    self.state.best_model_checkpoint = str(manager.path(step))
-                    self.state.save_to_json(str(staged / "trainer_state.json"))
-                manager.seal(staged, step, self._data_state())
-        except BaseException as e:  # nothing half-written stays; the previous checkpoint is untouched
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            full = manager.disk_full(e, step, self.model) if isinstance(e, Exception) else None
-            if full is not None:
-                raise full from e
-            raise
+            best = self.state.best_model_checkpoint
+            if self.args.should_save and best and Path(best).parent == staging:  # the Trainer's path: staging
+                self.state.best_model_checkpoint = str(manager.path(step))
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            return staged
+
+        manager.save(step, write, self._data_state() if self.args.should_save else None, self.model,
+                     main=self.args.should_save, barrier=self.accelerator.wait_for_everyone)
         if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
             manager.rotate(self.state.best_model_checkpoint)
-        self.accelerator.wait_for_everyone()
         self.last_checkpoint = manager.path(step)
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
         """The Trainer's, then: on SIGTERM / SIGINT save a checkpoint at this step (if it did not) and stop."""
         super()._maybe_log_save_evaluate(*args, **kwargs)
-        if self.stop_guard is None or self.stopped_by_signal or not self._signal_received():
-            return
-        if self.last_checkpoint != self.checkpoint_manager().path(self.state.global_step):
-            self._save_checkpoint(self.model_wrapped, None)
-        self.stopped_by_signal = True
-        self.control.should_training_stop = True
+        self._stop_if_signalled(saved=self.last_checkpoint == self.manager.path(self.state.global_step))
 
-    def _signal_received(self) -> bool:
-        if self.args.world_size <= 1:
-            return self.stop_guard.synced()
-        import torch
-
-        def any_rank(flag: int) -> int:
-            tensor = torch.tensor([flag], device=self.args.device)
-            return int(self.accelerator.reduce(tensor, reduction="sum").item() > 0)
-
-        return self.stop_guard.synced(any_rank)
+    def _save_now(self) -> None:
+        self._save_checkpoint(self.model_wrapped, None)
 
     def _batches_per_epoch(self) -> int:
         if is_stream(self.train_dataset):  # one pass of max_steps, as the Trainer counts a stream
@@ -206,57 +166,23 @@ class _TaskTrainerMixin:
             self._train_batches = len(self.get_train_dataloader())
         return self._train_batches
 
-    def _data_state(self) -> dict[str, Any]:
-        schedule = training_schedule(self._batches_per_epoch(), self.args)
-        return data_state(self.args, schedule, num_examples(self.train_dataset), self.args.world_size,
-                          self.state.global_step)
-
-    def _resume_from(self) -> Path | None:
-        """``resume: auto | <path>``, verified (manifest, file hashes, specs, data layout) before the Trainer
-        loads anything from it."""
-        manager = self.checkpoint_manager()
-        path = manager.resolve(resume_setting(self.specs))
-        if path is None:
-            return None
-        manifest = manager.verify(path, data_state=self._data_state())
-        if manifest.get("layout") != LAYOUTS["checkpoint"]:
-            raise CheckpointError(f"{path} was written by the {manifest.get('backend')} backend's loop, not by "
-                                  "transformers' Trainer", file=str(path), field="training.resume",
-                                  suggestions=[f"resume it with backend: {manifest.get('backend') or 'accelerate'}",
-                                               "or point training.resume at a checkpoints/checkpoint-N directory"])
-        return path
-
-    def _already_trained(self, path: Path, saved) -> TrainResult:
-        """The checkpoint holds the whole run (transformers would train one step more): its weights, no training."""
-        self._load_from_checkpoint(str(path))
-        self.state = saved
-        log.warning("%s already holds all %d training steps: nothing left to train", path, saved.global_step)
-        return TrainResult(global_step=saved.global_step, train_metrics={"epoch": saved.epoch},
-                           log_history=list(saved.log_history))
+    def _schedule(self):
+        return training_schedule(self._batches_per_epoch(), self.args)
 
     # The backend contract used by FineTunePipeLine.
     def run_training(self) -> TrainResult:
-        resume = self._resume_from()
+        resume = self._resume_point()
         if resume is not None:
             from transformers import TrainerState
             saved = TrainerState.load_from_json(str(resume / "trainer_state.json"))
-            max_steps = training_schedule(self._batches_per_epoch(), self.args).max_steps
-            self.checkpoint_manager().require_optimizer_state(resume, saved.global_step, max_steps)
-            if self.is_world_process_zero():
-                truncate_log_after(Path(self.args.output_dir).parent / "train_log.jsonl", saved.global_step)
-            if saved.global_step >= max_steps:
-                return self._already_trained(resume, saved)
+            if not self._steps_left(resume, saved.global_step):  # transformers would train one step more
+                self._load_from_checkpoint(str(resume))
+                self.state = saved
+                return self._result({"epoch": saved.epoch})
         self.evaluations = FinalEvaluation()
-        with StopOnSignal() as guard:
-            self.stop_guard = guard
-            try:
-                output = self.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-            finally:
-                self.stop_guard = None
-        if self.stopped_by_signal:
-            raise guard.interrupted(self.state.global_step, self.last_checkpoint)
-        return TrainResult(global_step=output.global_step, train_metrics=dict(output.metrics),
-                           log_history=list(self.state.log_history))
+        with self._stopping_on_signals():
+            output = self.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        return self._result(dict(output.metrics))
 
     def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:
         metrics = strip_prefix(self.evaluate(eval_dataset=dataset, metric_key_prefix=split), f"{split}_")
@@ -334,7 +260,3 @@ class NLPSeq2SeqTrainer(_TaskTrainerMixin, Seq2SeqTrainer):
         finally:
             if kept is not None:
                 model.generation_config = kept
-
-    def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:
-        metrics = self.evaluate(eval_dataset=dataset, metric_key_prefix=split)
-        return flag_non_finite_metrics(strip_prefix(metrics, f"{split}_"), split)

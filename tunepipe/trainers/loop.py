@@ -12,7 +12,6 @@ processes, devices, wrapping, autocast, backward, gradient sync and the reductio
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,48 +19,36 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import TrainerControl, TrainerState, set_seed
+from transformers.trainer_utils import speed_metrics
 
-from .checkpoints import (
-    CheckpointManager,
-    StopOnSignal,
-    load_model_weights,
-    load_rng,
-    log,
-    restore_rng_state,
-    resume_setting,
-    save_rank_rng,
-)
+from .checkpoints import CheckpointManager
 from .common import (
     EvalCollector,
     FinalEvaluation,
     FlopCounter,
     JsonlLogWriter,
+    TrainerBookkeeping,
     callback_handler,
     evaluation_metrics,
-    final_evaluation,
-    log_metrics,
     new_state,
     prediction_step,
-    speed_metrics,
-    truncate_log_after,
 )
 from .data import (
     DictCollator,
     IndexedCollator,
     IndexedDataset,
-    data_state,
     eval_order,
     is_stream,
     keep_model_columns,
     keep_train_columns,
     label_names,
-    num_examples,
     token_weighted_loss,
     train_sampler,
 )
 from .distributed import check_launch
 from .engines.base import gather_objects, sharded_loader
 from .finite import NonFiniteGuard, flag_non_finite_metrics
+from .run_state import load_model_weights, load_rng, restore_rng_state
 from .settings import (
     TrainResult,
     create_optimizer,
@@ -72,11 +59,10 @@ from .settings import (
 )
 
 
-class LoopTrainer:
+class LoopTrainer(TrainerBookkeeping):
     """A task's model trained by the one loop on ``engine_class`` (set by each backend's classes)."""
 
     engine_class: Any = None
-    final_evaluation = final_evaluation  # the training's evaluation of the final weights, taken once (common.py)
 
     def __init__(self, task, specs, model, tokenizer, datasets: dict[str, Any], output_dir: str | Path,
                  callbacks: list | None = None):
@@ -94,8 +80,7 @@ class LoopTrainer:
         self.state, self.control = TrainerState(), TrainerControl()
         self.finite_guard = NonFiniteGuard(self.args)
         self.manager = CheckpointManager.for_specs(specs, Path(self.args.output_dir))
-        self.stop_guard = self.last_checkpoint = self.schedule = self.optimizer = self.lr_scheduler = None
-        self.stopped_by_signal = False
+        self.schedule = self.optimizer = self.lr_scheduler = None
         self.autocast_in_step = self.batch_device = None  # what the first training step ran under (for tests)
 
     # ---- the backend contract ----------------------------------------------------------------------------
@@ -126,14 +111,12 @@ class LoopTrainer:
         first_epoch, skip, pending_rng = self._resume(state, schedule)
         self.evaluations = FinalEvaluation()
         if first_epoch is None:
-            return TrainResult(global_step=state.global_step, train_metrics={"epoch": state.epoch},
-                               log_history=list(state.log_history))
+            return self._result({"epoch": state.epoch})
         ga = args.gradient_accumulation_steps
         tr_loss = torch.zeros((), device=engine.device)
         total_loss, self.last_logged, flops = 0.0, state.global_step, FlopCounter(self.trained_model())
         start_step, start = state.global_step, time.time()
-        with StopOnSignal() as guard:
-            self.stop_guard = guard
+        with self._stopping_on_signals():
             self.control = self.handler.on_train_begin(args, state, self.control)
             grad_norm = learning_rate = None
             for epoch in range(first_epoch, schedule.num_epochs):
@@ -172,7 +155,7 @@ class LoopTrainer:
                     max_norm = args.max_grad_norm
                     grad_norm = engine.clip_grad_norm(model, optimizer, max_norm) if max_norm and max_norm > 0 \
                         else None
-                    self._check_finite(grad_norm, model.parameters())  # NaN / inf stops before optimizer.step()
+                    self._check_finite(grad_norm, model.parameters(), engine.scaler)  # before optimizer.step()
                     self.control = self.handler.on_pre_optimizer_step(args, state, self.control)
                     learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses, as the Trainer logs
                     stepped = engine.optimizer_step(optimizer)
@@ -193,10 +176,8 @@ class LoopTrainer:
                 total_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, learning_rate, total_loss)
                 if self.control.should_training_stop:
                     break
-        self.stop_guard = None
-        if self.stopped_by_signal:
-            engine.barrier()
-            raise guard.interrupted(state.global_step, self.last_checkpoint)
+            if self.stopped_by_signal:
+                engine.barrier()
         return self._finish(tr_loss, total_loss, flops, start, start_step)
 
     def _train_loader(self, dataset, skip: int):
@@ -211,20 +192,16 @@ class LoopTrainer:
     def _resume(self, state, schedule):
         """(first epoch, batches of it to skip, RNG to restore once its iterator started); (None, ...) when the
         checkpoint already holds every step."""
-        path = self.manager.resolve(resume_setting(self.specs))
+        path = self._resume_point()
         if path is None:
             return 0, 0, None
         loaded, _ = self.manager.load_loop_state(
             path, model=self.trained_model(), optimizer=self.engine.raw_optimizer(self.optimizer),
-            scheduler=self.lr_scheduler, scaler=self.engine.scaler, data_state=self._data_state(), restore_rng=False)
+            scheduler=self.lr_scheduler, scaler=self.engine.scaler, restore_rng=False, verify=False)
         state.global_step, state.log_history = loaded.global_step, loaded.log_history
         state.best_metric, state.best_model_checkpoint = loaded.best_metric, loaded.best_model_checkpoint
         state.epoch, state.total_flos = loaded.epoch, loaded.total_flos
-        self.manager.require_optimizer_state(path, loaded.global_step, schedule.max_steps)  # keep_optimizer_state
-        if self.is_main_process:
-            truncate_log_after(self.output_dir / "train_log.jsonl", loaded.global_step)
-        if loaded.global_step >= schedule.max_steps:
-            log.warning("%s already holds all %d training steps: nothing left to train", path, loaded.global_step)
+        if not self._steps_left(path, loaded.global_step):
             return None, 0, None
         epoch, done = divmod(loaded.global_step, schedule.updates_per_epoch)
         # The RNG goes back where it was saved: after the epoch's iterator started (mid-epoch), else before it
@@ -242,24 +219,24 @@ class LoopTrainer:
         state.total_flos = engine.reduce(torch.tensor(flops.total, dtype=torch.float64), "sum")
         samples = (schedule.max_steps * args.train_batch_size * args.gradient_accumulation_steps * engine.world_size
                    if args.max_steps > 0 else len(self.train_dataset) * args.num_train_epochs)
-        metrics = speed_metrics("train", start, samples * steps / max(schedule.max_steps, 1), steps)
+        metrics = speed_metrics("train", start, num_samples=samples * steps / max(schedule.max_steps, 1),
+                                num_steps=steps)
         metrics.update(total_flos=state.total_flos, train_loss=total_loss / max(steps, 0.001))
-        self.control = log_metrics(self.handler, args, state, self.control, dict(metrics))
+        self.log(dict(metrics))
         if args.load_best_model_at_end and state.best_model_checkpoint:
             load_model_weights(Path(state.best_model_checkpoint), self.trained_model())
             self.evaluations.reloaded(state.best_model_checkpoint)
         self.control = self.handler.on_train_end(args, state, self.control)
         engine.barrier()
-        return TrainResult(global_step=state.global_step, train_metrics={**metrics, "epoch": state.epoch},
-                           log_history=list(state.log_history))
+        return self._result({**metrics, "epoch": state.epoch})
 
     # ---- after each optimizer step: log, evaluate, keep the best, save, stop on a signal ------------------
-    def _check_finite(self, grad_norm, parameters) -> None:
-        """Stop with NON_FINITE_LOSS (every rank at the same step) if this step's loss or, without a gradient
-        scaler, its gradients are NaN / inf."""
-        reduce_max = (lambda t: self.engine.reduce(t, "max")) if self.engine.world_size > 1 else None
-        self.finite_guard.check(self.state.global_step + 1, grad_norm=grad_norm, parameters=parameters,
-                                scaler=self.engine.scaler, reduce_max=reduce_max, last_checkpoint=self.manager.latest)
+    def log(self, logs: dict[str, float]) -> None:
+        """The Trainer's ``log``: add epoch, append to log_history, call on_log."""
+        if self.state.epoch is not None:
+            logs = {**logs, "epoch": self.state.epoch}
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.handler.on_log(self.args, self.state, self.control, logs)
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, learning_rate, total_loss: float) -> float:
         args, state = self.args, self.state
@@ -273,7 +250,7 @@ class LoopTrainer:
                 logs["learning_rate"] = learning_rate
             total_loss += loss
             self.last_logged = state.global_step
-            self.control = log_metrics(self.handler, args, state, self.control, logs)
+            self.log(logs)
         metrics = self._evaluate(self.eval_dataset, "eval") if self.control.should_evaluate else None
         self.evaluations.record(state.global_step, metrics)  # the validation split is scored once at the end
         new_best = metrics is not None and self._is_new_best(metrics)
@@ -283,19 +260,8 @@ class LoopTrainer:
         if saved:
             self._save(new_best)
             self.control = self.handler.on_save(args, state, self.control)
-        if not self.stopped_by_signal and self._signal_received():
-            if not saved:
-                self._save(False)
-            self.stopped_by_signal = True
-            self.control.should_training_stop = True
+        self._stop_if_signalled(saved)
         return total_loss
-
-    def _signal_received(self) -> bool:
-        if self.stop_guard is None:
-            return False
-        if self.engine.world_size <= 1:
-            return self.stop_guard.synced()
-        return self.stop_guard.synced(lambda flag: int(self.engine.reduce(torch.tensor(float(flag)), "max") > 0))
 
     def _is_new_best(self, metrics: dict[str, float]) -> bool:
         name = self.args.metric_for_best_model
@@ -310,31 +276,26 @@ class LoopTrainer:
         self.state.best_metric = value
         return True
 
-    def _data_state(self) -> dict[str, Any]:
-        return data_state(self.args, self.schedule, num_examples(self.train_dataset), self.engine.world_size,
-                          self.state.global_step)
-
     def _save(self, new_best: bool) -> None:
         manager, engine, step = self.manager, self.engine, self.state.global_step
         if new_best:
             self.state.best_model_checkpoint = str(manager.path(step))
-        shared = None
-        if engine.world_size > 1:  # every rank's RNG goes into one staging directory
-            shared = manager.shared_staging_dir(step)
-            if engine.is_main_process:
-                shutil.rmtree(shared, ignore_errors=True)
-                shared.mkdir(parents=True)
-            engine.barrier()
-            if not engine.is_main_process:
-                save_rank_rng(shared, engine.rank)
-        engine.barrier()
+        manager.save_loop_state(step, model=self.trained_model(), optimizer=engine.raw_optimizer(self.optimizer),
+                                scheduler=self.lr_scheduler, state=self.state, tokenizer=self.tokenizer,
+                                scaler=engine.scaler, data_state=self._data_state() if engine.is_main_process else None,
+                                rank=engine.rank, barrier=engine.barrier)
         if engine.is_main_process:
-            manager.save_loop_state(step, model=self.trained_model(), optimizer=engine.raw_optimizer(self.optimizer),
-                                    scheduler=self.lr_scheduler, state=self.state, tokenizer=self.tokenizer,
-                                    scaler=engine.scaler, data_state=self._data_state(), tmp=shared)
             manager.rotate(self.state.best_model_checkpoint)
         self.last_checkpoint = manager.path(step)
-        engine.barrier()
+
+    def _save_now(self) -> None:
+        self._save(False)
+
+    def _schedule(self):
+        return self.schedule
+
+    def _rank_max(self, tensor) -> float:
+        return self.engine.reduce(tensor, "max")
 
     # ---- evaluation: every rank predicts its shard; rows are gathered back by dataset index ----------------
     def run_evaluation(self, dataset=None, split: str = "validation") -> dict[str, Any]:
@@ -383,7 +344,7 @@ class LoopTrainer:
         prefix = "eval" if split == "eval" else split
         logged = {f"{prefix}_{k}": v for k, v in metrics.items()}
         self.state.is_world_process_zero = engine.is_main_process
-        self.control = log_metrics(self.handler, self.args, self.state, self.control, dict(logged))
+        self.log(dict(logged))
         self.control = self.handler.on_evaluate(self.args, self.state, self.control, metrics=logged)
         if self.state.epoch is not None:  # the Trainer's evaluate() returns the epoch too
             metrics["epoch"] = logged["epoch"] = self.state.epoch

@@ -156,6 +156,44 @@ def load_model_weights(path: Path, model) -> None:
                               file=str(path), suggestions=["resume with the specs the checkpoint was trained with"])
 
 
+# ---- the loops' checkpoint files (Accelerate, Lightning): CheckpointManager.save_loop_state / load_loop_state ----
+def write_loop_state(directory: Path, *, model, optimizer, scheduler, state, tokenizer=None, scaler=None,
+                     rank: int = 0) -> None:
+    """save_pretrained weights (safetensors; the adapter only for PEFT models), tokenizer, optimizer, scheduler,
+    scaler, RNG states and trainer_state.json; a process other than rank 0 adds only its RNG states."""
+    import torch
+    if rank:  # dropout advances each rank's RNG differently
+        save_rank_rng(directory, rank)
+        return
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), directory / "scaler.pt")
+    torch.save(capture_rng_state(), directory / RNG_STATE)
+    state.save_to_json(str(directory / "trainer_state.json"))
+
+
+def read_loop_state(path: Path, manifest: dict[str, Any], *, model, optimizer=None, scheduler=None, scaler=None,
+                    restore_rng: bool = True):
+    """Restore what :func:`write_loop_state` wrote into the objects given; the optimizer's state unless the
+    manifest says it was dropped (resuming then needs none). Returns the TrainerState."""
+    from transformers import TrainerState
+    path = Path(path)
+    load_model_weights(path, model)
+    if optimizer is not None and manifest.get("optimizer_state") != "dropped":
+        optimizer.load_state_dict(safe_load(path / "optimizer.pt", "optimizer state"))
+    if scheduler is not None:
+        scheduler.load_state_dict(safe_load(path / "scheduler.pt", "scheduler state"))
+    if scaler is not None and (path / "scaler.pt").is_file():
+        scaler.load_state_dict(safe_load(path / "scaler.pt", "gradient scaler state"))
+    if restore_rng:
+        restore_rng_state(load_rng(path))
+    return TrainerState.load_from_json(str(path / "trainer_state.json"))
+
+
 # ---- SIGTERM / SIGINT: finish the step, save, stop ----------------------------------------------------------
 class StopOnSignal:
     """While active, SIGTERM and SIGINT only set ``requested``; the training loop checks it after each optimizer

@@ -39,10 +39,6 @@ class AccelerateEngine(Engine):
         return self.accelerator.process_index
 
     @property
-    def is_main_process(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
     def is_local_main_process(self) -> bool:
         return self.accelerator.is_local_main_process
 

@@ -74,6 +74,10 @@ class Engine:
     def launch(self) -> None:
         """Nothing to start: the processes come from an outside launcher (or there is one)."""
 
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
     def unwrap(self, model):
         return model
 

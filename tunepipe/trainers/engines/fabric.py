@@ -20,7 +20,7 @@ from ...errors import TrainingError
 from ...modeling.quantization import QuantizationManager
 from ..distributed import lightning_devices, lightning_strategy
 from ..settings import has_gpu
-from .accelerate import mixed_precision
+from .accelerate import AccelerateEngine, mixed_precision
 from .base import Engine
 
 
@@ -49,10 +49,6 @@ class FabricEngine(Engine):
     @property
     def rank(self) -> int:
         return self.fabric.global_rank
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.fabric.is_global_zero
 
     @property
     def is_local_main_process(self) -> bool:
@@ -140,15 +136,10 @@ class FabricAccelerateEngine(FabricEngine):
     def scaler(self):
         return self.accelerator.scaler if self.accelerator is not None else None
 
-    def to_device(self, batch):
-        from accelerate.utils import send_to_device
-        return send_to_device(batch, self.accelerator.device)
-
-    def autocast(self):
-        return self.accelerator.autocast()
-
-    def backward(self, loss) -> None:
-        self.accelerator.backward(loss)
+    # the Accelerator places batches, autocasts and runs backward, as on the Accelerate engine
+    to_device = AccelerateEngine.to_device
+    autocast = AccelerateEngine.autocast
+    backward = AccelerateEngine.backward
 
     def clip_grad_norm(self, model, optimizer, max_norm: float):
         if self.scaler is not None:
