@@ -42,6 +42,28 @@ def test_sharded_strategies_refused_where_the_loop_would_save_one_shard(backend,
                 "distributed": {"strategy": "ddp"}})
 
 
+def test_accelerate_launch_with_fsdp_or_deepspeed_is_refused_by_the_loop(monkeypatch):
+    """FSDP/DeepSpeed switched on by `accelerate launch`'s own config reach the Accelerator, not the specs."""
+    from accelerate.utils import DistributedType
+
+    from tunepipe.errors import TrainingError
+    from tunepipe.trainers.engines import accelerate as engine
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        engine.refuse_sharding(kind)
+
+    class ShardingAccelerator:
+        def __init__(self, **kwargs):
+            self.distributed_type = DistributedType.FSDP
+    monkeypatch.setattr(engine, "Accelerator", ShardingAccelerator)
+    specs = load_specs({"task": "token_classification", "model": "m", "data": {"train": "x"}, "backend": "accelerate"})
+    args = type("Args", (), {"bf16": False, "fp16": False, "use_cpu": True})()
+    with pytest.raises(TrainingError, match="FSDP") as caught:
+        engine.AccelerateEngine(args, specs)
+    assert "backend: hf" in str(caught.value.suggestions)
+    with pytest.raises(TrainingError, match="DEEPSPEED"):
+        engine.refuse_sharding(DistributedType.DEEPSPEED)
+
+
 def test_distributed_section_passes_configs_through():
     from tunepipe.trainers.distributed import accelerator_kwargs, hf_training_values, lightning_strategy
     ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}

@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import send_to_device
 
+from ...errors import TrainingError
 from ..distributed import accelerator_kwargs
 from ..settings import has_gpu
 from .base import Engine
@@ -16,6 +17,18 @@ from .base import Engine
 
 def mixed_precision(args) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+
+
+def refuse_sharding(distributed_type) -> None:
+    """FSDP / DeepSpeed switched on by `accelerate launch` (its config file or ACCELERATE_USE_* variables), which
+    the specs check cannot see: the loop would save one rank's shard as the whole model (docs/backends.md)."""
+    kind = str(getattr(distributed_type, "value", distributed_type)).upper()
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise TrainingError(f"accelerate launched this run with {kind}, which backend: accelerate cannot save yet "
+                            "(its checkpoints and final model would hold one rank's shard)", field="backend",
+                            suggestions=["use backend: hf with the same launcher (transformers' Trainer saves "
+                                         "sharded state)", "or launch with plain DDP (`accelerate launch "
+                                                               "--multi_gpu`, no FSDP/DeepSpeed config)"])
 
 
 class AccelerateEngine(Engine):
@@ -29,6 +42,7 @@ class AccelerateEngine(Engine):
         # when told it runs on CPU; otherwise each launched process would train alone on the whole data.
         self.accelerator = Accelerator(mixed_precision=mixed_precision(args), cpu=bool(args.use_cpu) or not has_gpu(),
                                        gradient_accumulation_steps=1, **accelerator_kwargs(specs.distributed))
+        refuse_sharding(self.accelerator.distributed_type)
 
     @property
     def world_size(self) -> int:
