@@ -12,7 +12,7 @@ Every run is a fresh ``python -m tunepipe train`` process, started the way a use
 
     python benchmarks/backends_throughput.py                       # both parts
     python benchmarks/backends_throughput.py --part throughput --train-samples 800
-    python benchmarks/backends_throughput.py --part ddp --train-samples 2000 --epochs 1
+    python benchmarks/backends_throughput.py --part ddp --train-samples 2000 --epochs 1 [--seeds 42 43 44]
 
 Writes benchmarks/results/backends_throughput.json and benchmarks/results/backends_ddp_f1.json (with the load
 average before and after: other jobs on the machine slow every backend, not evenly).
@@ -122,27 +122,39 @@ def throughput(args, work: Path) -> dict:
 
 
 def ddp_f1(args, work: Path) -> dict:
-    """1 process with batch B against 2 processes with batch B/2 each: the same global batch and steps."""
+    """1 process with batch B against 2 processes with batch B/2 each: the same global batch and steps, per seed;
+    the summary compares the means over the seeds (one seed moves F1 by several points at this budget)."""
+    import numpy as np
     load_before = os.getloadavg()
-    rows, table = [], {}
-    for i, backend in enumerate(BACKENDS):
-        single = run(backend, work, args, args.global_batch, 1, evaluate=True, port=29600 + i)
-        double = run(backend, work, args, args.global_batch // 2, 2, evaluate=True, port=29610 + i)
-        rows += [single, double]
-        diff = 100 * (double["f1"] - single["f1"])
-        table[backend] = {"f1_1_process": single["f1"], "f1_2_processes": double["f1"],
-                          "f1_difference_points": round(diff, 3), "within_1_point": abs(diff) <= 1.0,
-                          "steps": [single["steps"], double["steps"]],
-                          "train_loss": [single["train_loss"], double["train_loss"]]}
-    print("\nvalidation F1: 1 process vs 2-process DDP (same global batch and steps)")
+    rows, per_seed = [], {}
+    for seed in args.seeds:
+        args.seed = seed
+        for i, backend in enumerate(args.backends):
+            single = run(backend, work, args, args.global_batch, 1, evaluate=True, port=29600 + i)
+            double = run(backend, work, args, args.global_batch // 2, 2, evaluate=True, port=29610 + i)
+            rows += [{**single, "seed": seed}, {**double, "seed": seed}]
+            per_seed.setdefault(backend, []).append((100 * single["f1"], 100 * double["f1"]))
+            print(f"seed {seed} {backend:22s} 1 process {100 * single['f1']:.2f}  2 processes "
+                  f"{100 * double['f1']:.2f}  steps {single['steps']}/{double['steps']}", flush=True)
+    table = {}
+    for backend, pairs in per_seed.items():
+        one, two = np.array(pairs).T
+        diff = float(two.mean() - one.mean())
+        table[backend] = {"f1_1_process_mean": round(float(one.mean()), 2), "f1_2_processes_mean":
+                          round(float(two.mean()), 2), "difference_of_means_points": round(diff, 2),
+                          "within_1_point": abs(diff) <= 1.0,
+                          "per_seed_differences": [round(float(b - a), 2) for a, b in pairs],
+                          "f1_1_process_per_seed": [round(float(a), 2) for a in one],
+                          "f1_2_processes_per_seed": [round(float(b), 2) for b in two]}
+    print(f"\nvalidation F1: 1 process vs 2-process DDP (same global batch and steps), seeds {args.seeds}")
     for b, r in table.items():
-        print(f"  {b:22s} {r['f1_1_process']:.4f}  {r['f1_2_processes']:.4f}  diff {r['f1_difference_points']:+.2f}"
-              f" points  {'ok' if r['within_1_point'] else 'OVER 1 POINT'}  steps {r['steps']}")
+        print(f"  {b:22s} {r['f1_1_process_mean']:.2f}  {r['f1_2_processes_mean']:.2f}  "
+              f"diff {r['difference_of_means_points']:+.2f} points  per seed {r['per_seed_differences']}")
     return {"job": {"model": "minilm", "task": "token_classification", "train_samples": args.train_samples,
                     "eval_samples": args.eval_samples, "epochs": args.epochs, "global_batch": args.global_batch,
-                    "lr": args.lr, "threads_per_process": args.threads},
+                    "lr": args.lr, "threads_per_process": args.threads, "seeds": args.seeds},
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "machine": machine(),
-            "f1": table, "runs": rows}
+            "summary": table, "runs": rows}
 
 
 def main() -> None:
@@ -154,7 +166,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="throughput part: batch size")
     p.add_argument("--global-batch", type=int, default=32, help="ddp part: global batch (halved per process)")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="throughput part")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="ddp part")
+    p.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS, help="ddp part")
+    p.add_argument("--attach", metavar="JSON", help="ddp part: keep an earlier result in the new file (as "
+                                                    "'earlier'), for comparison")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads per process (1 avoids oversubscribing a shared machine)")
     p.add_argument("--repeats", type=int, default=2, choices=[1, 2])
@@ -170,6 +186,8 @@ def main() -> None:
         if args.part in ("ddp", "all"):
             result = {"command": "python benchmarks/backends_throughput.py " + " ".join(sys.argv[1:]),
                       **ddp_f1(args, work)}
+            if args.attach:
+                result["earlier"] = json.loads(Path(args.attach).read_text())
             (RESULTS / "backends_ddp_f1.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
