@@ -174,11 +174,15 @@ def _check_sharded_strategy(specs: Specs) -> None:
     optimizer from rank 0 as whole tensors, which under a sharding strategy would write one rank's shard as the
     whole state. Refused until per-rank sharded saving exists, rather than writing a model that looks complete."""
     dist = specs.distributed
-    strategy = str(dist.strategy).lower()
-    sharded = (dist.fsdp is not None and "fsdp" or dist.deepspeed is not None and "deepspeed"
-               or next((s for s in SHARDED_STRATEGIES if strategy.startswith(s)), None))
-    if sharded and specs.backend != "hf":
-        field = "distributed." + (sharded if getattr(dist, sharded) is not None else "strategy")
+    if specs.backend == "hf":
+        return
+    if dist.fsdp is not None or dist.deepspeed is not None:
+        sharded = "fsdp" if dist.fsdp is not None else "deepspeed"
+        field = f"distributed.{sharded}"
+    else:
+        sharded = next((s for s in SHARDED_STRATEGIES if str(dist.strategy).lower().startswith(s)), None)
+        field = "distributed.strategy"
+    if sharded:
         raise ConfigError(f"{sharded} is not supported on backend: {specs.backend}: its loop saves checkpoints and "
                           "the final model from rank 0 and cannot yet gather sharded weights and optimizer state",
                           field=field,
