@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import ErrorHandler, TunepipeError
     program = argv is None  # main is the process (console script, python -m tunepipe), not a caller's function
     argv = list(sys.argv[1:] if argv is None else argv)
+    if program and args.command == "train":  # malloc settings are the process's: only where it is tunepipe's own
+        from .heap_reuse import reuse_freed_memory
+        reuse_freed_memory()
     try:
         # library noise held back on normal runs (all of it under --debug); predict's start-up and exit GC
         with quiet_libraries(debug=args.debug), predict_gc(args.command, program):
