@@ -37,7 +37,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from tunepipe.trainers.checkpoints import DamagedCheckpoint
+from tunepipe.trainers.resume import DamagedCheckpoint
 from tunepipe.errors import (CheckpointError, ConfigError, CudaError, DatasetLoadError, DependencyError,
                              ModelError, ModelNotFoundError, TaskTypeError, TunepipeIOError, ValidationError)
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from test_checkpoints import _save, _specs
-from tunepipe.trainers.checkpoints import MANIFEST, CheckpointManager, DamagedCheckpoint
+from tunepipe.trainers.checkpoints import MANIFEST, CheckpointManager
+from tunepipe.trainers.resume import DamagedCheckpoint
 from tunepipe.errors import CheckpointError
 from tunepipe.pipeline import FineTunePipeLine
 from tunepipe.specs import load_specs

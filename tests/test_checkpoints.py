@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tunepipe.trainers.checkpoints import (MANIFEST, CheckpointManager, capture_rng_state, restore_rng_state, safe_load,
-                                  training_relevant_specs)
+from tunepipe.trainers.checkpoints import MANIFEST, CheckpointManager
+from tunepipe.trainers.run_state import capture_rng_state, restore_rng_state, safe_load, training_relevant_specs
 from tunepipe.errors import CheckpointError
 from tunepipe.pipeline import FineTunePipeLine
 from tunepipe.specs import load_specs

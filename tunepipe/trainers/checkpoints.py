@@ -29,45 +29,9 @@ from typing import Any, Callable
 
 from ..errors import TunepipeIOError
 from ..output import follow_umask
-from .disk_space import (  # noqa: F401 - importable from here as before
-    DISK_FULL_ERRNOS,
-    disk_full_as_io_error,
-    disk_full_error,
-    directory_bytes,
-    free_bytes,
-    human_bytes,
-    is_disk_full,
-    model_checkpoint_bytes,
-    model_weight_bytes,
-)
-from .run_state import (  # noqa: F401 - importable from here as before
-    NOT_TRAINING_DATA,
-    NOT_TRAINING_RELEVANT,
-    NOT_TRAINING_SECTIONS,
-    RNG_STATE,
-    StopOnSignal,
-    TrainingInterrupted,
-    capture_rng_state,
-    load_model_weights,
-    load_rng,
-    read_loop_state,
-    restore_rng_state,
-    resume_setting,
-    safe_load,
-    save_rank_rng,
-    specs_hash,
-    training_relevant_specs,
-    write_loop_state,
-)
-from .resume import (  # noqa: F401 - importable from here as before
-    CHECKPOINT_DIR,
-    DATA_STATE,
-    LAYOUTS,
-    MANIFEST,
-    CheckpointDirectory,
-    DamagedCheckpoint,
-    file_sha256,
-)
+from .disk_space import directory_bytes, disk_full_error, model_checkpoint_bytes
+from .resume import DATA_STATE, LAYOUTS, MANIFEST, CheckpointDirectory, file_sha256
+from .run_state import read_loop_state, specs_hash, training_relevant_specs, write_loop_state
 
 FORMAT_VERSION = 1
 
