@@ -21,6 +21,7 @@ Writes benchmarks/results/ner_vs_plain_process.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -52,7 +53,8 @@ def timed(cmd: list[str], env: dict, cwd: Path) -> dict:
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
 
 
-def run_tunepipe(train: Path, validation: Path, out: Path, epochs: float, seed: int, env: dict) -> dict:
+def run_tunepipe(train: Path, validation: Path, out: Path, epochs: float, seed: int, env: dict,
+                 overrides: list[str] = ()) -> dict:
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump({
         "task": "token_classification", "output_dir": str(out), "model": "minilm",
@@ -60,7 +62,8 @@ def run_tunepipe(train: Path, validation: Path, out: Path, epochs: float, seed: 
         "training": {"num_train_epochs": epochs, "seed": seed, "learning_rate": LEARNING_RATE,
                      "per_device_train_batch_size": BATCH_SIZE}}))
     cache = out.parent / f"{out.name}-cache"  # empty: the user's first run
-    times = timed([sys.executable, "-m", "tunepipe", "train", str(config)],
+    times = timed([sys.executable, "-m", "tunepipe", "train", str(config)]
+                  + [arg for override in overrides for arg in ("--set", override)],
                   {**env, "TUNEPIPE_CACHE_DIR": str(cache)}, out.parent)
     return {**times, "model_dir": str(out / "model")}
 
@@ -103,6 +106,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (OMP_NUM_THREADS), for both sides and the scoring; default: "
                         "torch's own choice. On a shared machine 1 avoids OpenMP threads waiting on each other")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a specs override for the tunepipe side only (tunepipe train --set), e.g. "
+                        "training.train_sampling_strategy=random; repeatable")
+    p.add_argument("--only-tunepipe", action="store_true",
+                   help="run the tunepipe side alone (an ablation); the summary then has no plain columns")
     p.add_argument("--output", type=Path, default=RESULTS / "ner_vs_plain_process.json")
     args = p.parse_args()
     if not DATA.is_dir():
@@ -123,7 +131,8 @@ def main() -> None:
             for epochs in args.epochs:
                 for seed in args.seeds:
                     row = {"train_sentences": size, "epochs": epochs, "seed": seed}
-                    sides = [("tunepipe", run_tunepipe), ("plain", run_plain)]
+                    sides = [("tunepipe", functools.partial(run_tunepipe, overrides=args.overrides)),
+                             ("plain", run_plain)][:1 if args.only_tunepipe else 2]
                     for name, runner in (sides if turn % 2 == 0 else sides[::-1]):
                         row[name] = runner(train, validation, work / f"{name}-{size}-{epochs}-{seed}", epochs, seed,
                                            env)
@@ -131,6 +140,11 @@ def main() -> None:
                     turn += 1
                     runs.append(row)
                     print(json.dumps(row), flush=True)
+    if args.only_tunepipe:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"overrides": args.overrides, "runs": runs, "machine": machine(),
+                                           "command": " ".join([Path(sys.executable).name] + sys.argv)}, indent=2))
+        return
     table = summarise(runs)
     print("\nsentences epochs  F1 tunepipe  F1 plain  delta  wall plain/tunepipe  cpu plain/tunepipe")
     for r in table:
@@ -138,7 +152,8 @@ def main() -> None:
               f"  {r['f1_delta_points']:+5.2f}  {r['wall_ratio_plain_over_tunepipe']:19.2f}"
               f"  {r['cpu_ratio_plain_over_tunepipe']:18.2f}")
     result = {"job": {"model": "minilm", "task": "token_classification", "learning_rate": LEARNING_RATE,
-                      "batch_size": BATCH_SIZE, "threads": args.threads, "tunepipe": "defaults otherwise (python -m tunepipe train)",
+                      "batch_size": BATCH_SIZE, "threads": args.threads, "tunepipe_overrides": args.overrides,
+                      "tunepipe": "defaults otherwise (python -m tunepipe train)",
                       "plain": "benchmarks/plain_run_ner.py (run_ner.py's defaults)",
                       "scoring": "backends_defaults.score on the validation split"},
               "summary": table, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
