@@ -1,6 +1,5 @@
 """Heap reuse for `tunepipe train` processes (tunepipe/heap_reuse.py): freed large blocks are reused instead of
 coming back from the kernel as fresh pages, and the user's own malloc choices are left alone."""
-import platform
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import pytest
 
 from tunepipe import heap_reuse
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = heap_reuse.is_glibc()
 
 # Allocate, touch and free the same 64 MB block ten times, as a training step does with its large tensors, and
 # print the minor page faults those ten rounds took.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -27,12 +26,20 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TO
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
+def is_glibc() -> bool:
+    """Asked of the C library itself (platform.libc_ver() would read the whole python executable)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr, or a C library without that name
+        return False
+
+
 def why_not() -> str | None:
     """Why the heap is left as it is in this process, or None when reuse applies."""
     env = os.environ
     if env.get("TUNEPIPE_HEAP_REUSE", "1").strip().lower() in ("0", "false", "no", "off"):
         return "TUNEPIPE_HEAP_REUSE=0"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return "not glibc"
     if any(name in env for name in _USER_SETTINGS) or "glibc.malloc" in env.get("GLIBC_TUNABLES", ""):
         return "malloc settings of the user's"
