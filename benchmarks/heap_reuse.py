@@ -27,6 +27,7 @@ import yaml
 
 from backends_throughput import DATA, RESULTS, machine
 from recipe_vs_plain import read_jsonl
+from recipe_vs_plain_process import ner_specs
 
 
 def train_once(config: Path, cache: Path, reuse: bool, env: dict) -> dict:
@@ -69,11 +70,8 @@ def main() -> None:
             for reuse in ((False, True) if i % 2 == 0 else (True, False)):
                 name = "reuse" if reuse else "no_reuse"
                 config = work / f"{name}-{i}.yaml"
-                config.write_text(yaml.safe_dump({
-                    "task": "token_classification", "output_dir": str(work / f"{name}-{i}"), "model": "minilm",
-                    "data": {"train": str(train), "validation": str(DATA / "validation.jsonl")},
-                    "training": {"num_train_epochs": args.epochs, "seed": 42, "learning_rate": 5e-5,
-                                 "per_device_train_batch_size": 16}}))
+                config.write_text(yaml.safe_dump(ner_specs(train, DATA / "validation.jsonl", work / f"{name}-{i}",
+                                                           args.epochs, seed=42)))
                 pair[name] = train_once(config, work / f"cache-{name}-{i}", reuse, env)
             pairs.append(pair)
             print(json.dumps(pair), flush=True)

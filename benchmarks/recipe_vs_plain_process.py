@@ -53,14 +53,18 @@ def timed(cmd: list[str], env: dict, cwd: Path) -> dict:
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
 
 
+def ner_specs(train: Path, validation: Path, out: Path, epochs: float, seed: int) -> dict:
+    """tunepipe's defaults for the job, with the learning rate and batch size given to both sides."""
+    return {"task": "token_classification", "output_dir": str(out), "model": "minilm",
+            "data": {"train": str(train), "validation": str(validation)},
+            "training": {"num_train_epochs": epochs, "seed": seed, "learning_rate": LEARNING_RATE,
+                         "per_device_train_batch_size": BATCH_SIZE}}
+
+
 def run_tunepipe(train: Path, validation: Path, out: Path, epochs: float, seed: int, env: dict,
                  overrides: list[str] = ()) -> dict:
     config = out.with_suffix(".yaml")
-    config.write_text(yaml.safe_dump({
-        "task": "token_classification", "output_dir": str(out), "model": "minilm",
-        "data": {"train": str(train), "validation": str(validation)},
-        "training": {"num_train_epochs": epochs, "seed": seed, "learning_rate": LEARNING_RATE,
-                     "per_device_train_batch_size": BATCH_SIZE}}))
+    config.write_text(yaml.safe_dump(ner_specs(train, validation, out, epochs, seed)))
     cache = out.parent / f"{out.name}-cache"  # empty: the user's first run
     times = timed([sys.executable, "-m", "tunepipe", "train", str(config)]
                   + [arg for override in overrides for arg in ("--set", override)],
