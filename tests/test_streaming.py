@@ -159,3 +159,24 @@ def test_two_processes_see_disjoint_parts_of_the_stream(tiny_specs, ner_data, tm
     assert len(ranks[0]) == len(ranks[1]) == 40
     assert not set(ranks[0]) & set(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == list(range(len(train)))
+
+
+def _aligned_groups_sorted(batches, k) -> bool:
+    """Inside each run of k batches (as the stream cut them), no two batches' length ranges overlap."""
+    ranges = [(min(len(f["input_ids"]) for f in b), max(len(f["input_ids"]) for f in b)) for b in batches]
+    return all(a[1] <= b[0] or b[1] <= a[0] for i in range(0, len(ranges), k)
+               for j, a in enumerate(ranges[i:i + k]) for b in ranges[i + j + 1:i + k])
+
+
+def test_stream_sorts_length_group_batches_at_a_time(tiny_specs, ner_data):
+    """``training.length_group_batches`` sets the stream's length-sorting buffer as it sets the sampler's groups."""
+    grouped = {}
+    for k in (1, 3):
+        specs = stream_specs(tiny_specs, ner_data)
+        specs["training"]["length_group_batches"] = k
+        pipe = FineTunePipeLine(specs)
+        pipe.setup()
+        grouped[k] = list(pipe.datasets["train"].batches(4, 0))
+    assert len(grouped[3]) == len(grouped[1]) == 24  # 96 records in batches of 4
+    assert _aligned_groups_sorted(grouped[3], 3)
+    assert not _aligned_groups_sorted(grouped[1], 3)

@@ -4,7 +4,7 @@ Records are read and checked as they come (a bad one stops the run with its file
 counted), dealt to the ranks by ``datasets.distributed.split_dataset_by_node`` (whole files when they divide
 evenly, else every world-size-th record), shuffled in a buffer (``data.shuffle_buffer``), tokenized by the task
 in batches of records (QA windows and LM packing work as on map-style data), grouped by length inside a buffer of
-50 batches when the run groups by length, and cut into batches. Nothing is read before the first step.
+``training.length_group_batches`` batches when the run groups by length, and cut into batches. Nothing is read before the first step.
 
 A stream has no length, so ``training.max_steps`` says how long to train; when the files end, the next pass
 starts, reshuffled. The order is a function of (seed, pass, rank), so resuming replays the stream and drops the
@@ -23,7 +23,6 @@ from ..errors import ConfigError, DatasetLoadError
 
 log = logging.getLogger("tunepipe")
 TOKENIZE_BATCH = 1000
-GROUP_BATCHES = 50  # batches sorted by length together (transformers' mega-batch)
 
 
 def check_streaming_specs(specs, task) -> None:
@@ -131,7 +130,7 @@ class StreamingTrain(torch.utils.data.IterableDataset):
     def batches(self, batch_size: int, epoch: int) -> Iterator[list[dict[str, Any]]]:
         """Lists of features, length-grouped inside a buffer when the run groups by length."""
         grouped = self.specs.training.train_sampling_strategy == "group_by_length"
-        size = batch_size * (GROUP_BATCHES if grouped else 1)
+        size = batch_size * (self.specs.training.length_group_batches if grouped else 1)
         rng = random.Random(f"{self.seed}-{epoch}-{self.rank}")
         buffer: list[dict[str, Any]] = []
         for feature in self.features(epoch):

@@ -115,6 +115,7 @@ STEP_COUNT_RULES: dict[str, tuple[int, bool, tuple]] = {
     "per_device_train_batch_size": (1, False, ()), "per_device_eval_batch_size": (1, False, ()),
     "save_steps": (1, True, ()), "eval_steps": (1, True, (None,)), "logging_steps": (1, True, ()),
     "warmup_steps": (1, True, (0,)), "keep_last_n": (1, False, (None,)), "save_total_limit": (1, False, (None,)),
+    "length_group_batches": (1, False, ()),
 }
 STEP_COUNT_HINTS = {
     "max_steps": "-1 (the default) trains for num_train_epochs; a positive number stops after that many steps",
@@ -156,6 +157,9 @@ def check_count(field: str, value: Any, minimum: int, fraction: bool, also: tupl
                           suggestions=[f"set {field} to a realistic value"] + hints)
 
 
+LENGTH_GROUP_BATCHES = 8  # trainers/data.py says why
+
+
 class TrainingSpec(BaseModel):
     """transformers ``TrainingArguments`` names. Listed fields carry tunepipe's defaults; any other
     TrainingArguments name is accepted and passed through."""
@@ -179,6 +183,10 @@ class TrainingSpec(BaseModel):
     bf16: bool | Literal["auto"] = Field("auto", description="auto = on where the device runs bf16 fast")
     fp16: bool = False
     train_sampling_strategy: str = Field("group_by_length", description="length-grouped batches: less padding")
+    length_group_batches: int = Field(
+        LENGTH_GROUP_BATCHES, ge=1, le=10_000,
+        description="group_by_length: batches sorted by length together; more = less padding, fewer = more varied "
+                    "batches (transformers: up to 50)")
     token_weighted_loss: bool | Literal["auto"] = Field(
         "auto", description="auto = on with group_by_length and per-token labels: each batch's mean loss is "
                             "weighted by its token count, so batches of short examples do not count more per token")

@@ -118,7 +118,8 @@ class _TaskTrainerMixin(TrainerBookkeeping):
         import datasets
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, datasets.Dataset):
-            return train_sampler(dataset, self.args, self.processing_class)
+            return train_sampler(dataset, self.args, self.processing_class,
+                                 self.specs.training.length_group_batches)
         return super()._get_train_sampler(train_dataset)
 
     # ---- checkpoints: the Trainer's own files, written atomically, with tunepipe's manifest ------------------

@@ -96,7 +96,8 @@ class LoopTrainer(TrainerBookkeeping):
         engine.launch()
         self.args.device, self.args.process_index, self.args.world_size = engine.device, engine.rank, engine.world_size
         streaming = is_stream(self.train_dataset)
-        self.sampler = None if streaming else train_sampler(self.train_dataset, args, self.tokenizer)
+        self.sampler = None if streaming else train_sampler(self.train_dataset, args, self.tokenizer,
+                                                             self.specs.training.length_group_batches)
         weighting = token_weighted_loss(self.specs, self.train_dataset)
         dataset = keep_train_columns(self.train_dataset, self.model)
         schedule = self.schedule = training_schedule(len(self._train_loader(dataset, 0)), args)

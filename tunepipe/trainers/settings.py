@@ -13,7 +13,7 @@ from .distributed import hf_training_values
 
 # Keys of TrainingSpec that are tunepipe's, not TrainingArguments'.
 NOT_TRAINING_ARGUMENTS = {"resume_from_checkpoint", "resume", "keep_last_n", "keep_best", "token_weighted_loss",
-                          "keep_optimizer_state"}
+                          "keep_optimizer_state", "length_group_batches"}
 
 
 @dataclass
