@@ -16,12 +16,12 @@ class EpochSeededLengthGroupedSampler:
     As in transformers' LengthGroupedSampler, the shuffled examples are cut into mega-batches, each sorted by
     length and cut into batches. Two changes. (1) A mega-batch holds ``group_batches`` batches (default 8) where
     transformers takes up to 50: sorting 50 batches' examples together puts near-identical lengths in every batch
-    (on CoNLL, all one-line headlines or all long sentences), and on 2,000 CoNLL sentences x 2 epochs that cost
-    ~0.7 F1 on the mean of 5 seeds, with a spread of 2 points; 8 recovered it for ~11% more padded tokens
-    (benchmarks/results/length_group_batches.json). (2) The batches come in random order, the longest first so an
-    out-of-memory error shows at step one: transformers yields each mega-batch from its longest to its shortest
-    batch, a sweep repeated all epoch long. The Trainer's sampler draws from the global RNG, which dropout advances
-    differently on each rank; the epoch seed gives every rank the same order in every epoch."""
+    (on CoNLL, all one-line headlines or all long sentences), which made small-data runs worse and less stable
+    from seed to seed, at little gain in padding (docs/backends.md, "Sampling"). (2) The batches come in random
+    order, the longest first so an out-of-memory error shows at step one: transformers yields each mega-batch from
+    its longest to its shortest batch, a sweep repeated all epoch long. The Trainer's sampler draws from the
+    global RNG, which dropout advances differently on each rank; the epoch seed gives every rank the same order in
+    every epoch."""
 
     def __init__(self, batch_size: int, lengths: list[int], seed: int, group_batches: int = LENGTH_GROUP_BATCHES):
         self.batch_size, self.lengths = batch_size, list(lengths)
