@@ -320,7 +320,7 @@ def _parameters_with(grads):
 def test_lightning_clips_over_the_models_parameter_order(tiny_specs, ner_data, tmp_path):
     """The gradient norm is a float sum whose rounding depends on the order of the parameters. Fabric's clipping
     takes the optimizer's order (weight-decay group first); every other backend the model's. The Lightning engine
-    must clip as they do, to the bit, or its losses drift from hf's (0.2% over 125 steps of the NER job)."""
+    must clip as they do, to the bit, or its losses drift from hf's."""
     specs = tiny_specs("token_classification", ner_data, backend="lightning", training={"max_steps": 1})
     specs["output_dir"] = str(tmp_path / "lightning")
     pipe = FineTunePipeLine(specs)

@@ -86,8 +86,8 @@ class FabricEngine(Engine):
     def clip_grad_norm(self, model, optimizer, max_norm: float):
         """Single-device and DDP: the norm over the model's parameters in the model's order, as on every other
         backend. Fabric's own clipping sums them in the optimizer's order (weight-decay group first), which rounds
-        the total norm differently and drifted the losses from hf's by ~0.2% over 125 steps. Strategies that clip
-        their own shards (FSDP, DeepSpeed) keep Fabric's."""
+        the total norm differently, so the losses drift from the other backends' step by step. Strategies that
+        clip their own shards (FSDP, DeepSpeed) keep Fabric's."""
         strategy = self.fabric.strategy
         if type(strategy).clip_gradients_norm is not Strategy.clip_gradients_norm:
             return self.fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
