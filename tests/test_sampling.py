@@ -95,3 +95,17 @@ def test_length_group_batches_reaches_the_sampler_on_the_backends(tiny_specs, ne
     pipe.setup()
     pipe.train()
     assert seen and set(seen) == {3}
+
+
+def test_length_group_batches_default_per_task():
+    """Token classification sorts 8 batches together; the other tasks keep transformers' up-to-50 (question
+    answering lost F1 with 8); a value the user sets wins over either."""
+    from tunepipe.specs import load_specs
+    from tunepipe.specs.schema import LENGTH_GROUP_BATCHES
+    base = {"model": "minilm", "data": {"train": "train.jsonl"}}
+    assert LENGTH_GROUP_BATCHES == 50
+    assert load_specs({"task": "token_classification", **base}).training.length_group_batches == 8
+    for task in ("question_answering", "text_classification", "translation"):
+        assert load_specs({"task": task, **base}).training.length_group_batches == 50, task
+    chosen = load_specs({"task": "token_classification", **base, "training": {"length_group_batches": 4}})
+    assert chosen.training.length_group_batches == 4

@@ -57,8 +57,10 @@ class TokenClassificationTask(Task):
     text_file_format = "conll"
     defaults = {
         "data": {"text_column": "tokens", "label_column": "ner_tags", "max_length": 256, "stride": 32},
+        # length groups of 8 batches, not transformers' up to 50: groups of near-identical sentences (all
+        # headlines, all long ones) cost F1 on small NER sets (docs/backends.md "Sampling")
         "training": {"per_device_train_batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 3,
-                     "metric_for_best_model": "f1"},
+                     "metric_for_best_model": "f1", "length_group_batches": 8},
     }
     predict_choices = {"aggregation_strategy": AGGREGATION_STRATEGIES}  # for `tunepipe predict --help`
     example_data = {"tokens": ["Ada", "Lovelace", "lived", "in", "London", "."],

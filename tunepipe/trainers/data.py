@@ -14,10 +14,10 @@ class EpochSeededLengthGroupedSampler:
     """Length-grouped batches in shuffled order, re-seeded with ``seed + epoch`` at every pass.
 
     As in transformers' LengthGroupedSampler, the shuffled examples are cut into mega-batches, each sorted by
-    length and cut into batches. Two changes. (1) A mega-batch holds ``group_batches`` batches (default 8) where
-    transformers takes up to 50: sorting 50 batches' examples together puts near-identical lengths in every batch
-    (on CoNLL, all one-line headlines or all long sentences), which made small-data runs worse and less stable
-    from seed to seed, at little gain in padding (docs/backends.md, "Sampling"). (2) The batches come in random
+    length and cut into batches. Two changes. (1) A mega-batch holds ``group_batches`` batches
+    (``training.length_group_batches``: up to 50 as in transformers, 8 for token classification, where sorting 50
+    batches' examples together put near-identical sentences in every batch and cost F1; docs/backends.md,
+    "Sampling"). (2) The batches come in random
     order, the longest first so an out-of-memory error shows at step one: transformers yields each mega-batch from
     its longest to its shortest batch, a sweep repeated all epoch long. The Trainer's sampler draws from the
     global RNG, which dropout advances differently on each rank; the epoch seed gives every rank the same order in
