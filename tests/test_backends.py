@@ -309,7 +309,6 @@ def test_resume_with_dropout_at_and_between_epoch_boundaries(tiny_specs, ner_dat
         assert new == pytest.approx(_curve(full)[step:], rel=1e-5), f"resumed from step {step}"
 
 
-
 def _parameters_with(grads):
     params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
     for p, g in zip(params, grads):

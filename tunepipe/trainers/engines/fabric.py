@@ -91,7 +91,8 @@ class FabricEngine(Engine):
         strategy = self.fabric.strategy
         if type(strategy).clip_gradients_norm is not Strategy.clip_gradients_norm:
             return self.fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
-        strategy.precision.unscale_gradients(self.raw_optimizer(optimizer))  # fp16: before the norm
+        if self.scaler is not None:  # fp16 (Fabric's scaler, or the Accelerator's in combined mode): unscale first
+            self.scaler.unscale_(self.raw_optimizer(optimizer))
         return super().clip_grad_norm(model, optimizer, max_norm)
 
     def reduce(self, tensor, op: str = "mean") -> float:
@@ -149,11 +150,6 @@ class FabricAccelerateEngine(FabricEngine):
     to_device = AccelerateEngine.to_device
     autocast = AccelerateEngine.autocast
     backward = AccelerateEngine.backward
-
-    def clip_grad_norm(self, model, optimizer, max_norm: float):
-        if self.scaler is not None:
-            self.scaler.unscale_(self.raw_optimizer(optimizer))
-        return super(FabricEngine, self).clip_grad_norm(model, optimizer, max_norm)
 
     def optimizer_step(self, optimizer) -> bool:
         if self.scaler is None:
