@@ -90,12 +90,16 @@ def summarise(runs: list[dict]) -> list[dict]:
         wall = {side: sum(r[side]["wall_s"] for r in group) for side in ("tunepipe", "plain")}
         cpu = {side: sum(r[side]["cpu_s"] for r in group) for side in ("tunepipe", "plain")}
         delta = float(np.mean(f1["tunepipe"]) - np.mean(f1["plain"]))
+        # the seeds are paired: the spread of the per-seed differences says how far the mean can be trusted
+        diffs = np.subtract(f1["tunepipe"], f1["plain"])
+        error = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None
         rows.append({"train_sentences": size, "epochs": epochs, "seeds": [r["seed"] for r in group],
                      "f1_tunepipe_mean": round(float(np.mean(f1["tunepipe"])), 2),
                      "f1_plain_mean": round(float(np.mean(f1["plain"])), 2),
                      "f1_tunepipe_per_seed": [round(v, 2) for v in f1["tunepipe"]],
                      "f1_plain_per_seed": [round(v, 2) for v in f1["plain"]],
                      "f1_delta_points": round(delta, 2), "f1_ok": delta >= -0.2,
+                     "f1_delta_standard_error": None if error is None else round(error, 2),
                      "wall_ratio_plain_over_tunepipe": round(wall["plain"] / wall["tunepipe"], 2),
                      "cpu_ratio_plain_over_tunepipe": round(cpu["plain"] / cpu["tunepipe"], 2),
                      "wall_ok": wall["tunepipe"] <= wall["plain"] / 2})
@@ -150,10 +154,11 @@ def main() -> None:
                                            "command": " ".join([Path(sys.executable).name] + sys.argv)}, indent=2))
         return
     table = summarise(runs)
-    print("\nsentences epochs  F1 tunepipe  F1 plain  delta  wall plain/tunepipe  cpu plain/tunepipe")
+    print("\nsentences epochs  F1 tunepipe  F1 plain  delta (± s.e.)  wall plain/tunepipe  cpu plain/tunepipe")
     for r in table:
+        error = "" if r["f1_delta_standard_error"] is None else f"± {r['f1_delta_standard_error']:.2f}"
         print(f"{r['train_sentences']:9d} {r['epochs']:6g}  {r['f1_tunepipe_mean']:11.2f}  {r['f1_plain_mean']:8.2f}"
-              f"  {r['f1_delta_points']:+5.2f}  {r['wall_ratio_plain_over_tunepipe']:19.2f}"
+              f"  {r['f1_delta_points']:+5.2f} {error:7s}  {r['wall_ratio_plain_over_tunepipe']:19.2f}"
               f"  {r['cpu_ratio_plain_over_tunepipe']:18.2f}")
     result = {"job": {"model": "minilm", "task": "token_classification", "learning_rate": LEARNING_RATE,
                       "batch_size": BATCH_SIZE, "threads": args.threads, "tunepipe_overrides": args.overrides,
