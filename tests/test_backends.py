@@ -338,3 +338,34 @@ def test_lightning_clips_over_the_models_parameter_order(tiny_specs, ner_data, t
         norm = engine.clip_grad_norm(model, optimizer, 1.0)
         assert float(norm) == float(expected), trial
         assert all(torch.equal(p.grad, r.grad) for p, r in zip(params, reference)), trial
+
+
+def test_combined_engine_unscales_fp16_gradients_before_a_sharded_strategy_clips(tiny_specs, ner_data, tmp_path,
+                                                                                    monkeypatch):
+    """lightning+accelerate scales fp16 gradients with the Accelerator's scaler, which Fabric's precision plugin
+    does not know: before a strategy that clips its own shards (FSDP, DeepSpeed) clips, the engine unscales them."""
+    from lightning.fabric.strategies import SingleDeviceStrategy
+
+    from tunepipe.trainers.engines.fabric import FabricAccelerateEngine
+    specs = tiny_specs("token_classification", ner_data, backend="lightning+accelerate", training={"max_steps": 1})
+    specs["output_dir"] = str(tmp_path / "combined")
+    pipe = FineTunePipeLine(specs)
+    pipe.setup()
+    engine = pipe.trainer.engine
+    engine.launch()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # as backward's scaled loss: the scaler holds its scale from here on
+    monkeypatch.setattr(FabricAccelerateEngine, "scaler", property(lambda self: scaler))
+    seen = []
+
+    def sharded_clip(self, module, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=True):
+        seen.append([p.grad.clone() for p in module.parameters()])
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(SingleDeviceStrategy, "clip_gradients_norm", sharded_clip)  # as FSDP's own clipping
+    grads = [torch.randn(5), torch.randn(3)]
+    params = _parameters_with([g * 1024.0 for g in grads])
+    model, optimizer = engine.setup(torch.nn.ParameterList(params), torch.optim.SGD(params, lr=0.1))
+    engine.clip_grad_norm(model, optimizer, 1.0)
+    assert len(seen) == 1
+    assert all(torch.allclose(s, g) for s, g in zip(seen[0], grads))

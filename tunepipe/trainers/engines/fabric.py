@@ -89,10 +89,13 @@ class FabricEngine(Engine):
         the total norm differently, so the losses drift from the other backends' step by step. Strategies that
         clip their own shards (FSDP, DeepSpeed) keep Fabric's."""
         strategy = self.fabric.strategy
-        if type(strategy).clip_gradients_norm is not Strategy.clip_gradients_norm:
-            return self.fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
-        if self.scaler is not None:  # fp16 (Fabric's scaler, or the Accelerator's in combined mode): unscale first
+        sharded = type(strategy).clip_gradients_norm is not Strategy.clip_gradients_norm
+        # fp16: unscale first; Fabric's sharded clipping unscales through its own precision plugin, not through
+        # the Accelerator's scaler (combined mode)
+        if self.scaler is not None and not (sharded and self.scaler is getattr(strategy.precision, "scaler", None)):
             self.scaler.unscale_(self.raw_optimizer(optimizer))
+        if sharded:
+            return self.fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
         return super().clip_grad_norm(model, optimizer, max_norm)
 
     def reduce(self, tensor, op: str = "mean") -> float:
