@@ -316,16 +316,21 @@ def _parameters_with(grads):
     return params
 
 
-def test_lightning_clips_over_the_models_parameter_order(tiny_specs, ner_data, tmp_path):
-    """The gradient norm is a float sum whose rounding depends on the order of the parameters. Fabric's clipping
-    takes the optimizer's order (weight-decay group first); every other backend the model's. The Lightning engine
-    must clip as they do, to the bit, or its losses drift from hf's."""
-    specs = tiny_specs("token_classification", ner_data, backend="lightning", training={"max_steps": 1})
-    specs["output_dir"] = str(tmp_path / "lightning")
+def _launched_engine(tiny_specs, ner_data, tmp_path, backend: str):
+    specs = tiny_specs("token_classification", ner_data, backend=backend, training={"max_steps": 1})
+    specs["output_dir"] = str(tmp_path / "run")
     pipe = FineTunePipeLine(specs)
     pipe.setup()
     engine = pipe.trainer.engine
     engine.launch()
+    return engine
+
+
+def test_lightning_clips_over_the_models_parameter_order(tiny_specs, ner_data, tmp_path):
+    """The gradient norm is a float sum whose rounding depends on the order of the parameters. Fabric's clipping
+    takes the optimizer's order (weight-decay group first); every other backend the model's. The Lightning engine
+    must clip as they do, to the bit, or its losses drift from hf's."""
+    engine = _launched_engine(tiny_specs, ner_data, tmp_path, "lightning")
     generator = torch.Generator().manual_seed(0)
     for trial in range(10):  # on this machine the two orders round differently in about half of these
         sizes = torch.randint(1, 3000, (100,), generator=generator).tolist()
@@ -347,12 +352,7 @@ def test_combined_engine_unscales_fp16_gradients_before_a_sharded_strategy_clips
     from lightning.fabric.strategies import SingleDeviceStrategy
 
     from tunepipe.trainers.engines.fabric import FabricAccelerateEngine
-    specs = tiny_specs("token_classification", ner_data, backend="lightning+accelerate", training={"max_steps": 1})
-    specs["output_dir"] = str(tmp_path / "combined")
-    pipe = FineTunePipeLine(specs)
-    pipe.setup()
-    engine = pipe.trainer.engine
-    engine.launch()
+    engine = _launched_engine(tiny_specs, ner_data, tmp_path, "lightning+accelerate")
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(torch.ones(()))  # as backward's scaled loss: the scaler holds its scale from here on
     monkeypatch.setattr(FabricAccelerateEngine, "scaler", property(lambda self: scaler))
