@@ -131,8 +131,8 @@ def _train_defaults(specs: dict, backend: str, tmp_path):
     pipe.setup()
     assert not pipe.trainer.trained_model().training  # as from_pretrained returns it: training must switch it
     result = pipe.trainer.run_training()
+    from tunepipe.modeling.type_utils import bf16_supported
     from tunepipe.trainers.data import token_weighted_loss
-    from tunepipe.trainers.settings import bf16_supported
     args = pipe.trainer.args
     assert args.bf16 == bf16_supported() and not args.fp16
     assert args.train_sampling_strategy == "group_by_length"

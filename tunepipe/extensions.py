@@ -10,6 +10,7 @@ there.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 from .errors import ConfigError, TrainingError
 from .specs.references import FORM_HINT, REFERENCE, check_reference
+from .tasks import get_task
 
 # what the trainers add to every evaluation: a custom metric of the same name would be overwritten or overwrite it
 RESERVED_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch"}
@@ -49,7 +51,6 @@ def resolve_callable(reference: str, field_name: str) -> Callable:
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            import difflib
             names = [n for n in dir(target) if not n.startswith("_") and callable(getattr(target, n, None))]
             close = difflib.get_close_matches(part, names, n=2)
             raise ConfigError(f"{field_name}: '{reference}' does not exist: {getattr(target, '__name__', module_name)}"
@@ -198,7 +199,6 @@ def build_task(specs):
     """The Task for ``specs`` (tasks registry), with the ``metrics:`` functions wrapped around its compute_metrics
     and ``data.preprocess`` imported once, so that a reference that does not resolve fails now, before any data is
     read. Every backend calls ``task.compute_metrics``: none of them needs to know."""
-    from .tasks import get_task
     task = get_task(specs.task)(specs)
     if specs.data.preprocess:
         resolve_callable(specs.data.preprocess, "data.preprocess")

@@ -2,6 +2,9 @@
 
 Order differs from the design map in one way, on purpose: the data is read and validated *before* the model is
 loaded, so a bad record fails in a second instead of after a model download.
+
+Other stages' modules are imported inside the functions that use them: this file is on the start-up
+path of `tunepipe train`, where a specs typo is reported before they load (tests/test_import_placement.py).
 """
 from __future__ import annotations
 
@@ -100,7 +103,7 @@ class FineTunePipeLine:
             check_streaming_specs(self.specs, self.task)
         QuantizationManager(self.specs).check_supported()
         if self.specs.training.fp16:  # fp16 needs CUDA: say so before any data is read or directory made
-            from .trainers.settings import resolve_precision
+            from .modeling.type_utils import resolve_precision
             resolve_precision(self.specs.training)
         check_peft_specs(self.specs, self.task, skeleton=skeleton_for_specs(self.specs, self.task))
         from .tracking.reporting import check_report_to

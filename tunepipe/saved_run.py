@@ -1,4 +1,6 @@
-"""A finished run on disk: its model or adapter saved and loaded back, curves, card (kept out of pipeline.py)."""
+"""A finished run on disk: its model or adapter saved and loaded back, curves, card (kept out of pipeline.py).
+Other stages' modules are imported inside the functions that use them: this file is on the start-up
+path of `tunepipe train`, where a specs typo is reported before they load (tests/test_import_placement.py)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -18,6 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+import tunepipe
+
 DONE = "done.json"
 TAG = "CACHEDIR.TAG"  # the cache-directory tag standard (backup tools skip it); also how clear() knows it is ours
 TAG_TEXT = "Signature: 8a477f597d28d172789f06886806bc55\n# tunepipe tokenization cache: safe to delete\n"
@@ -42,7 +44,6 @@ def fingerprint(*parts: Any) -> str:
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """A hash of the code that reads and preprocesses data: a changed reader or task invalidates its entries."""
-    import tunepipe
     root = Path(tunepipe.__file__).parent
     digest = hashlib.sha256(getattr(tunepipe, "__version__", "").encode())
     for folder in ("data", "tasks"):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import ConfigError, DatasetLoadError, ErrorHandler
+from ..modeling.limits import check_sequences
 from . import cache
 from .checks import COLUMN_SAMPLE, RecordChecker
 from .records import ArrowRecords, ArrowWriter
@@ -272,7 +273,6 @@ class DatasetModules:
                     entry.mkdir(exist_ok=True)
                     build(entry)
             prepared[split] = datasets.Dataset.from_file(str(entry / "data.arrow"))
-            from ..modeling.limits import check_sequences
             check_sequences(self.task, prepared[split], split, records.origins)  # within the model's positions
             if split != "train":
                 self.task.bind_eval_data(split, records.rows, prepared[split])

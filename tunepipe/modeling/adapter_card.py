@@ -3,14 +3,17 @@ tunepipe that run as written from the run directory."""
 from __future__ import annotations
 
 import json
+import pprint
+import shlex
+import textwrap
 from pathlib import Path
 from typing import Any
 
+from ..serving.load_policy import PEFT_RELATIVE_BASE, check_peft_config, remote_code
 from .adapter_files import BASE_MODEL_DIR, base_kind, is_adapter_dir, read_adapter_info
 from .model_paths import BUNDLED_HUB_ID, bundled_copy
 from .peft_names import peft_method
 from .special_tokens import card_note
-
 
 # 4-bit layers on CPU: bitsandbytes' AVX512-BF16 repacking changes outputs (and fails on layers narrower than a
 # quantization block); QuantizationManager.fix_cpu_layers does the same for tunepipe's own loads.
@@ -30,7 +33,6 @@ def adapter_card(output_dir: Path, task, specs) -> dict[str, Any]:
     matter), ``load`` (the "Load it" section). Its snippets run as written from the run directory: paths relative
     to it, the base as recorded (hub id, ``base_model`` in the run, or a local folder by absolute path, which the
     card then says)."""
-    from ..serving.load_policy import check_peft_config
     output_dir = Path(output_dir)
     adapter = output_dir / "adapter"
     method = peft_method(specs)
@@ -58,7 +60,6 @@ def adapter_card_section(output_dir: Path, task, specs) -> str:
 
 def _load_section(output_dir: Path, task, info: dict[str, Any], task_type: str | None, kind: str | None,
                   base: str | None, method: str) -> str:
-    from ..serving.load_policy import PEFT_RELATIVE_BASE
     auto_cls = info.get("auto_model_class") or task.auto_model_class
     auto_peft = _AUTO_PEFT_CLASS.get(str(task_type), "AutoPeftModel")
     quantized = info.get("quantization")
@@ -140,7 +141,6 @@ def _bundled_hub_id() -> str:
 
 def _head_code(info: dict[str, Any], with_labels: bool) -> tuple[list[str], list[str]]:
     """(lines defining the labels, from_pretrained keyword arguments) describing the task head."""
-    import pprint
     kwargs = dict(info.get("model_kwargs") or {})
     if not with_labels or not kwargs:
         return [], []
@@ -177,7 +177,6 @@ def _resize_line(info: dict[str, Any], base: str | Path | None) -> list[str]:
     try:
         from transformers import AutoConfig
 
-        from ..serving.load_policy import remote_code
         source = bundled_copy(str(base)) or str(base)
         config = AutoConfig.from_pretrained(source, local_files_only=True, **remote_code(False))
     except Exception:  # noqa: BLE001 - unknown: the snippet stays without the line
@@ -191,12 +190,10 @@ def _args(args: list[str]) -> str:
 
 
 def _wrap(text: str) -> str:
-    import textwrap
     return textwrap.fill(text, width=115, break_long_words=False, break_on_hyphens=False)
 
 
 def _cli_line(example: Any) -> str:
-    import shlex
     if isinstance(example, str):
         return f"or `tunepipe predict --model . --input {shlex.quote(example)}`."
     return ('or `tunepipe predict --model . --input questions.jsonl` (one `{"question", "context"}` record a line).')

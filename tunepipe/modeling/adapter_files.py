@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelNotFoundError
-from .model_structure import head_modules
+from ..output import atomic_dir
+from ..serving.load_policy import (PEFT_RELATIVE_BASE, RELATIVE_BASE, check_peft_config, relative_base, remote_code,
+                                   sanitize_adapter_info)
 from .model_paths import BUNDLED_HUB_ID, bundled_copy, bundled_model_dir
+from .model_structure import head_modules
 from .peft_names import _AUTO_CLASS_BY_TASK_TYPE, peft_method
+from .quantization import QuantizationManager, _output_embedding_names
+from .type_utils import parameter_count
 
 ADAPTER_INFO = "tunepipe_adapter.json"
 BASE_MODEL_DIR = "base_model"
@@ -31,7 +36,6 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights counted as the parameters they hold."""
-    from .type_utils import parameter_count
     trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     return trainable, sum(parameter_count(p) for p in model.parameters())
 
@@ -42,8 +46,6 @@ def save_adapter(model, tokenizer, target: str | Path, specs, task) -> Path:
     The base is named so that the run still loads after it is copied to another machine (``base_reference``), in
     ``adapter_config.json`` too (what plain peft and ``AutoPeftModelFor<Task>`` read); ``README.md`` is a short card
     of ours instead of peft's empty template."""
-    from ..output import atomic_dir
-    from .quantization import QuantizationManager
     target = Path(target)
     ref = base_reference(model.peft_config["default"].base_model_name_or_path or _base_name(model),
                          specs.output_dir, specs.model.revision)
@@ -86,7 +88,6 @@ def base_reference(base: str | None, output_dir: str | Path, revision: str | Non
     run directory, ``../base_model`` in tunepipe's record, relative to the adapter), ``hub`` for a hub model (its id;
     the bundled MiniLM and a hub-cache snapshot folder are recorded by their hub id, the snapshot with its commit),
     ``local`` for a folder of the user's own: its absolute path, the last resort (it does not travel)."""
-    from ..serving.load_policy import PEFT_RELATIVE_BASE, RELATIVE_BASE
     ref = {"kind": None, "name_or_path": base or None, "base_model": base or None, "base_model_relative": None,
            "revision": revision}
     if not base:
@@ -121,7 +122,6 @@ def base_kind(info: dict[str, Any]) -> str | None:
 def _full_precision_modules(model, requested: list[str] | None) -> list[str]:
     """The modules a quantized load keeps in full precision (QuantizationManager.load_kwargs): the task head, the
     output embeddings and the user's ``skip_modules``."""
-    from .quantization import _output_embedding_names
     base = model.get_base_model()
     return sorted(set(requested or []) | set(head_modules(base)) | set(_output_embedding_names(base)))
 
@@ -141,12 +141,6 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
 def read_adapter_info(path: str | Path) -> dict[str, Any]:
     """tunepipe's record next to the adapter, for a plain peft adapter what adapter_config.json tells; reduced to
     what a folder may decide (load_policy: no remote code, no load arguments beyond the head description)."""
-    from ..serving.load_policy import (
-        PEFT_RELATIVE_BASE,
-        RELATIVE_BASE,
-        check_peft_config,
-        sanitize_adapter_info,
-    )
     path = Path(path)
     cfg = check_peft_config(path)
     if (path / ADAPTER_INFO).is_file():
@@ -168,7 +162,6 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
 def resolve_base(path: str | Path, info: dict[str, Any]) -> str:
     """The base model for an adapter: the copy next to it (from_config runs), else the recorded path or hub id
     (the bundled MiniLM's hub id read as the bundled copy when the package is installed: no network needed)."""
-    from ..serving.load_policy import relative_base
     beside = relative_base(path, info)
     if beside is not None:
         return str(beside)
@@ -196,8 +189,6 @@ def load_adapter(path: str | Path, auto_model_class: str | None = None, full_pre
     import transformers
     from peft import PeftModel
 
-    from ..serving.load_policy import remote_code
-    from .quantization import QuantizationManager
     path = Path(path)
     if not is_adapter_dir(path):
         raise ModelNotFoundError(f"No adapter in {path}", file=str(path),
@@ -237,7 +228,6 @@ def load_adapter_tokenizer(adapter: Path, base: str, trust_remote_code: bool = F
     A tokenizer that needs remote code the caller did not allow is skipped like a missing one."""
     import transformers
 
-    from ..serving.load_policy import remote_code
     for source in (adapter, base):
         if (Path(source) / "tokenizer_config.json").is_file() or not Path(source).exists():
             try:

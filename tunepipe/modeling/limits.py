@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .model_paths import encoder_decoder_sides, resolve_model_path
 
 log = logging.getLogger("tunepipe")
 
@@ -102,7 +104,6 @@ def limits_for_model_section(model: Any) -> dict[str, PositionLimit | None] | No
     try:
         from transformers import AutoConfig
         if model.get("encoder_decoder"):
-            from .model_paths import encoder_decoder_sides
             configs = [_local_config(side) for side in encoder_decoder_sides(model["encoder_decoder"])]
             if any(c is None for c in configs):
                 return None
@@ -118,11 +119,8 @@ def limits_for_model_section(model: Any) -> dict[str, PositionLimit | None] | No
 
 
 def _local_config(name: Any):
-    from pathlib import Path
-
     from transformers import AutoConfig
 
-    from .model_paths import resolve_model_path
     if not isinstance(name, str):
         return None
     path = resolve_model_path(name)

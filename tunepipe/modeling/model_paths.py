@@ -3,6 +3,7 @@ model was trained for. Plain path logic, importable from anywhere without torch 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -55,7 +56,6 @@ def resolve_model_path(name: str | None, field: str = "model.name_or_path") -> s
 
 def task_from_model_dir(path: str | Path) -> str | None:
     """The task of a saved model: tunepipe records it in config.json; else guess from the architecture."""
-    import json
     config = Path(path) / "config.json"
     if not config.is_file():
         return None
@@ -76,7 +76,6 @@ def _offline() -> bool:
 def check_model_dir(path: str, field: str = "model.name_or_path") -> None:
     """A local model directory must hold a readable config.json (what save_pretrained writes); say so plainly
     instead of transformers' 'Unrecognized model' / 'not a valid JSON file'."""
-    import json
     directory = Path(path)
     if not directory.is_dir() or (directory / "adapter_config.json").is_file():
         return

@@ -1,10 +1,18 @@
 """TokenizerModules and ModelModules: load from a local path / hub id / the bundled encoder, or build from config."""
 from __future__ import annotations
 
+import inspect
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..data import DatasetModules
 from ..errors import ConfigError, ErrorHandler, ModelError, ModelNotFoundError, TaskTypeError
+from ..suggest import suggest
+from ..tasks import get_task
+from ..tiny import TOKENIZER_TRAINERS
+from .limits import check_lengths
 from .model_paths import (  # noqa: F401 - importable from here as before
     ARCHITECTURE_TASKS,
     BUNDLED_ALIASES,
@@ -17,6 +25,10 @@ from .model_paths import (  # noqa: F401 - importable from here as before
     resolve_model_path,
     task_from_model_dir,
 )
+from .peft_support import finish_model, is_adapter_dir, read_adapter_info, resolve_base
+from .quantization import QuantizationManager
+from .special_tokens import add_special_tokens, resize_embeddings
+
 
 def _damaged_weights(exc: Exception, path: str, field: str) -> ModelError | None:
     """safetensors' 'incomplete metadata' / 'header too large' for a truncated or damaged weights file."""
@@ -37,7 +49,6 @@ def tokenizer_load_error(exc: Exception, name: str, field: str) -> Exception:
     """A typed error for a tokenizer that failed to load: a damaged JSON file in a local tokenizer directory is
     named with its line (instead of a raw JSONDecodeError), anything else a local directory cannot give is a
     ModelError on that directory; names that are not found keep _load_error's MODEL_NOT_FOUND."""
-    import json
     directory = Path(name)
     if directory.is_dir():
         for fname in TOKENIZER_JSON_FILES:
@@ -117,7 +128,6 @@ class TokenizerModules:
                 tokenizer = AutoTokenizer.from_pretrained(name, add_prefix_space=True, **kwargs)
         except Exception as e:  # noqa: BLE001
             raise tokenizer_load_error(e, name, self.field()) from None
-        from .special_tokens import add_special_tokens
         add_special_tokens(tokenizer, self.specs.tokenizer)  # before the pad fallback: a pad_token given wins
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -134,12 +144,6 @@ class TokenizerModules:
     def train(self, task=None) -> str:
         """Train a tokenizer on the training text (``tokenizer.train``), for a model built from config; returns the
         directory it was saved to, so it is loaded exactly as plain transformers will reload it."""
-        import inspect
-        import tempfile
-
-        from ..data import DatasetModules
-        from ..suggest import suggest
-        from ..tiny import TOKENIZER_TRAINERS
         options = dict(self.specs.tokenizer.train or {})
         kind = str(options.pop("type", "wordpiece")).lower()
         if kind not in TOKENIZER_TRAINERS:
@@ -162,7 +166,6 @@ class TokenizerModules:
                                   suggestions=suggest(key, allowed) or [f"'{kind}' accepts: {', '.join(sorted(allowed))}"])
         options.setdefault("vocab_size", 8000)
         if task is None:
-            from ..tasks import get_task
             task = get_task(self.specs.task)(self.specs)
         rows = DatasetModules(self.specs, task).load()["train"].rows
         texts_of = getattr(task, "tokenizer_training_texts", None)
@@ -185,16 +188,13 @@ class ModelModules:
     def load(self, task, tokenizer=None):
         model = self._load(task, tokenizer)
         if tokenizer is not None:
-            from .special_tokens import resize_embeddings
             if self.specs.tokenizer.special_tokens or self.specs.tokenizer.additional_special_tokens:
                 resize_embeddings(model, tokenizer)  # rows for the added tokens (saved with an adapter too)
             self._check_vocabulary(model, tokenizer)
-        from .limits import check_lengths
         check_lengths(task, model.config)  # a length over the model's positions: refused before any training
         configure = getattr(task, "configure_model", None)  # settings the saved model must carry (generation)
         if configure is not None:
             configure(model, tokenizer)
-        from .peft_support import finish_model  # quantization prep, checkpointing, PEFT wrapping
         return finish_model(model, self.specs, task, tokenizer)
 
     def _check_vocabulary(self, model, tokenizer) -> None:
@@ -228,7 +228,6 @@ class ModelModules:
         adopt_model_config(task, name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         auto_cls = getattr(transformers, task.auto_model_class)
         try:
-            from .quantization import QuantizationManager
             quantized = QuantizationManager(self.specs).load_kwargs(
                 auto_cls, name, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **task.model_kwargs())
             model = auto_cls.from_pretrained(name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
@@ -306,7 +305,6 @@ def read_model_config(path, **kwargs):
     None when it cannot be read: the real load reports that with more context."""
     from transformers import AutoConfig
 
-    from .peft_support import is_adapter_dir, read_adapter_info, resolve_base
     try:
         path = resolve_model_path(str(path))
         if is_adapter_dir(path):

@@ -18,12 +18,14 @@ milliseconds), falling back to importing peft where the source cannot be read th
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..suggest import suggest
 
 # tunepipe method -> (peft source file, config class)
 METHOD_CLASSES = {"lora": ("tuners/lora/config.py", "LoraConfig"), "qlora": ("tuners/lora/config.py", "LoraConfig"),
@@ -58,7 +60,6 @@ def class_fields(method: str) -> frozenset[str]:
     names = _fields_from_source(root, file, name) if root is not None else None
     if names is not None:
         return names
-    import dataclasses
 
     import peft
     return frozenset(f.name for f in dataclasses.fields(getattr(peft, name)) if f.init)
@@ -97,7 +98,6 @@ def _all_methods_fields() -> dict[str, frozenset[str]]:
 
 
 def _suggest(key: str, allowed) -> list[str]:
-    from ..suggest import suggest
     return suggest(key, set(allowed))
 
 
@@ -262,7 +262,6 @@ def _raw_section(out: dict[str, Any], native: dict[str, tuple[Any, str]], raw: d
 def check_config_keys(cls, raw: dict[str, Any], field: str = "peft.config") -> None:
     """Every key of ``raw`` is an init field of the (imported) peft config class ``cls``: for peft types tunepipe
     does not name, checked when peft is imported."""
-    import dataclasses
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in raw:
         if key not in names:

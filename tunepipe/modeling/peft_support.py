@@ -10,17 +10,12 @@ Three rules keep a reloaded adapter predicting exactly what the trained one did:
 """
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 from ..errors import ConfigError
-from .model_paths import resolve_model_path
-from .model_structure import (  # noqa: F401 - importable from here as before
-    backbone_target_regex,
-    head_modules,
-    linear_module_names,
-    model_skeleton,
-)
+from ..output import atomic_dir
 from .adapter_files import (  # noqa: F401 - importable from here as before
     ADAPTER_INFO,
     BASE_MODEL_DIR,
@@ -34,6 +29,13 @@ from .adapter_files import (  # noqa: F401 - importable from here as before
     save_adapter,
     trainable_parameters,
 )
+from .model_paths import resolve_model_path
+from .model_structure import (  # noqa: F401 - importable from here as before
+    backbone_target_regex,
+    head_modules,
+    linear_module_names,
+    model_skeleton,
+)
 from .peft_names import (  # noqa: F401 - peft_enabled / peft_method importable from here as before
     check_config_keys,
     check_task_type,
@@ -42,6 +44,7 @@ from .peft_names import (  # noqa: F401 - peft_enabled / peft_method importable 
     peft_method,
     peft_task_type,
 )
+from .quantization import QuantizationManager
 from .special_tokens import resized_embeddings
 
 PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
@@ -111,7 +114,6 @@ def check_peft_specs(specs, task, skeleton=None) -> None:
 
 
 def _accepts_past(model) -> bool:
-    import inspect
     if "past_key_values" in inspect.signature(model.forward).parameters:
         return True
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
@@ -184,7 +186,6 @@ def enable_gradient_checkpointing(model) -> None:
 def finish_model(model, specs, task, tokenizer=None):
     """Called by ModelModules.load on the freshly loaded model: quantize a from_config base, prepare a quantized
     base for training, turn on checkpointing, and wrap with peft."""
-    from .quantization import QuantizationManager
     qm = QuantizationManager(specs)
     if peft_enabled(specs) and (specs.model.from_config or getattr(specs.model, "encoder_decoder", None)):
         model = _persist_from_config_base(model, specs, task, qm, tokenizer)  # no checkpoint holds these weights
@@ -213,7 +214,6 @@ def _persist_from_config_base(model, specs, task, qm, tokenizer=None):
     adapter needs it)."""
     import transformers
 
-    from ..output import atomic_dir
     target = Path(specs.output_dir).resolve() / BASE_MODEL_DIR
 
     def write(tmp):

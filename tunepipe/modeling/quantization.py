@@ -15,6 +15,7 @@ What bitsandbytes 0.50.2 does on a CPU (checked on this project's machines; GPU 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import logging
 import time
@@ -22,6 +23,9 @@ import warnings
 from typing import Any
 
 from ..errors import ConfigError, CudaError, DependencyError
+from .model_structure import head_modules, model_skeleton
+from .peft_names import peft_enabled
+from .peft_names import peft_method as method_of
 from .type_utils import TypeUtils, is_quantized, quantization_type
 
 INFERENCE_METHODS = ("bf16", "dynamic_int8", "torchao_int8_weight_only")
@@ -63,8 +67,6 @@ class QuantizationManager:
     def __init__(self, specs=None, *, bits: int | None = None, quant_type: str = "nf4", double_quant: bool = True,
                  compute_dtype: str = "bfloat16", skip_modules: list[str] | None = None, peft_method: str = "none"):
         if specs is not None:
-            from .peft_names import peft_enabled
-            from .peft_names import peft_method as method_of
             q = specs.quantization
             peft_method = method_of(specs) if peft_enabled(specs) else "none"
             if q.load_in_4bit and q.load_in_8bit:
@@ -146,7 +148,6 @@ class QuantizationManager:
             return {}
         from transformers import AutoConfig
 
-        from .model_structure import head_modules, model_skeleton
         config_keys = ("revision", "trust_remote_code", "num_labels", "id2label", "label2id")
         config = AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in config_keys})
         skeleton = model_skeleton(auto_cls, config)
@@ -204,8 +205,6 @@ class QuantizationManager:
     # ---- post-training quantization for inference ----------------------------------------------------------
     @staticmethod
     def available_inference_methods() -> list[str]:
-        import importlib.util
-
         import torch
         out = ["bf16"]
         if not torch.cuda.is_available():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..suggest import suggest
 
 NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _RESIZED = "_tunepipe_resized_vocab"  # set on a model whose embeddings were resized for added tokens
@@ -25,7 +26,6 @@ _RESIZED = "_tunepipe_resized_vocab"  # set on a model whose embeddings were res
 
 def check_special_tokens(named: Any, additional: Any) -> None:
     """The shape of the two settings (TokenizerSpec's validator): names from NAMED, non-empty token texts."""
-    from ..suggest import suggest
     for key, value in (named or {}).items():
         if key not in NAMED:
             raise ConfigError(f"Unknown special token name 'tokenizer.special_tokens.{key}'",

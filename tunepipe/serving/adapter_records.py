@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelNotFoundError, TaskTypeError
+from ..modeling.peft_support import read_adapter_info, resolve_base
+from ..tasks import get_task
 from .model_loading import canonical_task
 
 _TASK_BY_PEFT_TYPE = {"TOKEN_CLS": "token_classification", "SEQ_CLS": "text_classification",
@@ -60,7 +62,6 @@ def read_adapter(name: str, path: str | Path, task: str | None = None,
                  base_task: str | None = None) -> AdapterRecord:
     """The record of the adapter at ``path``, not loaded. Its task: ``task``, else the one it records, else its peft
     task type's, else ``base_task``; its base: the one it records (None when that cannot be resolved)."""
-    from ..modeling.peft_support import read_adapter_info, resolve_base
     directory = local_adapter_dir(path)
     info = read_adapter_info(directory)
     config = json.loads((directory / "adapter_config.json").read_text())
@@ -69,7 +70,6 @@ def read_adapter(name: str, path: str | Path, task: str | None = None,
     if not task_name:
         raise TaskTypeError(f"Cannot tell the task of the adapter in {directory}", field="task",
                             suggestions=["pass task= when registering it"])
-    from ..tasks import get_task
     kwargs = dict(info.get("model_kwargs") or {})
     if "id2label" in kwargs:
         kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}

@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, ModelNotFoundError, TaskTypeError, TunepipeError, ValidationError
+from ..modeling.models import adopt_model_config, resolve_model_path
+from ..modeling.peft_support import load_adapter_tokenizer
 from .adapter_records import (  # noqa: F401 - local_adapter_dir importable from here as before
     AdapterRecord, local_adapter_dir, read_adapter, same_model)
+from .merge import merge_and_unload
 from .model_loading import (canonical_task, check_predict_kwargs, default_device, load_tokenizer, make_task, place,
                             resolve_dtype)
 from .shared_base import SharedBase
@@ -66,7 +69,6 @@ class MultiAdapterManager:
     def __init__(self, base_model: str | None = None, task_type: str | None = None, base_run_dir: Path | None = None,
                  max_adapters_in_memory: int = 8, device: str | None = None, dtype: Any = None,
                  trust_remote_code: bool = False):
-        from ..modeling.models import resolve_model_path
         if max_adapters_in_memory < 1:
             raise ConfigError("max_adapters_in_memory must be at least 1", field="max_adapters_in_memory")
         self.base = resolve_model_path(base_model) if base_model else None
@@ -177,7 +179,6 @@ class MultiAdapterManager:
             run_dir = record.path.parent if record.path.name == "adapter" else None
             record.task = make_task(record.task_name, run_dir)
             record.task.on_model_loaded(group.model)
-            from ..modeling.peft_support import load_adapter_tokenizer
             record.tokenizer = (load_adapter_tokenizer(record.path, self.base, self.trust_remote_code)
                                 or self._tokenizer_of_base())
             record.loaded, record.group = True, group.key
@@ -255,7 +256,6 @@ class MultiAdapterManager:
                 if not task_name:
                     raise TaskTypeError("The base model has no task of its own", field="task",
                                         suggestions=["name an adapter", "or pass the base model's task_type"])
-                from ..modeling.models import adopt_model_config
                 fresh = self._base_task is None or self._base_task.name != task_name
                 if fresh:
                     base_dir = self.base if Path(self.base).is_dir() else None
@@ -348,7 +348,6 @@ class MultiAdapterManager:
     def merge_adapter(self, name: str, target: str | Path | None = None) -> Path:
         """Write ``name`` merged into its full-precision base as a standalone model (tunepipe.merge); returns the
         directory (default: the run's ``merged/``, or ``<adapter dir>-merged``)."""
-        from .merge import merge_and_unload
         record = self._get(name)
         if target is None and record.path.name != "adapter":
             target = record.path.with_name(record.path.name + "-merged")

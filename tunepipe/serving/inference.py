@@ -12,8 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .adapters import MultiAdapterManager, group_by_adapter
 from ..errors import ConfigError, ErrorHandler, ModelNotFoundError, TaskTypeError
+from ..modeling.models import adopt_model_config
+from ..modeling.peft_support import load_adapter, read_adapter_info, resolve_base
+from .adapters import MultiAdapterManager, group_by_adapter
+from .load_policy import remote_code
 from .model_loading import (Checkpoint, canonical_task, check_predict_kwargs, default_device,  # noqa: F401 (API)
                             is_single_input, load_tokenizer, make_task, place, resolve_checkpoint, resolve_dtype,
                             task_of_checkpoint)
@@ -74,13 +77,10 @@ class InferencePipeLine:
         import transformers
         ck = self.checkpoint
         task = make_task(self._require_task(), ck.run_dir, ck.path if ck.kind == "model" else None)
-        from .load_policy import remote_code
-        from ..modeling.models import adopt_model_config
         trust = self.trust_remote_code
         adopt_model_config(task, ck.path, **remote_code(trust))
         with ErrorHandler.guard(f"loading {ck.path}"):
             if ck.kind == "adapter":
-                from ..modeling.peft_support import load_adapter
                 model, tokenizer = load_adapter(ck.path, task.auto_model_class, trust_remote_code=trust)
             else:
                 model = getattr(transformers, task.auto_model_class).from_pretrained(ck.path, **remote_code(trust))
@@ -97,7 +97,6 @@ class InferencePipeLine:
         ck = self.checkpoint
         base, base_run = ck.path, ck.run_dir
         if ck.kind == "adapter":  # the run's own adapter is the default; its base is the shared base
-            from ..modeling.peft_support import read_adapter_info, resolve_base
             base, base_run = resolve_base(ck.path, read_adapter_info(ck.path)), None
         self.adapters = MultiAdapterManager(base, task_type=self.task_name, base_run_dir=base_run,
                                             max_adapters_in_memory=max_in_memory, device=self.device,

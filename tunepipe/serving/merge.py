@@ -9,11 +9,13 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError, ErrorHandler, ModelNotFoundError
+from ..modeling.peft_support import MERGEABLE_METHODS, is_adapter_dir, load_adapter, read_adapter_info, resolve_base
+from ..output import atomic_dir
+from ..ownership import check_claim, expand, read_marker, write_marker
 
 
 def find_adapter(path: str | Path) -> Path:
     """The adapter directory of a run directory (``<output_dir>/adapter``) or the adapter directory itself."""
-    from ..modeling.peft_support import is_adapter_dir
     path = Path(path)
     for candidate in (path / "adapter", path):
         if is_adapter_dir(candidate):
@@ -27,9 +29,6 @@ def merge_and_unload(output_dir: str | Path, target: str | Path | None = None, t
     """Merge the run's adapter into its full-precision base and save model + tokenizer to ``target``
     (default ``<output_dir>/merged``) atomically; returns the directory written. ``trust_remote_code`` is the
     caller's to give: the adapter's own record never turns it on."""
-    from ..output import atomic_dir
-    from ..ownership import write_marker
-    from ..modeling.peft_support import MERGEABLE_METHODS, load_adapter, read_adapter_info, resolve_base
     adapter = find_adapter(output_dir)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     peft_type = str(cfg.get("peft_type", "")).lower()
@@ -65,7 +64,6 @@ def merge_and_unload(output_dir: str | Path, target: str | Path | None = None, t
 def _merge_target(root: Path, target: str | Path | None, adapter: Path, base: str) -> Path:
     """Where the merged model may go (ownership): a new or empty directory, a previous merge, or the run's own
     ``merged/``; never the adapter, its base or a directory holding them."""
-    from ..ownership import check_claim, expand, read_marker
     default = root / "merged"
     path = expand(target) if target else default
     inputs = {"adapter": [adapter], "base model": [base]}

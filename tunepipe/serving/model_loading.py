@@ -5,6 +5,7 @@ and which device and dtype it runs in. What a folder's own metadata may decide i
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import logging
@@ -13,6 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelNotFoundError, TaskTypeError
+from ..modeling.models import BUNDLED_ALIASES, resolve_model_path, task_from_model_dir, tokenizer_load_error
+from ..modeling.peft_support import read_adapter_info
+from ..modeling.quantization import QuantizationManager
+from ..modeling.type_utils import TypeUtils
+from ..tasks import get_task
+from .load_policy import remote_code
 
 log = logging.getLogger("tunepipe")
 SPECS_FILE = "specs.yaml"
@@ -38,7 +45,6 @@ def _run_dir_of(path: Path) -> Path | None:
 
 def resolve_checkpoint(checkpoint: str | Path) -> Checkpoint:
     """A tunepipe output_dir, a saved model directory, an adapter directory, 'minilm', or a hub id."""
-    from ..modeling.models import BUNDLED_ALIASES, resolve_model_path
     name = str(checkpoint)
     if name.lower() in BUNDLED_ALIASES:
         return Checkpoint("base", resolve_model_path(name))
@@ -65,7 +71,6 @@ def resolve_checkpoint(checkpoint: str | Path) -> Checkpoint:
 def canonical_task(name: str | None) -> str | None:
     if name is None:
         return None
-    from ..tasks import get_task
     return get_task(name).name
 
 
@@ -74,13 +79,11 @@ def task_of_checkpoint(ck: Checkpoint) -> str | None:
     architecture name."""
     import yaml
 
-    from ..modeling.models import task_from_model_dir
     if ck.run_dir is not None:
         task = (yaml.safe_load((ck.run_dir / SPECS_FILE).read_text()) or {}).get("task")
         if task:
             return canonical_task(task)
     if ck.kind == "adapter":
-        from ..modeling.peft_support import read_adapter_info
         return canonical_task(read_adapter_info(ck.path).get("task"))
     return task_from_model_dir(ck.path) if Path(ck.path).is_dir() else None
 
@@ -89,7 +92,6 @@ def make_task(task_name: str, run_dir: Path | None = None, model_dir: str | Path
     """A Task bound to the specs the model was trained with (specs.yaml), so max_length, QA settings and generation
     settings match training; without specs.yaml, the task defaults plus the model's saved generation config."""
     from ..specs import load_specs
-    from ..tasks import get_task
     if run_dir is not None and (Path(run_dir) / SPECS_FILE).is_file():
         # a run directory's specs describe the data and the head; they never switch on remote code (load_policy)
         specs = load_specs(Path(run_dir) / SPECS_FILE,
@@ -191,7 +193,6 @@ def _check_generation_setting(key: str, value: Any) -> None:
     if _check_section_setting("generation", key, value, "generation setting"):
         return
     if not hasattr(GenerationConfig(), key) or key in ("max_length",):
-        import difflib
         close = difflib.get_close_matches(key, list(GenerationSpec.model_fields), n=1)
         raise ConfigError(f"Unknown generation setting '{key}'", field=key,
                           suggestions=[f"did you mean '{c}'?" for c in close] +
@@ -211,17 +212,13 @@ def resolve_dtype(dtype: Any, device: str) -> Any:
     if str(dtype).lower() in _INT8:
         return "int8"
     if str(dtype).lower() == "auto":
-        from ..modeling.type_utils import TypeUtils
         ok, note = TypeUtils.device_supports("bfloat16", device)
         return "bfloat16" if ok and note is None else None
-    from ..modeling.type_utils import TypeUtils
     return TypeUtils.dtype(dtype)
 
 
 def place(model, device: str, dtype: Any):
     """Move and cast a loaded model (bf16 via TypeUtils.convert; int8 via QuantizationManager)."""
-    from ..modeling.quantization import QuantizationManager
-    from ..modeling.type_utils import TypeUtils
     quantized = QuantizationManager.is_quantized(model)
     if dtype == "int8":
         if str(device).split(":")[0] != "cpu":
@@ -242,8 +239,6 @@ def place(model, device: str, dtype: Any):
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    from .load_policy import remote_code
-    from ..modeling.models import tokenizer_load_error
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **remote_code(trust_remote_code))
     except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json: named with its line, like in training

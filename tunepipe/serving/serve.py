@@ -10,16 +10,22 @@ docs/serving.md is the operator's guide.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import __version__
 from ..errors import ConfigError, DependencyError, TunepipeError, ValidationError
-from .serve_access import (  # noqa: F401 - importable from here as before
-    API_KEY_ENV, MIN_KEY_CHARS, AdapterPathError, adapter_dir_under, check_bind, read_api_key, real_roots)
+from .adapters import AdapterNotFoundError
+from .model_loading import is_single_input
+from .serve_access import (API_KEY_ENV, MIN_KEY_CHARS, AdapterPathError,  # noqa: F401 - importable from here as before
+                           adapter_dir_under, check_bind, read_api_key, real_roots)
+from .serve_scheduler import ModelWorker
 
 log = logging.getLogger("tunepipe.serve")
 
@@ -101,7 +107,6 @@ def _error(status: int, code: str, message: str, field: str | None = None, sugge
 
 
 def _status_of(e: TunepipeError) -> int:
-    from .adapters import AdapterNotFoundError
     if isinstance(e, AdapterNotFoundError):
         return 404
     if isinstance(e, ForbiddenError):
@@ -129,16 +134,12 @@ def create_app(pipeline, limits: Limits | None = None, *, api_key: str | None = 
     """The FastAPI app for ``pipeline`` (an InferencePipeLine). Adapter registration, loading and removal over the
     API need ``allow_adapter_management`` and at least one adapter root."""
     _require_fastapi()
-    import asyncio
-    from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from .. import __version__
     from .serve_guard import GuardMiddleware, InFlight
-    from .serve_scheduler import ModelWorker
     limits = limits or Limits()
     if scheduling not in ("fair", "fifo"):
         raise ConfigError(f"Unknown scheduling {scheduling!r}", field="scheduling", suggestions=["fair or fifo"])
@@ -212,7 +213,6 @@ def create_app(pipeline, limits: Limits | None = None, *, api_key: str | None = 
                          404: {"description": "unknown adapter"}, 413: {"description": "request too large"},
                          422: {"description": "malformed request"}, 503: {"description": "busy: retry later"}})
     async def predict(body: PredictRequest) -> PredictResponse:
-        from .model_loading import is_single_input
         single = is_single_input(body.inputs)
         items = [body.inputs] if single else body.inputs
         if not isinstance(items, list):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import re
 from typing import Iterable
@@ -257,7 +258,6 @@ def guarded_protocol(header_timeout: float, body_timeout: float, close_grace: fl
 
 
 def is_loopback(host: str) -> bool:
-    import ipaddress
     if host.lower() == "localhost":
         return True
     try:

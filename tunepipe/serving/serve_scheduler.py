@@ -22,6 +22,7 @@ from functools import cached_property
 from typing import Any, Callable
 
 from ..errors import TunepipeError
+from .model_loading import check_predict_kwargs
 
 log = logging.getLogger("tunepipe.serve")
 
@@ -215,7 +216,6 @@ class ModelWorker:
 
     def _check(self, job: _Job) -> None:
         """Refuse a bad request before any of it runs, with input numbers of the request (not of a micro-batch)."""
-        from .model_loading import check_predict_kwargs
         try:
             for name, positions in job.groups.items():
                 task = self.pipeline.task_for(name)

@@ -23,6 +23,8 @@ import warnings
 from typing import Any
 
 from ..errors import ConfigError, ErrorHandler
+from ..modeling.quantization import QuantizationManager
+from .load_policy import remote_code
 from .model_loading import place
 
 log = logging.getLogger("tunepipe")
@@ -49,8 +51,6 @@ class SharedBase:
             return self.model
         import transformers
 
-        from .load_policy import remote_code
-        from ..modeling.quantization import QuantizationManager
         trust = remote_code(self.trust_remote_code)
         with ErrorHandler.guard(f"loading the base model {self.path}"), _quiet():
             config = transformers.AutoConfig.from_pretrained(self.path, **trust)
@@ -81,7 +81,6 @@ class SharedBase:
         import torch
         import transformers
 
-        from .load_policy import remote_code
         self.load()
         base_config = self.model.config
         auto_cls = getattr(transformers, auto_model_class)

@@ -3,6 +3,9 @@
 Users write a dict, a YAML/JSON file, or the flat keys of the original design; ``load_specs`` turns any of them
 into :class:`Specs`. Unknown keys fail with a "did you mean" suggestion, because a silently ignored typo
 (``learning_rte``) costs a whole training run.
+
+Other stages' modules are imported inside the functions that use them: this file is on the start-up
+path of `tunepipe train`, where a specs typo is reported before they load (tests/test_import_placement.py).
 """
 from __future__ import annotations
 

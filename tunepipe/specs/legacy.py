@@ -1,5 +1,7 @@
 """Keys the specs accept besides their own: the original design's flat keys, renamed TrainingArguments names, and
-unknown keys answered with a "did you mean"."""
+unknown keys answered with a "did you mean".
+Other stages' modules are imported inside the functions that use them: this file is on the start-up
+path of `tunepipe train`, where a specs typo is reported before they load (tests/test_import_placement.py)."""
 from __future__ import annotations
 
 import functools

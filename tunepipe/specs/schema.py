@@ -1,4 +1,6 @@
-"""The specs' sections as typed pydantic models: what each key means, its default and its allowed values."""
+"""The specs' sections as typed pydantic models: what each key means, its default and its allowed values.
+Other stages' modules are imported inside the functions that use them: this file is on the start-up
+path of `tunepipe train`, where a specs typo is reported before they load (tests/test_import_placement.py)."""
 from __future__ import annotations
 
 import hashlib

@@ -2,10 +2,13 @@
 point in the ``tunepipe.tasks`` group naming a Task subclass (docs/extending.md)."""
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
+from importlib.metadata import entry_points
 
 from ..errors import TaskTypeError
+from .base import Task
 
 ENTRY_POINT_GROUP = "tunepipe.tasks"
 
@@ -44,7 +47,6 @@ def task_names(plugins: bool = False) -> list[str]:
 
 
 def _entry_points() -> list:
-    from importlib.metadata import entry_points
     return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
@@ -55,7 +57,6 @@ def _where(ep) -> str:
 
 def _load_entry_point(ep):
     """The Task subclass an entry point names, or a TaskEntryPointError naming its distribution and entry point."""
-    from .base import Task
     dist = getattr(getattr(ep, "dist", None), "name", None) or "<unknown>"
 
     def fail(why: str, hints: list[str]) -> TaskEntryPointError:
@@ -129,7 +130,6 @@ def get_task(name: str):
                                   entry_point=name, suggestions=["uninstall all but one of them"])
     if matches:
         return _load_entry_point(matches[0])
-    import difflib
     plugins = [ep.name for ep in registered]
     close = difflib.get_close_matches(key, list(_TASKS) + list(_ALIASES) + plugins, n=2)
     raise TaskTypeError(f"Unknown task '{name}'", field="task",

@@ -5,9 +5,11 @@ pure batched function of (batch, tokenizer), so it serves ``Dataset.map``, strea
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, ClassVar, Sequence
 
 from ..errors import ValidationError
+from ..modeling.limits import LengthSetting, check_lengths
 
 
 class Task:
@@ -42,7 +44,6 @@ class Task:
     @classmethod
     def default_specs(cls, model: Any = None) -> dict[str, Any]:
         """The task's defaults; ``model`` is the specs' model section, for tasks whose defaults depend on it."""
-        import copy
         return copy.deepcopy(cls.defaults)
 
     @classmethod
@@ -65,7 +66,6 @@ class Task:
     def length_settings(self) -> list[Any]:
         """The specs values that bound the sequences the model reads (limits.LengthSetting), checked against
         its position limits once it is loaded."""
-        from ..modeling.limits import LengthSetting
         return [LengthSetting("data.max_length", self.specs.data.max_length, "input")]
 
     def column(self, role: str) -> str:
@@ -118,7 +118,6 @@ class Task:
         id2label = getattr(model.config, "id2label", None)
         if self.uses_labels and id2label:
             self.labels = [id2label[i] for i in range(len(id2label))]
-        from ..modeling.limits import check_lengths
         check_lengths(self, model.config, predicting=True)  # a default length over the limit is lowered to it
 
     def bind_tokenizer(self, tokenizer) -> None:

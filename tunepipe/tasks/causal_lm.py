@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..errors import ValidationError
+from ..modeling.limits import LengthSetting
 from .base import Task
 from .masked_lm import check_block_size, check_positions, group_texts, perplexity_metrics, token_nll
 
@@ -153,7 +154,6 @@ class CausalLMTask(Task):
     capped_lengths = ()  # the block size defines the training examples: a default over the limit is refused
 
     def length_settings(self) -> list[Any]:
-        from ..modeling.limits import LengthSetting
         packing = bool(self.specs.data.packing)
         return [LengthSetting("data.chunk_size" if packing and self.specs.data.chunk_size else "data.max_length",
                               self.block_size() if packing else (self.specs.data.max_length or 512))]

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ConfigError, ValidationError
+from ..modeling.limits import LengthSetting, config_limit
 from .base import Task, run_batches
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
@@ -70,7 +71,6 @@ def check_block_size(size: int, tokenizer, field: str) -> None:
 
 def check_positions(model, size: int, field: str) -> None:
     """Blocks longer than the model's position table fail deep inside the forward pass: say so before training."""
-    from ..modeling.limits import config_limit
     found = config_limit(getattr(model, "config", None))
     limit = found.tokens if found is not None and found.hard else None  # rotary: longer runs (limits.py)
     if isinstance(limit, int) and size > limit:
@@ -162,7 +162,6 @@ class MaskedLMTask(Task):
     capped_lengths = ()  # the block size defines the training examples: a default over the limit is refused
 
     def length_settings(self) -> list[Any]:
-        from ..modeling.limits import LengthSetting
         return [LengthSetting("data.chunk_size" if self.packing else "data.max_length", self.block_size())]
 
     def configure_model(self, model, tokenizer) -> None:

@@ -12,6 +12,7 @@ import json
 from typing import Any, Sequence
 
 from ..errors import ConfigError, TrainingError, ValidationError
+from ..modeling.limits import LengthSetting
 from .base import Task
 from .qa_postprocess import EvalSplit, best_answers
 from .squad_metrics import squad_metrics
@@ -140,7 +141,6 @@ class QuestionAnsweringTask(Task):
             data.stride = self._setting("max_length") // 3
 
     def length_settings(self):
-        from ..modeling.limits import LengthSetting
         return [LengthSetting("data.max_length", self._setting("max_length"), "input")]
 
     def _setting(self, name: str):

@@ -13,8 +13,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ValidationError
+from ..modeling.limits import LengthSetting
 from . import seq2seq_decoder, seq2seq_generation
 from .base import Task
+from .causal_lm import CausalLMCollator
 from .seq2seq_generation import (  # noqa: F401 - BEAM_ONLY, SAMPLING_ONLY importable from here as before
     BEAM_ONLY, DECODER_ONLY_GENERATION, SAMPLING_ONLY)
 from .seq2seq_metrics import bleu_chrf, exact_match, generated_lengths, rouge
@@ -209,7 +211,6 @@ class Seq2SeqTask(Task):
 
     def collator(self, tokenizer):
         if self.decoder_only:
-            from .causal_lm import CausalLMCollator
             return CausalLMCollator(tokenizer.pad_token_id)
         from transformers import DataCollatorForSeq2Seq
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
@@ -246,7 +247,6 @@ class Seq2SeqTask(Task):
     def length_settings(self) -> list[Any]:
         """Encoder-decoder: sources on the encoder; targets and generated tokens (after the start token) on the
         decoder. Decoder-only: prompt and completion share one stack, within data.max_length."""
-        from ..modeling.limits import LengthSetting
         data = self.specs.data
         settings = [LengthSetting("data.max_length", data.max_length, "input")]
         if not self.decoder_only:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..modeling.models import read_model_config
+
 # what ends the prompt when data.source_suffix is unset: the cue the model completes
 DEFAULT_SUFFIXES = {"summarization": "\nTL;DR:", "translation": "\nTranslation:", "text_generation": "\nOutput:"}
 
@@ -26,7 +28,6 @@ def is_decoder_only(config) -> bool:
 def names_a_decoder_only_model(model: Any) -> bool:
     """Whether the specs' model section (before anything loads) is a decoder-only LM: from_config's model_type, or
     the config of a local folder or hub id. Anything unreadable counts as no: the real load reports it."""
-    from ..modeling.models import read_model_config
     model = {"name_or_path": model} if isinstance(model, str) else model
     if not isinstance(model, dict) or model.get("encoder_decoder"):
         return False

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from ..errors import ConfigError, ValidationError
 from .base import Task, run_batches
 from .word_chunks import ChunkLayout, ScoredWords, samples
@@ -267,7 +269,6 @@ def _window_probs(model, tokenizer, enc, batch_size: int) -> list[Any]:
 
 def _aggregate(item, encoding, probs, id2label: dict[int, str], strategy: str) -> dict[str, Any]:
     """Word tags and entities of one input from its pieces' label probabilities."""
-    import numpy as np
     if isinstance(item, str):
         text, word_starts, words_given = item, None, None
     else:

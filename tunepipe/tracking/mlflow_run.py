@@ -13,6 +13,7 @@ the ``MLFLOW_HTTP_REQUEST_*`` variables. The client API (``MlflowClient``) is us
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -24,6 +25,9 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from tunepipe import __version__
+
+from ..errors import DependencyError
 from .mlflow_params import (  # noqa: F401 - importable from here as before
     TRUNCATION_MARKER,
     clean_name,
@@ -198,7 +202,6 @@ class MlflowTracker(TrainerCallback):
         self.experiment_id = self._call("creating the experiment", self._experiment_id)
         if self.experiment_id is None:
             return None
-        from tunepipe import __version__
         tags = {"tunepipe.task": self.specs.task, "tunepipe.backend": self.specs.backend,
                 "tunepipe.output_dir": str(self.output_dir.resolve()), "tunepipe.version": __version__,
                 "tunepipe.specs_fingerprint": self.specs.fingerprint(), **self.spec.tags}
@@ -350,9 +353,6 @@ def _finite_number(value: Any) -> bool:
 def require_mlflow(tracking_uri: str) -> None:
     """Asked-for tracking without the package is a setup error, raised before any training. A server URI needs
     only the client (mlflow-skinny will do); a local SQLite store needs full mlflow (SQLAlchemy, Alembic)."""
-    import importlib.util
-
-    from ..errors import DependencyError
     if importlib.util.find_spec("mlflow") is None:
         raise DependencyError("tracking.mlflow is set but MLflow is not installed", field="tracking.mlflow",
                               suggestions=["pip install 'tunepipe[mlflow]'", "or remove tracking.mlflow"])

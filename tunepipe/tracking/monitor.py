@@ -15,6 +15,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..output import write_json
+
 MB = 2 ** 20
 # Fields added to each training-step record of train_log.jsonl.
 STEP_FIELDS = ("step_time", "samples_per_second", "tokens_per_second", "cpu_percent", "rss_mb",
@@ -196,7 +198,6 @@ class ResourceMonitor(TrainerCallback):
             self._nvml = None
         if state.is_world_process_zero:
             if self.output_dir is not None:
-                from ..output import write_json
                 write_json(self.output_dir / "resources.json", self.summary)
             if self.verbose:
                 print(format_summary(self.summary), flush=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.sax.saxutils import escape
 
+from ..output import atomic_text
+
 log = logging.getLogger("tunepipe")
 
 CURVES_FILE = "training_curves.svg"
@@ -172,7 +174,6 @@ def write_training_curves(output_dir: str | Path, metric: str | None = None, tit
         panels = curves(read_log(output_dir / "train_log.jsonl"), metric)
         if not panels:
             return None
-        from ..output import atomic_text
         target = output_dir / CURVES_FILE
         atomic_text(target, render_svg(panels, title or output_dir.name))
         return target

@@ -9,6 +9,7 @@ MLflow has its own section (``tracking.mlflow``) on every backend.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -40,7 +41,6 @@ def tensorboard_dir(output_dir: str | Path) -> Path:
 def check_report_to(specs) -> list[str]:
     """The integrations asked for, checked: known names, their package installed, the backend able to drive them.
     Raises ConfigError / DependencyError (IMPORT_ERROR, with the pip command)."""
-    import difflib
     names = wanted(getattr(specs.training, "report_to", None))
     if not names:
         return []

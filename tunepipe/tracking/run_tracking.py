@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from ..tasks import get_task
 from .mlflow_run import MlflowTracker, require_mlflow
+from .monitor import ResourceMonitor, place_before_log_writer
+from .reporting import check_report_to, loop_callbacks, point_trainer_callbacks
 
 
 def _generation_progress(specs):
     """A generation bar for tasks evaluated by generating, unless the specs turn progress bars off."""
-    from ..tasks import get_task
     if not getattr(get_task(specs.task), "generative", False) or getattr(specs.training, "disable_tqdm", False):
         return None
     from .progress import GenerationProgress
@@ -24,8 +26,6 @@ class Tracking:
     progress bar of generative tasks (progress.py); plus the pipeline's hooks into them."""
 
     def __init__(self, specs, output_dir: str | Path):
-        from .monitor import ResourceMonitor
-        from .reporting import check_report_to, loop_callbacks
         self.output_dir = Path(output_dir)
         self.monitor = ResourceMonitor(output_dir) if specs.tracking.resources else None
         mlflow_spec = specs.tracking.mlflow
@@ -44,9 +44,7 @@ class Tracking:
         """The monitor adds fields to ``logs``: it must run before the train_log.jsonl writer. TensorBoard's files
         go to the run's directory. With the generation bar, transformers' evaluation bar steps aside."""
         if self.monitor is not None:
-            from .monitor import place_before_log_writer
             place_before_log_writer(trainer, self.monitor)
-        from .reporting import point_trainer_callbacks
         point_trainer_callbacks(trainer, self.output_dir)
         if self.progress is not None:
             from transformers.trainer_callback import ProgressCallback

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from ..output import atomic_text
+from .checkpoints import CheckpointManager
 from .data import data_state, num_examples
 from .finite import flag_non_finite_metrics
 from .run_state import StopOnSignal, resume_setting
@@ -87,7 +89,6 @@ def prediction_step(model, batch: dict[str, Any], task, names: list[str], genera
     """(loss, predictions, labels) of one evaluation batch. Predictions are reduced per batch
     (``task.preprocess_logits_for_metrics``, tuples allowed) or, for generative tasks, the ids from
     ``generate(**task.generation_kwargs())``."""
-    import torch
     has_labels = bool(names) and all(batch.get(k) is not None for k in names)
     labels = None
     if has_labels:
@@ -196,7 +197,6 @@ class FinalEvaluation:
 
     def reloaded(self, checkpoint) -> None:
         """The weights were replaced by those of ``checkpoint`` (best model at end)."""
-        from .checkpoints import CheckpointManager
         step = CheckpointManager.step_of(Path(str(checkpoint))) if checkpoint else None
         self.weights_step = -1 if step is None else step
 
@@ -278,7 +278,6 @@ class TrainerBookkeeping:
         decides the same); None with one."""
         if self.args.world_size <= 1:
             return None
-        import torch
         return lambda flag: int(self._rank_max(torch.tensor(float(flag))) > 0)
 
     def _check_finite(self, grad_norm, parameters=None, scaler=None) -> None:

@@ -2,6 +2,8 @@
 and where a loop is in the data (checkpoints' data_state.json)."""
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -38,7 +40,6 @@ class EpochSeededLengthGroupedSampler:
         self.epoch += 1
 
     def indices(self, epoch: int) -> list[int]:
-        import torch
         from transformers.trainer_pt_utils import get_length_grouped_indices
         generator = torch.Generator().manual_seed(self.seed + epoch)
         # transformers' rule for small data (a quarter of the batches at most) still applies
@@ -127,7 +128,6 @@ def train_sampler(dataset, args, tokenizer=None, group_batches: int = LENGTH_GRO
         step_examples = args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         return EpochSeededLengthGroupedSampler(step_examples, lengths, seed, group_batches)
     if strategy not in ("random",):
-        import warnings
         warnings.warn(f"train_sampling_strategy '{strategy}' is not supported by this backend: random is used",
                       stacklevel=2)
     return SeedableRandomSampler(data_source=dataset, data_seed=seed)
@@ -143,7 +143,6 @@ def eval_order(dataset) -> list[int]:
 
 def model_columns(model) -> list[str]:
     """Columns the model's forward accepts (the Trainer drops the others, e.g. ``length``)."""
-    import inspect
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = list(inspect.signature(base.forward).parameters)
     return names + ["label", "label_ids"] + label_names(model)

@@ -10,7 +10,6 @@ from typing import Iterator
 
 from ..errors import TunepipeIOError
 
-
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "storagefull", "not enough space")
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 
+from ..data.stream import stream_loader
 from .checkpoints import CheckpointManager
 from .common import (
     FinalEvaluation,
@@ -105,7 +106,6 @@ class _TaskTrainerMixin(TrainerBookkeeping):
         at max_steps and, on resume, drops the batches already trained on."""
         if not is_stream(self.train_dataset):
             return super().get_train_dataloader()
-        from ..data.stream import stream_loader
         stream = keep_train_columns(self.train_dataset, self.accelerator.unwrap_model(self.model))
         return stream_loader(stream.shard(self.args.process_index, self.args.world_size),
                              self.args.per_device_train_batch_size, self.data_collator)

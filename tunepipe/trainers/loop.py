@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerControl, TrainerState, set_seed
 from transformers.trainer_utils import speed_metrics
 
+from ..data.stream import stream_loader
 from .checkpoints import CheckpointManager
 from .common import (
     EvalCollector,
@@ -184,7 +185,6 @@ class LoopTrainer(TrainerBookkeeping):
     def _train_loader(self, dataset, skip: int):
         args, engine = self.args, self.engine
         if is_stream(dataset):  # this rank's share of the stream, max_steps worth of batches
-            from ..data.stream import stream_loader
             return stream_loader(dataset.shard(engine.rank, engine.world_size), args.train_batch_size, self.collator,
                                  skip, total=args.max_steps * args.gradient_accumulation_steps)
         return sharded_loader(dataset, self.sampler, args.train_batch_size, self.collator, args, engine.world_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import signal
 import threading
 from pathlib import Path
@@ -75,8 +76,6 @@ def resume_setting(specs) -> str | None:
 
 # ---- RNG states in forms torch.load(weights_only=True) accepts -----------------------------------------------
 def capture_rng_state() -> dict[str, Any]:
-    import random
-
     import numpy as np
     import torch
     version, keys, gauss = random.getstate()
@@ -91,8 +90,6 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    import random
-
     import numpy as np
     import torch
     version, keys, gauss = state["python"]

@@ -1,14 +1,15 @@
-"""Settings every backend reads the same way: precision, TrainingArguments values from the specs, the optimizer
-and scheduler factory, and the Trainer's step/epoch schedule."""
+"""Settings every backend reads the same way: TrainingArguments values from the specs (precision resolved by
+modeling/type_utils.py), the optimizer and scheduler factory, and the Trainer's step/epoch schedule."""
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, CudaError
+from ..errors import ConfigError
+from ..modeling.type_utils import resolve_precision
 from .distributed import hf_training_values
 
 # Keys of TrainingSpec that are tunepipe's, not TrainingArguments'.
@@ -22,41 +23,6 @@ class TrainResult:
     global_step: int
     train_metrics: dict[str, float] = field(default_factory=dict)
     log_history: list[dict[str, Any]] = field(default_factory=list)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run faster than fp32 here (measured ~1.8x on the dev machine)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def bf16_supported() -> bool:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_fast_bf16()
-
-
-def resolve_precision(training) -> tuple[bool, bool]:
-    """(bf16, fp16) to use. 'auto' = bf16 where the device runs it fast; fp16 only on CUDA."""
-    import torch
-    if training.fp16:
-        if not torch.cuda.is_available():
-            raise CudaError("fp16 mixed precision needs a CUDA GPU", field="training.fp16",
-                            suggestions=["remove fp16 (bf16 is used automatically where the CPU supports it)"])
-        if training.bf16 is True:
-            raise ConfigError("fp16 and bf16 are both on", field="training.bf16", suggestions=["choose one"])
-        return False, True
-    if training.bf16 == "auto":
-        return bf16_supported(), False
-    if training.bf16 and not torch.cuda.is_available() and not cpu_has_fast_bf16():
-        import warnings
-        warnings.warn("bf16 on a CPU without AVX512-BF16/AMX is emulated and slow", stacklevel=2)
-    return bool(training.bf16), False
 
 
 def training_arguments(specs, output_dir: Path, has_eval: bool, cls=None, **extra):
@@ -113,7 +79,6 @@ def has_gpu() -> bool:
 
 def _rename_for_installed_transformers(values: dict[str, Any], cls) -> None:
     """Follow renames between transformers versions so one specs file works across them."""
-    import dataclasses
     names = {f.name for f in dataclasses.fields(cls)}
     for old, new in (("gradient_checkpointing", "activation_checkpointing"),
                      ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
@@ -152,8 +117,6 @@ class TrainingSettings:
 
 
 def training_settings(specs, output_dir: Path, has_eval: bool) -> TrainingSettings:
-    import dataclasses
-
     from transformers import TrainingArguments
     values: dict[str, Any] = {}
     for f in dataclasses.fields(TrainingArguments):

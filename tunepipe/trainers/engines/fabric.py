@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import Strategy
 from lightning.fabric.wrappers import _FabricModule
@@ -134,8 +136,6 @@ class FabricAccelerateEngine(FabricEngine):
             os.environ.update(RANK=str(fabric.global_rank), WORLD_SIZE=str(fabric.world_size),
                               LOCAL_RANK=str(fabric.local_rank),
                               LOCAL_WORLD_SIZE=str(fabric.world_size // max(self.num_nodes, 1)))
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.use_cpu,
                                        gradient_accumulation_steps=1)
