@@ -22,7 +22,7 @@ DATA = ROOT.parent / "shared" / "data"
 CHILD = r'''
 import hashlib, json, sys
 from tunepipe.data import DatasetModules
-from tunepipe.models import TokenizerModules
+from tunepipe.modeling.models import TokenizerModules
 from tunepipe.specs import load_specs
 from tunepipe.tasks import get_task
 out = {}

@@ -68,7 +68,7 @@ def _gc(phase, info):
     if phase == "start": gc_start[0] = time.perf_counter()
     else: gc_time[0] += time.perf_counter() - gc_start[0]
 gc.callbacks.append(_gc)
-import tunepipe.cli, tunepipe.inference as inf, tunepipe.models as models
+import tunepipe.cli, tunepipe.serving.inference as inf, tunepipe.modeling.models as models
 phases = {"import tunepipe.cli + inference": time.perf_counter() - t0}
 def timed(owner, name, label):
     fn = getattr(owner, name)
@@ -83,7 +83,9 @@ timed(inf, "resolve_checkpoint", "locate the model")
 timed(inf, "default_device", "default_device (imports torch)")
 timed(inf, "task_of_checkpoint", "task of the run (specs.yaml)")
 timed(inf, "make_task", "task bound to the run's specs")
-timed(models, "adopt_model_config", "model config")
+for owner in (inf, models):  # inference binds it at import, or (older code) reads it from models when it runs
+    if hasattr(owner, "adopt_model_config"):
+        timed(owner, "adopt_model_config", "model config")
 timed(inf, "load_tokenizer", "tokenizer")
 timed(inf, "place", "place on device")
 timed(inf.InferencePipeLine, "_load_single", "_load_single")
