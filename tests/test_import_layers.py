@@ -1,6 +1,7 @@
 """The package's modules form layers: no import cycle between them, counting the imports made inside functions
 (lazy on purpose, for start-up time) as well as those at the top of files. A cycle is where a change in one
-module silently breaks another's import order; this test names the modules of any new one."""
+module silently breaks another's import order; this test names the modules of any new one. Modules stay short
+(400 lines at most)."""
 import ast
 from pathlib import Path
 
@@ -94,3 +95,10 @@ def test_no_import_cycles():
     assert "tunepipe.tasks" in graph["tunepipe.specs"]  # lazy imports are counted
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_modules_stay_short():
+    """Issue 13's layout rule: a module that outgrows 400 lines holds more than one job; split it by job."""
+    long = {name: n for name, path in _modules().items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 400}
+    assert not long, f"modules over 400 lines: {long}"
