@@ -3,13 +3,8 @@ CUDA); TypeUtils: what a model holds (parameters per dtype and device), safe dty
 for model + method + batch that warns before an out-of-memory crash and says what would fit.
 
 The activation estimate is the per-layer formula of Korthikanti et al. (2022, "Reducing Activation Recomputation
-in Large Transformer Models"): ``s*b*h*(34 + 5*a*s/h)`` bytes with 16-bit activations, doubled for fp32; with
-checkpointing only each layer's input is kept plus one layer's activations during recomputation. It is an upper
-bound for padded batches of ``max_length``; dynamic padding usually needs less. Calibration (MiniLM token
-classification, batch 16 x 128, bytes of tensors saved for backward): fp32 500 MB vs 509 MB from the formula; CPU
-bf16 autocast 430 MB, i.e. 0.85x fp32 (HF layers keep norms, softmax and residuals in fp32), hence 3.5 bytes per
-activation under mixed precision; LoRA with dropout > 0 saves a dropped-out copy of every adapted layer's input:
-+33% (622 vs 469 MB).
+in Large Transformer Models"), an upper bound for padded batches of ``max_length``; its two constants below were
+calibrated against the tensors a training step saves for backward (docs/validation.md, "The memory estimate").
 """
 from __future__ import annotations
 
@@ -29,15 +24,15 @@ GB = 1024 ** 3
 # Resident memory of a Python process with torch + transformers + datasets + peft imported (measured on CPU, ~0.6
 # GB), or a CUDA context on a GPU.
 RUNTIME_OVERHEAD = {"cpu": int(0.6 * GB), "cuda": int(0.5 * GB)}
-MIXED_PRECISION_ACTIVATION_BYTES = 3.5  # measured, see the module docstring
-LORA_DROPOUT_ACTIVATION_FACTOR = 1.33  # measured, see the module docstring
+MIXED_PRECISION_ACTIVATION_BYTES = 3.5  # bytes per activation under bf16/fp16 autocast (calibrated)
+LORA_DROPOUT_ACTIVATION_FACTOR = 1.33  # LoRA dropout > 0 keeps a copy of each adapted input (calibrated)
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run faster than fp32 here (measured ~1.8x on the dev machine)."""
+    """AVX512-BF16 or AMX: bf16 matmuls run faster than fp32 there (docs/backends.md, "Precision")."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
