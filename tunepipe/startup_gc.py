@@ -14,9 +14,9 @@ FEWER_GC_PASSES = (50_000, 20, 100)
 @contextlib.contextmanager
 def predict_gc(command: str, program: bool):
     """`tunepipe predict`: fewer cyclic-GC passes for the whole command (restored right after loading, the next
-    allocation would pay the postponed full collection, ~0.25 s); then, when main is the process, every object is
+    allocation would pay the postponed full collection); then, when main is the process, every object is
     frozen before the process exits: the interpreter's shutdown would otherwise walk all of torch/transformers with
-    the cyclic GC (~0.9 s of a ~4.5 s call on 2 cores, benchmarks/startup.py) and they are left to the OS. Safe for
+    the cyclic GC (benchmarks/startup.py measures the cost) and they are left to the OS. Safe for
     predict: its --output file is closed before this, stdout/stderr are flushed by the interpreter and atexit
     handlers still run; a caller of main() keeps its own garbage collection."""
     if command != "predict":

@@ -186,8 +186,8 @@ def run_batches(model, encode: Callable[[list], dict], items: Sequence[Any], bat
     """Forward ``items`` in length-sorted batches; return per-item (encoding, logits row) in input order.
 
     Without ``length`` the items are sorted by their token count (``encode``'s attention mask): characters are a
-    poor proxy (numbers and rare words take many pieces), and sorting by them left 46% padding in batches of 32
-    CoNLL sentences, against a few percent by tokens."""
+    poor proxy (numbers and rare words take many pieces; docs/serving.md, "Scheduling", gives the padding each
+    leaves)."""
     import torch
 
     lengths = token_counts(encode, items) if length is None else [length(x) for x in items]

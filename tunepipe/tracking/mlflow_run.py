@@ -55,8 +55,8 @@ class TrackingWarning(UserWarning):
 # ---- sending metrics off the training thread ------------------------------------------------------------------------
 class MetricSender:
     """Sends metrics from a background thread, coalescing whatever piled up into one request: a logging step only
-    appends to a list, so training never waits for the network (measured: a synchronous request to a local server
-    cost ~40 ms per logging step on a busy 2-core machine)."""
+    appends to a list, so training never waits for the network (docs/tracking.md gives what a synchronous request
+    per logging step cost)."""
 
     def __init__(self, send: Callable[[list], None], batch_limit: int = 1000):
         self._send, self._batch_limit = send, batch_limit
