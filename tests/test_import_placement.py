@@ -8,8 +8,9 @@ any other import inside a function, and checks that the start-up path is what it
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
-from test_import_layers import ROOT, _modules
+from test_import_layers import ROOT, _modules, _targets
 
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 START_UP_MODULES = {"tunepipe.cli", "tunepipe.cli_commands", "tunepipe.console", "tunepipe.pipeline",
@@ -20,28 +21,16 @@ LATER_STAGES = ("tunepipe.data", "tunepipe.tasks", "tunepipe.modeling", "tunepip
 
 
 def _imports(module: str, path, node, modules) -> set[str]:
-    """What executing ``node`` may load: tunepipe modules by name, third-party ones as 'module:name' (transformers
-    and accelerate load a submodule per name), nothing for the standard library."""
+    """What executing ``node`` may load: tunepipe modules (resolved as the layering test resolves them), third-party
+    ones by name, as 'module:name' for a from-import (transformers and accelerate load a submodule per name); the
+    standard library counts as loaded."""
+    found = set(_targets(module, path, node, modules))
+    outside = STDLIB | {"tunepipe"}
     if isinstance(node, ast.Import):
-        names = [a.name for a in node.names]
-    elif node.level == 0 and node.module.split(".")[0] not in STDLIB | {"tunepipe"}:
-        return {f"{node.module}:{a.name}" for a in node.names}
-    else:
-        names = [node.module] if node.level == 0 else None
-    if names is None:  # relative: resolve like the layering test
-        package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-        prefix = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
-        names = [f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in modules else prefix for a in node.names]
-    out = set()
-    for name in names:
-        root = name.split(".")[0]
-        if root in STDLIB:
-            continue
-        if root == "tunepipe":
-            while name not in modules and "." in name:
-                name = name.rsplit(".", 1)[0]
-        out.add(name)
-    return out
+        found |= {a.name for a in node.names if a.name.split(".")[0] not in outside}
+    elif node.level == 0 and node.module.split(".")[0] not in outside:
+        found |= {f"{node.module}:{a.name}" for a in node.names}
+    return found
 
 
 def _top_level(tree) -> list:
@@ -83,7 +72,6 @@ def _in_functions(tree):
 
 def needless_imports(sources: dict[str, tuple[str, str]]) -> list[str]:
     """``sources``: module name -> (file name, text). The imports inside functions that load nothing new."""
-    from pathlib import Path
     modules = {name: Path(file) for name, (file, _) in sources.items()}
     trees = {name: ast.parse(text) for name, (_, text) in sources.items()}
     direct = {m: set().union(*[_imports(m, modules[m], n, modules) for n in _top_level(t)])
