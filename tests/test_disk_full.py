@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import tunepipe.trainers.disk_space as disk_space
+import tunepipe.disk_space as disk_space
 from tunepipe.trainers.checkpoints import CheckpointManager
-from tunepipe.trainers.disk_space import is_disk_full
+from tunepipe.disk_space import is_disk_full
 from tunepipe.errors import TunepipeIOError
 from tunepipe.pipeline import FineTunePipeLine
 from tunepipe.specs import load_specs
@@ -128,7 +128,7 @@ def test_disk_full_is_recognised_in_the_shapes_libraries_report():
 
 def test_final_model_helper_wraps_an_atomic_save(tmp_path):
     """``disk_full_as_io_error`` for the pipeline's final-model save (output.atomic_dir removes the partial copy)."""
-    from tunepipe.trainers.disk_space import disk_full_as_io_error
+    from tunepipe.disk_space import disk_full_as_io_error
     from tunepipe.output import atomic_dir
     target = tmp_path / "model"
 

@@ -26,7 +26,7 @@ def save_model(model, tokenizer, specs, task, output_dir: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    from .trainers.disk_space import disk_full_as_io_error, model_weight_bytes
+    from .disk_space import disk_full_as_io_error, model_weight_bytes
     with ErrorHandler.guard(f"saving the model to {target}"), disk_full_as_io_error(
             target, model_weight_bytes(model), "the model's weights", "final model"):
         atomic_dir(target, write)

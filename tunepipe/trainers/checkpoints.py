@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from ..errors import TunepipeIOError
 from ..output import follow_umask
-from .disk_space import directory_bytes, disk_full_error, model_checkpoint_bytes
+from ..disk_space import directory_bytes, disk_full_error, model_checkpoint_bytes
 from .resume import DATA_STATE, LAYOUTS, MANIFEST, CheckpointDirectory, file_sha256
 from .run_state import read_loop_state, specs_hash, training_relevant_specs, write_loop_state
 

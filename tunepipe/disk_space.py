@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import TunepipeIOError
+from .errors import TunepipeIOError
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "storagefull", "not enough space")
