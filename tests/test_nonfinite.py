@@ -147,3 +147,44 @@ def test_guard_skips_gradients_under_a_grad_scaler_but_not_the_loss():
     guard.observe_loss(torch.tensor(1.0))
     with pytest.raises(NonFiniteLossError, match="another process"):
         guard.check(5, grad_norm=torch.tensor(1.0), reduce_max=lambda code: 2.0)
+
+
+def test_guard_stops_a_finite_loss_that_diverges():
+    """A loss that grows past DIVERGENCE_FACTOR x the first step's (floored at 1.0) is LOSS_DIVERGED, on this
+    process or another; growth below that keeps training."""
+    from tunepipe.errors import LossDivergedError
+    from tunepipe.trainers.finite import DIVERGENCE_FACTOR, NonFiniteGuard
+
+    class Args:
+        learning_rate, max_grad_norm, bf16, fp16 = 1e4, 1.0, False, False
+
+    for first, below, above in ((0.7, 0.9 * DIVERGENCE_FACTOR, 1.1 * DIVERGENCE_FACTOR),
+                                (5.0, 4.5 * DIVERGENCE_FACTOR, 5.5 * DIVERGENCE_FACTOR)):
+        guard = NonFiniteGuard(Args())
+        guard.observe_loss(torch.tensor(first))
+        guard.check(1, grad_norm=torch.tensor(1.0))
+        guard.observe_loss(torch.tensor(below))
+        guard.check(2, grad_norm=torch.tensor(1.0))
+        guard.observe_loss(torch.tensor(above))
+        with pytest.raises(LossDivergedError, match="at step 3") as err:
+            guard.check(3, grad_norm=torch.tensor(1.0))
+        assert err.value.code == "LOSS_DIVERGED" and any("learning_rate" in s for s in err.value.suggestions)
+    guard = NonFiniteGuard(Args())
+    guard.observe_loss(torch.tensor(1.0))
+    guard.check(1, grad_norm=torch.tensor(1.0))
+    guard.observe_loss(torch.tensor(1.0))
+    with pytest.raises(LossDivergedError, match="another process"):
+        guard.check(2, grad_norm=torch.tensor(1.0), reduce_max=lambda code: 3.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cli_exits_2_when_the_loss_diverges_but_stays_finite(tiny_specs, ner_data, tmp_path, backend, capsys):
+    """A learning rate high enough to blow the loss up by orders of magnitude, not to NaN: exit 2, no model."""
+    specs = _specs(tiny_specs, ner_data, backend, learning_rate=1e4, max_steps=12)
+    path = tmp_path / "specs.yaml"
+    path.write_text(yaml.safe_dump(specs), encoding="utf-8")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[LOSS_DIVERGED]" in err and "learning_rate" in err
+    out = Path(specs["output_dir"])
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()

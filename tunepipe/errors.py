@@ -97,6 +97,12 @@ class NonFiniteLossError(TrainingError):
         super().__init__(message, **kwargs)
 
 
+class LossDivergedError(NonFiniteLossError):
+    """The training loss stayed finite but grew past ``DIVERGENCE_FACTOR`` times its first step's (a learning rate
+    far too high): stopped like a NaN, because such a model is no result either."""
+    code = "LOSS_DIVERGED"
+
+
 class TunepipeIOError(TunepipeError):
     code = "IO_ERROR"
 

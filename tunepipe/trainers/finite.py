@@ -6,7 +6,10 @@ steps. A non-finite loss, or a non-finite gradient norm when no gradient scaler 
 :class:`~tunepipe.errors.NonFiniteLossError` naming the step. Because the optimizer never steps on it, the weights
 stay finite and no checkpoint is written after the bad step; the pipeline then saves no final model and the CLI
 exits 2. With fp16's GradScaler, inf gradients on some steps are expected (the scaler skips those steps and lowers
-its scale), so only the loss is checked there.
+its scale), so only the loss is checked there. A loss that stays finite but grows past ``DIVERGENCE_FACTOR``
+times its first step's (at least 1.0) is :class:`~tunepipe.errors.LossDivergedError`: a cross-entropy of 100 or
+more means the model puts e^-100 on the right answer, which no healthy run reaches, while a regression loss
+scales with the reference.
 
 The loss flags stay on the device and are read once per optimizer step (one sync, none per micro-batch); the
 gradient norm is the one clipping computed, or one foreach norm when clipping is off.
@@ -19,9 +22,10 @@ import numbers
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import NonFiniteLossError
+from ..errors import LossDivergedError, NonFiniteLossError
 
 log = logging.getLogger("tunepipe")
+DIVERGENCE_FACTOR = 100.0
 
 
 def total_grad_norm(parameters) -> Any:
@@ -48,6 +52,7 @@ class NonFiniteGuard:
     def __init__(self, args):
         self.args = args
         self._losses: list[Any] = []
+        self._reference = None  # the first checked step's mean loss, at least 1.0 (stays on the device)
 
     def observe_loss(self, loss) -> None:
         """Remember one micro-batch's loss (no device sync here)."""
@@ -76,11 +81,20 @@ class NonFiniteGuard:
         if check_grads and grad_norm is not None:
             code = torch.where(torch.isfinite(grad_norm.float()).all().to(device), code, torch.ones_like(code))
         if loss is not None:
-            code = torch.where(torch.isfinite(loss).all(), code, torch.full_like(code, 2.0))
+            finite = torch.isfinite(loss).all()
+            code = torch.where(finite, code, torch.full_like(code, 2.0))
+            mean = loss.mean()
+            if self._reference is None:
+                self._reference = mean.clamp(min=1.0)
+            else:
+                diverged = finite & (mean > DIVERGENCE_FACTOR * self._reference)
+                code = torch.where(diverged, torch.full_like(code, 3.0), code)
         local = int(code.item())  # the one sync per optimizer step
         worst = int(reduce_max(code)) if reduce_max is not None else local
         if worst == 0:
             return
+        if worst == 3:
+            self._diverged(step, loss.mean() if local == 3 else None, last_checkpoint)
         if local == 2:
             kind, value = "loss", next(float(v) for v in loss.tolist() if not math.isfinite(v))
             what = f"The training loss is {value}"
@@ -97,6 +111,18 @@ class NonFiniteGuard:
             f"{what} at step {step}: training stopped before that optimizer step, so the weights stayed finite"
             f"{kept}, and the final model is not saved", step=step, kind=kind, field="training.learning_rate",
             suggestions=self.suggestions(kind))
+
+    def _diverged(self, step: int, mean, last_checkpoint) -> None:
+        reference = float(self._reference) if self._reference is not None else float("nan")
+        what = (f"The training loss is {float(mean):.4g} at step {step}" if mean is not None
+                else f"The training loss diverged on another process at step {step}")
+        checkpoint = last_checkpoint() if last_checkpoint is not None else None
+        raise LossDivergedError(
+            f"{what}, over {DIVERGENCE_FACTOR:g} times the first step's ({reference:.4g}): training diverged and "
+            "was stopped before that optimizer step; "
+            + (f"the last checkpoint, {checkpoint}, is kept" if checkpoint else "no checkpoint had been saved yet")
+            + ", and the final model is not saved", step=step, kind="loss", field="training.learning_rate",
+            suggestions=self.suggestions("loss"))
 
     def suggestions(self, kind: str) -> list[str]:
         args = self.args
