@@ -90,6 +90,8 @@ def _apply_legacy(raw: dict[str, Any]) -> dict[str, Any]:
                                   suggestions=[f"write it as `{key}: {{...}}`"])
             sections.setdefault(key, {}).update(value)
         elif key in LEGACY_KEYS:
+            if key == "warmup_ratio":
+                _check_warmup_ratio(value, key)
             section, target = LEGACY_KEYS[key]
             sections.setdefault(section, {})
             if target == "<use_peft>":
@@ -135,10 +137,21 @@ def _apply_legacy(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_warmup_ratio(value: Any, field: str) -> None:
+    """warmup_ratio becomes warmup_steps, where a number of 1 or more counts steps: a ratio outside [0, 1) would
+    silently turn into that many steps."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < 1:
+        raise ConfigError(f"{field} is a fraction of all steps, in [0, 1); got {value}", field=field,
+                          suggestions=["e.g. warmup_ratio: 0.1 (the first 10% of the steps)",
+                                       "or a number of steps: training.warmup_steps: 500"])
+
+
 def _normalise_training(training: dict[str, Any]) -> dict[str, Any]:
     result = {}
     names = None
     for key, value in training.items():
+        if key == "warmup_ratio":
+            _check_warmup_ratio(value, "training.warmup_ratio")
         key = RENAMED_TRAINING_KEYS.get(key, key)
         if key in DROPPED_TRAINING_KEYS:
             continue

@@ -109,6 +109,25 @@ class DataSpec(_Section):
             check_reference(self.preprocess, "data.preprocess")
         return self
 
+    @model_validator(mode="after")
+    def _labels_and_splits(self) -> "DataSpec":
+        """A label listed twice would get two ids (a dead class in the head); validation_split beside a validation
+        file would be ignored without a word."""
+        if self.labels is not None:
+            repeated = sorted({name for name in self.labels if self.labels.count(name) > 1})
+            if not self.labels or repeated:
+                raise ConfigError("data.labels " + (f"lists {', '.join(map(repr, repeated))} more than once: each "
+                                                    "label needs one id" if repeated else "is empty"),
+                                  field="data.labels", suggestions=["list each label name once, in id order",
+                                                                    "or leave data.labels out to read the label set "
+                                                                    "from the training data"])
+        if self.validation_split and self.validation is not None:
+            raise ConfigError("data.validation_split and data.validation are both set: the split would be ignored "
+                              "(data.validation is used)", field="data.validation_split",
+                              suggestions=["remove data.validation_split to evaluate on data.validation",
+                                           "or remove data.validation to carve validation data out of train"])
+        return self
+
 
 MAX_STEPS = 10 ** 9  # far beyond any real run; larger values are typos (1e30) that overflow step arithmetic
 # key -> (smallest whole value, fraction of all steps allowed (0 < x < 1), values allowed besides)
