@@ -77,6 +77,7 @@ def check_model_dir(path: str, field: str = "model.name_or_path") -> None:
     """A local model directory must hold a readable config.json (what save_pretrained writes); say so plainly
     instead of transformers' 'Unrecognized model' / 'not a valid JSON file'."""
     directory = Path(path)
+    _refuse_file(directory, field)
     if not directory.is_dir() or (directory / "adapter_config.json").is_file():
         return
     config = directory / "config.json"
@@ -90,6 +91,34 @@ def check_model_dir(path: str, field: str = "model.name_or_path") -> None:
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelError(f"The model's config.json is damaged: {e}", field=field, file=str(config),
                          suggestions=["copy the model again, or re-save it with save_pretrained"]) from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model", "source.spm", "config.json")
+
+
+def check_tokenizer_dir(path: str | None, field: str) -> None:
+    """A local tokenizer (or model) directory must hold something a tokenizer loads from; an empty folder or a
+    plain file otherwise fails deep in transformers with 'Couldn't instantiate the backend tokenizer'."""
+    if path is None:
+        return
+    directory = Path(path)
+    _refuse_file(directory, field)
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(f"{directory} holds no tokenizer or model files (tokenizer.json, "
+                                 "tokenizer_config.json, config.json, ...)", field=field, file=str(directory),
+                                 suggestions=["point it at the directory save_pretrained wrote, e.g. "
+                                              "<output_dir>/model of a tunepipe run",
+                                              "or use 'minilm' for the bundled pretrained encoder"])
+
+
+def _refuse_file(path: Path, field: str) -> None:
+    if path.is_file():
+        raise ModelNotFoundError(f"{path} is a file: {field} takes a model directory (what save_pretrained "
+                                 "writes), a hub id or 'minilm'", field=field, file=str(path),
+                                 suggestions=[f"use the directory that holds it: {path.parent}"
+                                              if path.name == "config.json" else
+                                              "point it at the model's directory"])
 
 
 def encoder_decoder_sides(value) -> tuple[str, str]:

@@ -21,6 +21,7 @@ from .model_paths import (  # noqa: F401 - importable from here as before
     bundled_copy,
     bundled_model_dir,
     check_model_dir,
+    check_tokenizer_dir,
     encoder_decoder_sides,
     resolve_model_path,
     task_from_model_dir,
@@ -102,12 +103,18 @@ class TokenizerModules:
         name = self.specs.tokenizer.name_or_path or self.specs.model.name_or_path
         if name is None and self.specs.model.encoder_decoder:
             name = encoder_decoder_sides(self.specs.model.encoder_decoder)[0]  # the encoder reads the source text
+        if name is None and not self.specs.model.from_config:
+            raise ConfigError("No model given", field="model.name_or_path",
+                              suggestions=["set model.name_or_path (local dir, hub id, or 'minilm')",
+                                           "or model.from_config for a fresh model"])
         if name is None:
             raise ConfigError("No tokenizer: a model built from_config needs tokenizer.name_or_path",
                               field="tokenizer.name_or_path",
                               suggestions=["point tokenizer.name_or_path at a tokenizer directory or 'minilm'",
                                            "or train one on the training text: tokenizer: {train: {type: wordpiece}}"])
-        return resolve_model_path(name, self.field())
+        path = resolve_model_path(name, self.field())
+        check_tokenizer_dir(path, self.field())
+        return path
 
     def field(self) -> str:
         """The specs field the tokenizer comes from (for error messages)."""
