@@ -7,7 +7,8 @@ suggestions, the exit code, what stderr says, and a hash of every file under the
 after (an output_dir that did not exist stays absent; a previous good run or checkpoint stays byte-identical).
 
 Cases by category (ids below):
-  specs (26): wrong-type, negative-lr, section-not-mapping, range, unknown-top-key, unknown-section-key,
+  specs (30): wrong-type, negative-lr, section-not-mapping, range, duplicate-labels, empty-labels,
+    validation-split-beside-validation, warmup-ratio-above-one, unknown-top-key, unknown-section-key,
     unknown-nested-key, missing-task, unknown-task, invalid-choice, invalid-backend, peft-method-for-task,
     quantization-without-peft, qlora-without-bitsandbytes, qlora-unsupported-device, fp16-without-cuda,
     fp16-and-bf16, eval-steps-without-validation, best-model-without-validation, metric-not-produced,
@@ -17,13 +18,14 @@ Cases by category (ids below):
     malformed-json-file, json-not-records, wrong-source-type, missing-column-qa, csv-wrong-header,
     conll-one-column, length-mismatch, unknown-tag, unknown-declared-label, empty-tokens, empty-text-csv,
     text-not-string, non-utf8-csv, parquet-unreadable, qa-answer-misplaced
-  models (11): missing-path, dir-without-config, corrupt-config, truncated-weights, wrong-task-head,
+  models (14): missing-path, dir-without-config, dir-without-files-and-no-tokenizer, path-is-a-file, not-given,
+    corrupt-config, truncated-weights, wrong-task-head,
     encoder-only-for-seq2seq, tokenizer-missing, tokenizer-vocab-too-large, tokenizer-no-pad,
     hub-id-offline, from-config-invalid
   checkpoints (4): not-a-checkpoint, missing, truncated-weights, different-specs
   paths (6): output-under-file, output-is-file, output-holds-other-run, output-is-data-dir,
     output-contains-data-file, evaluate-without-model
-  total: 68
+  total: 75
 """
 from __future__ import annotations
 

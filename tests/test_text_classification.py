@@ -81,3 +81,17 @@ def test_multi_label_end_to_end(tiny_specs):
     assert {"accuracy", "micro_f1", "macro_f1"} <= set(pipe.metrics["validation"])
     result = pipe.predict("a warm film")
     assert set(result["scores"]) == {"film", "pos"} and isinstance(result["labels"], list)
+
+
+def test_a_test_split_without_labels_is_said_not_scored(tmp_path, tiny_specs, cls_data, caplog, one_torch_thread):
+    import json
+
+    from tunepipe import FineTunePipeLine
+    unlabelled = tmp_path / "test.jsonl"
+    unlabelled.write_text("".join(json.dumps({"text": json.loads(line)["text"]}) + "\n"
+                                  for line in open(cls_data["validation"])))
+    specs = tiny_specs("text_classification", {**cls_data, "test": str(unlabelled)}, training={"max_steps": 2})
+    pipe = FineTunePipeLine(specs)
+    pipe.run()
+    assert "validation" in pipe.metrics and "test" not in pipe.metrics
+    assert "the test split has no labels: it is not scored" in caplog.text

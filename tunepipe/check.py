@@ -103,7 +103,8 @@ def _output_dir_state(pipe) -> str:
     resume = pipe.specs.training.resume
     state = "holds a tunepipe run " + ("of other specs: replaced when training starts (overwrite_output_dir)"
                                        if pipe._replace_previous else f"(training.resume: {resume})" if resume
-                                       else "of the same specs: trained again")
+                                       else "of the same specs: trained again (its checkpoints and logs "
+                                       "replaced when training starts)")
     pid = (out / LOCK).read_text().strip() if (out / LOCK).is_file() else ""
     try:  # signal 0: is the lock's holder alive (its flock is not touched: that would be taking the lock)
         os.kill(int(pid), 0)

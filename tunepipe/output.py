@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, TunepipeIOError
+from .ownership import MARKER, check_removable, record_written
 
 RUN_MARKER = "specs.yaml"  # the specs a run was trained with (ownership.MARKER says that tunepipe wrote the dir)
 # What a run writes (and replaces) inside output_dir; what `tunepipe evaluate` writes there.
@@ -80,7 +81,12 @@ def ensure_writable(output_dir: Path) -> None:
 
 
 def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmpdir)`` then swap tmpdir into ``target``: readers never see a half-written directory."""
+    """Run ``write(tmpdir)`` then swap tmpdir into ``target``: readers never see a half-written directory. Inside a
+    directory tunepipe owns, a ``target`` holding files a user added is not replaced, and the files written are
+    recorded in the marker (ownership.record_written)."""
+    owned = (target.parent / MARKER).is_file()
+    if owned and target.exists():
+        check_removable(target.parent, [target.name])
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -100,6 +106,8 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if owned:
+        record_written(target)
 
 
 def current_umask() -> int:

@@ -4,13 +4,17 @@ tunepipe writes only into a fresh (or empty) directory, or one that holds what t
 file says so). It never writes into the current directory, the home directory, the filesystem root or one of
 their ancestors, nor over the inputs of the command (data files, the model or tokenizer being loaded, a
 prediction input). ``--overwrite`` replaces a previous tunepipe run of other specs; it never makes a directory
-tunepipe did not write writable. A lock file keeps two processes from writing one directory at once.
+tunepipe did not write writable. Inside a directory it owns, tunepipe replaces only the files it wrote: the marker
+records the files of every directory it saved there (model/, adapter/, merged/), checkpoints list theirs in their
+manifests, and a file a user added to one of them stops the replacement instead of being deleted. A lock file
+keeps two processes from writing one directory at once.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +24,8 @@ from .errors import ConfigError, TunepipeIOError
 
 MARKER = ".tunepipe.json"
 LOCK = ".tunepipe.lock"  # the pid of the process holding the directory's lock, while it runs
+WRITTEN = "written"  # marker key: directory saved inside the owned one -> the files tunepipe wrote in it
+TEMPORARY = re.compile(r"^\..+\.(tmp|old)-")  # an atomic write's staging or replaced directory
 _HELD: dict[str, list] = {}  # resolved dir -> [fd, depth]: a process may claim its own directory again
 
 
@@ -77,8 +83,76 @@ def _legacy_run(directory: Path) -> bool:
 def write_marker(directory: Path, kind: str) -> None:
     if (directory / MARKER).is_file():
         return
-    (directory / MARKER).write_text(json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n",
-                                    encoding="utf-8")
+    (directory / MARKER).write_text(json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                WRITTEN: {}}) + "\n", encoding="utf-8")
+
+
+def record_written(saved: Path) -> None:
+    """After tunepipe saved the directory ``saved`` inside a directory it owns: remember the files in it, so that
+    replacing it later can tell them from files a user put there."""
+    marker = saved.parent / MARKER
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not inside a directory tunepipe owns
+    if not isinstance(data, dict):
+        return
+    data.setdefault(WRITTEN, {})[saved.name] = _files(saved)
+    tmp = marker.with_name(f"{MARKER}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    os.replace(tmp, marker)
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file() or f.is_symlink())
+
+
+def foreign_files(directory: Path, entries: Iterable[str]) -> list[str]:
+    """The files under ``entries`` of the tunepipe directory ``directory`` that tunepipe did not write (paths
+    relative to it). A top-level file entry is tunepipe's by its name; a saved directory is checked against the
+    marker's record of it (one saved before records existed has none: nothing to check), ``checkpoints`` against
+    each checkpoint's manifest, ``tensorboard`` holds event files."""
+    marker = read_marker(directory) or {}
+    written = marker.get(WRITTEN) or {}
+    foreign: list[str] = []
+    for name in entries:
+        root = directory / name
+        if not root.is_dir() or root.is_symlink():
+            continue
+        if name == "checkpoints":
+            foreign += [f"{name}/{rel}" for rel in _foreign_in_checkpoints(root)]
+        elif name == "tensorboard":
+            foreign += [f"{name}/{rel}" for rel in _files(root) if "tfevents" not in Path(rel).name]
+        elif name in written:
+            known = set(written[name])
+            foreign += [f"{name}/{rel}" for rel in _files(root) if rel not in known]
+    return foreign
+
+
+def _foreign_in_checkpoints(root: Path) -> list[str]:
+    out = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and TEMPORARY.match(child.name):
+            continue  # an interrupted save of tunepipe's
+        try:
+            known = set(json.loads((child / "manifest.json").read_text(encoding="utf-8"))["files"]) | {
+                "manifest.json"}
+        except (OSError, ValueError, KeyError, TypeError):
+            out.append(child.name + ("/" if child.is_dir() else ""))  # not a checkpoint tunepipe sealed
+            continue
+        out += [f"{child.name}/{rel}" for rel in _files(child) if rel not in known]
+    return out
+
+
+def check_removable(directory: Path, entries: Iterable[str], field: str = "output_dir") -> None:
+    """Refuse to replace ``entries`` of ``directory`` while they hold files tunepipe did not write."""
+    foreign = foreign_files(directory, entries)
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ConfigError(f"{field} {directory} holds files tunepipe did not write where it would replace its "
+                          f"previous output ({shown}): tunepipe deletes only what it wrote", field=field,
+                          file=str(directory / foreign[0].rstrip("/")),
+                          suggestions=[f"move them out of {directory}, then run again", f"or choose another {field}"])
 
 
 def _contains(outer: Path, inner: Path) -> bool:
@@ -218,7 +292,10 @@ def release(directory: Path) -> None:
 
 
 def remove_entries(directory: Path, entries: Iterable[str]) -> None:
-    """Delete what a previous tunepipe run wrote (named entries only), before a run that replaces it."""
+    """Delete what a previous tunepipe run wrote (named entries only), before a run that replaces it; refused
+    while they hold files a user added (:func:`check_removable`)."""
+    entries = list(entries)
+    check_removable(directory, entries)
     for name in entries:
         p = directory / name
         if p.is_dir() and not p.is_symlink():

@@ -90,7 +90,9 @@ class FineTunePipeLine:
         self.tracking = None  # tracking.Tracking: resource monitor + MLflow run (set up in setup())
         self._in_run = False
         self._locked = False  # holds output_dir's write lock (ownership.acquire)
-        self._replace_previous = False
+        self._replace_previous = False  # a run of other specs is replaced (--overwrite)
+        self._replaced_entries: list[str] = []  # what of a previous run goes when training starts
+        self._created_dir = None  # the top-most directory of output_dir that setup() created
         self._trained_dir = None  # set by setup(trained_dir): evaluating a saved model (`tunepipe evaluate`)
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ class FineTunePipeLine:
         import shutil
 
         from .output import first_missing_dir
-        created = first_missing_dir(Path(self.output_dir))
+        created = self._created_dir = first_missing_dir(Path(self.output_dir))
         try:
             return self._setup(trained_dir)
         except BaseException:
@@ -146,14 +148,14 @@ class FineTunePipeLine:
     def check_output_dir(self, trained_dir=None) -> Path:
         """The read-only half of ``_check_before_writing`` (also what `tunepipe check` runs): output_dir rules,
         a previous run of other specs, validation data the settings need. Creates and locks nothing."""
-        from .output import EVALUATION_ENTRIES, RUN_ENTRIES, previous_run_differs
+        from .output import EVALUATION_ENTRIES, RUN_ENTRIES
         from .ownership import check_claim
         writes = EVALUATION_ENTRIES if trained_dir is not None else RUN_ENTRIES
         target = check_claim(self.output_dir, kind="run", writes=writes, inputs=self._input_paths(trained_dir))
         t = self.specs.training
         if trained_dir is None and not getattr(t, "resume", None) and not t.resume_from_checkpoint:
-            # --overwrite of a run with other specs: its files go when training starts, not before
-            self._replace_previous = bool(previous_run_differs(self.output_dir, self.specs))
+            # a previous run's files (all of it with --overwrite, else its history) go when training starts
+            self._replaced_entries, self._replace_previous = saved_run.replaced_entries(self.output_dir, self.specs)
         if trained_dir is None and not (self.data.records.get("validation")
                                         and len(self.data.records["validation"])):
             hint = "add validation data: data.validation (a file) or data.validation_split: 0.1"
@@ -247,11 +249,10 @@ class FineTunePipeLine:
         if self.trainer is None:
             self.setup()
         self._lock()
-        if self._replace_previous and self.trainer.is_main_process:
-            from .output import RUN_ENTRIES
+        if self._replaced_entries and self.trainer.is_main_process:
             from .ownership import remove_entries
-            remove_entries(self.output_dir, [e for e in RUN_ENTRIES if e != "specs.yaml"])
-            self._replace_previous = False
+            remove_entries(self.output_dir, self._replaced_entries)
+            self._replaced_entries = []
         self.tracking.start(self.trainer.is_main_process)
         saved = None
         try:
@@ -265,8 +266,9 @@ class FineTunePipeLine:
                     CheckpointManager.for_specs(self.specs).drop_optimizer_state()
         except BaseException as e:  # the MLflow run ends FAILED (KILLED on Ctrl-C), then the error goes on
             if self.trainer.is_main_process:
-                # the curve up to the failure (a diverging loss, say)
+                # the curve up to the failure (a diverging loss, say); nothing else half-made stays
                 saved_run.write_curves(self.specs, self.task, self.output_dir)
+                saved_run.remove_failed_leftovers(self.output_dir, self._created_dir)
             self.tracking.finish(error=e)
             if not self._in_run:
                 self._unlock()
@@ -293,7 +295,11 @@ class FineTunePipeLine:
     def _evaluate(self, splits: Sequence[str]) -> dict[str, Any]:
         for split in splits:
             ds = self.datasets.get(split)
-            if ds is None or not self.task.can_evaluate(ds):
+            if ds is None:
+                continue
+            if not self.task.can_evaluate(ds):  # said, not skipped silently: the split was given to be scored
+                log.warning("the %s split has no labels: it is not scored (tunepipe predict writes its "
+                            "predictions)", split)
                 continue
             reused = self.trainer.final_evaluation(ds, split)  # training scored these very weights already
             if reused is not None:

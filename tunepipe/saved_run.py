@@ -6,7 +6,53 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import ErrorHandler
+from .errors import ConfigError, ErrorHandler
+
+# What a run of the same specs trained again (no training.resume) replaces before it trains: the previous run's
+# history, so its checkpoints and log lines do not mix with the new run's. Its model stays until the new one
+# replaces it, atomically, at the end.
+HISTORY_ENTRIES = ("checkpoints", "train_log.jsonl", "metrics.json", "README.md", "training_curves.svg",
+                   "tensorboard", "merged")
+
+
+def remove_failed_leftovers(output_dir: Path, created: Path | None) -> None:
+    """After training failed: an empty checkpoints/ goes, and an output_dir this run created goes whole when
+    nothing of the run is in it (no checkpoint, log or curve: only tunepipe's marker and lock)."""
+    import shutil
+
+    from .ownership import LOCK, MARKER
+    output_dir = Path(output_dir)
+    checkpoints = output_dir / "checkpoints"
+    if checkpoints.is_dir() and not checkpoints.is_symlink() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    if created is not None and output_dir.is_dir() and all(p.name in (MARKER, LOCK) for p in output_dir.iterdir()):
+        shutil.rmtree(created, ignore_errors=True)
+
+
+def replaced_entries(output_dir: Path, specs) -> tuple[list[str], bool]:
+    """(the entries of a previous run in ``output_dir`` that a fresh start removes when training starts, whether
+    it replaces all of that run). A run of other specs goes whole (with --overwrite; without, previous_run_differs
+    refuses); the same specs trained again replace its history. An unfinished run (checkpoints, no final model) is
+    refused: continuing it is what was likely meant. Files a user added are never removed (check_removable)."""
+    from .output import RUN_ENTRIES, previous_run_differs
+    from .ownership import check_removable
+    output_dir = Path(output_dir)
+    replace_all = bool(previous_run_differs(output_dir, specs)) or bool(getattr(specs, "overwrite_output_dir", False))
+    if replace_all:
+        entries = [e for e in RUN_ENTRIES if e != "specs.yaml"]
+    else:
+        saved = sorted((output_dir / "checkpoints").glob("*-*/manifest.json"),
+                       key=lambda p: int(p.parent.name.rsplit("-", 1)[1]) if p.parent.name[-1].isdigit() else -1)
+        if saved and not ((output_dir / "model").is_dir() or (output_dir / "adapter").is_dir()):
+            raise ConfigError(f"output_dir {output_dir} holds an unfinished run (checkpoints up to "
+                              f"{saved[-1].parent.name}, no final model): starting afresh would discard them",
+                              field="training.resume", file=str(saved[-1].parent),
+                              suggestions=["continue it: tunepipe train SPECS --set training.resume=auto",
+                                           "or start it over: tunepipe train SPECS --overwrite"])
+        entries = list(HISTORY_ENTRIES)
+    entries = [e for e in entries if (output_dir / e).exists() or (output_dir / e).is_symlink()]
+    check_removable(output_dir, entries + ["model", "adapter", "merged"])  # those two go at the end if kept now
+    return entries, replace_all
 
 
 def save_model(model, tokenizer, specs, task, output_dir: Path) -> Path:
