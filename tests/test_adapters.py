@@ -223,6 +223,7 @@ def test_cli_predict_with_named_adapters(runs, tmp_path, capsys):
     assert main(argv + ["--use", "a"]) == 0
     got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     # each input ran alone (one per adapter), the expected ones in a batch: equal up to padding's last bits
-    assert got == close_to([runs["expected"]["b"][0], runs["expected"]["c"][0], runs["expected"]["a"][1]])
+    expected = [runs["expected"]["b"][0], runs["expected"]["c"][0], runs["expected"]["a"][1]]
+    assert got == close_to([{"line": n + 1, **e} for n, e in enumerate(expected)])  # each led by its input line
     assert main(argv + ["--use", "zzz"]) == 2
     assert "adapters given: a, b, c" in capsys.readouterr().err

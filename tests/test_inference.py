@@ -294,7 +294,8 @@ def test_cli_predict_file_with_progress(ner_run, tmp_path, capsys):
     assert main(["predict", "--model", str(ner_run.output_dir), "--input", str(inputs), "--output",
                  str(tmp_path / "out.jsonl"), "--batch-size", "2"]) == 0
     got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert got == close_to(ner_run.predict([t.split() for t in TEXTS]))  # batches of 2 here: padding's last bits
+    expected = [{"line": n + 1, **p} for n, p in enumerate(ner_run.predict([t.split() for t in TEXTS]))]
+    assert got == close_to(expected)  # each led by its input line; batches of 2 here: padding's last bits
     err = capsys.readouterr().err
     assert "3/3" in err  # the progress bar on files
     assert not list(tmp_path.glob(".out.jsonl.tmp-*"))
@@ -305,7 +306,8 @@ def test_cli_predict_file_with_progress(ner_run, tmp_path, capsys):
     assert main(["predict", "--model", str(ner_run.output_dir), "--input", str(texts), "--output",
                  str(tmp_path / "simple.jsonl"), "--param", "aggregation_strategy=simple"]) == 0
     got = [json.loads(line) for line in (tmp_path / "simple.jsonl").read_text().splitlines()]
-    assert got == ner_run.predict(TEXTS, aggregation_strategy="simple")
+    simple = ner_run.predict(TEXTS, aggregation_strategy="simple")
+    assert got == [{"line": n + 1, **p} for n, p in enumerate(simple)]
     capsys.readouterr()
     assert main(["predict", "--model", str(ner_run.output_dir), "--input", "Ada", "--param", "strategy"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err

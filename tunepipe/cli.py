@@ -32,13 +32,15 @@ def _add_specs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="specs file (YAML or JSON)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one value, e.g. --set training.learning_rate=3e-5 (repeatable)")
-    p.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
+    p.add_argument("--output-dir", help="shortcut for --set output_dir=DIR (default: the specs' output_dir)")
     p.add_argument("--backend", choices=["hf", "accelerate", "lightning", "lightning+accelerate"],
                    help="training backend (default: from specs, else hf)")
 
 
 def _add_check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the check report as JSON (with --dry-run for train)")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout, a failure as {\"ok\": false, \"error\": ...} "
+                        "(default: a readable report; train takes --json only with --dry-run)")
     p.add_argument("--sample", type=int, default=2000, metavar="N",
                    help="records per split tokenized for length statistics (0: all; default 2000)")
 
@@ -47,12 +49,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a tunepipe output_dir, a saved model or adapter directory, "
                                                   "or a base model (with --adapter)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="a PEFT adapter on the model, by name (repeatable)")
+                   help="a PEFT adapter on the model, by name (repeatable; default: none)")
     p.add_argument("--task", help="task of the model (default: from specs.yaml or the model config)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="inputs per forward pass of the model (default 32); lower it when memory runs short")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, xpu, mps (default: cuda if available, else cpu); checked "
+                                    "before the model loads")
     p.add_argument("--dtype", help="float32 (default), bfloat16, auto (bf16 where fast) or int8 (CPU)")
-    p.add_argument("--max-adapters", type=int, default=8, help="adapters kept in memory (least recently used go)")
+    p.add_argument("--max-adapters", type=int, default=8, metavar="N",
+                   help="adapters kept in memory; the least recently used is unloaded beyond (default 8)")
     _add_trust_arg(p)
 
 
@@ -65,14 +70,16 @@ def _add_trust_arg(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunepipe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks and all library logging (the exit status is the same: 2 for a "
+                             "user error, 1 for a tunepipe fault)")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train, save and evaluate from a specs file")
     _add_specs_args(p)
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a run of other specs in output_dir (else refused)")
+                   help="replace a tunepipe run of other specs in output_dir (default: refused)")
     p.add_argument("--dry-run", action="store_true", help="run every check and print what `tunepipe check` prints; "
                                                           "train nothing, write nothing")
     _add_check_args(p)
@@ -83,15 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_args(p)
     p = sub.add_parser("evaluate", help="evaluate a trained model on the specs' validation/test data")
     _add_specs_args(p)
-    p.add_argument("--model", help="model directory (default: <output_dir>/model)")
+    p.add_argument("--model", help="model directory (default: <output_dir>/model, or <output_dir>/adapter for "
+                                    "a peft run)")
     p = sub.add_parser("predict", help="predict with a trained model (text or a JSON Lines file)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _lazy_epilog(p, _predict_settings_help)
     _add_model_args(p)
-    p.add_argument("--input", required=True, help="a text, or a .jsonl/.txt file of inputs (a jsonl record may name "
-                                                  "its adapter in an 'adapter' field)")
-    p.add_argument("--output", help="write JSON Lines here (default: stdout); never the input or a model file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--input", required=True,
+                   help="a text, or a .txt (one input per line), .jsonl, .json, .csv, .tsv or .parquet file of "
+                        "inputs (a record may name its adapter in an 'adapter' field); a file's predictions carry "
+                        "the input's \"line\"")
+    p.add_argument("--output", help="write JSON Lines to this file, in an existing directory (default: stdout); "
+                                    "never the input or a model file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (default: refused)")
     p.add_argument("--use", metavar="NAME", help="adapter for inputs that name none (default: the only adapter given)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a prediction setting of the model's task (repeatable); each task's settings are "
@@ -100,21 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only; "
                                                        "any other needs an API key)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="key every route but /health requires (Authorization: Bearer KEY); prefer "
-                                     "$TUNEPIPE_API_KEY or --api-key-file: a flag shows in the process list")
-    p.add_argument("--api-key-file", help="read the API key from this file")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
+    p.add_argument("--api-key", help="key every route but /health requires (Authorization: Bearer KEY; default: "
+                                     "$TUNEPIPE_API_KEY, else none); prefer $TUNEPIPE_API_KEY or --api-key-file: "
+                                     "a flag shows in the process list")
+    p.add_argument("--api-key-file", help="read the API key from this file (default: --api-key, else "
+                                          "$TUNEPIPE_API_KEY, else no key)")
     p.add_argument("--allow-adapter-management", action="store_true",
                    help="turn on POST/DELETE /v1/adapters and load/unload (off by default; needs --adapter-root)")
     p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
-                   help="directory whose adapters may be registered over the API (repeatable)")
+                   help="directory whose adapters may be registered over the API (repeatable; default: none)")
     p.add_argument("--scheduling", choices=["fair", "fifo"], default="fair",
                    help="fair (default): micro-batches of --batch-size taken from each request in turn; "
                         "fifo: each request whole, in arrival order")
     p.add_argument("--no-adapter-loading", action="store_true", help=argparse.SUPPRESS)  # the default now
     g = p.add_argument_group("serve limits (docs/serving.md)")
     g.add_argument("--max-batch", type=int, default=64, help="most inputs in one request (default 64)")
-    g.add_argument("--max-input-chars", type=int, default=20_000, help="longest input, in characters")
+    g.add_argument("--max-input-chars", type=int, default=20_000,
+                   help="longest input, in characters (default 20000)")
     g.add_argument("--max-body-bytes", type=int, default=2_000_000, help="largest request body (default 2 MB)")
     g.add_argument("--max-concurrent-requests", type=int, default=64,
                    help="requests in progress at once; beyond: 503 with Retry-After (default 64)")
@@ -128,17 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="write a commented starter specs file for a task")
     p.add_argument("task", help="a task name or alias (ner, qa, mlm, clm ...); `tunepipe tasks` lists the tasks")
     p.add_argument("--output", "-o", help="file to write (default: <task>.yaml; '-' for stdout)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--force", action="store_true",
+                   help="replace FILE if it is a starter file that `tunepipe init` wrote (its first line says so); "
+                        "any other file is never replaced (default: an existing file is refused)")
     p = sub.add_parser("demo", help="fine-tune the bundled MiniLM on a generated NER set (offline; measured 2-10 min "
                                     "on 2 CPU cores shared with other jobs)")
-    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--output-dir", default="runs/demo",
+                   help="directory for the demo's generated data and its run (default runs/demo)")
     p = sub.add_parser("merge", help="merge a PEFT run's adapter into its (full-precision) base: a full model")
     p.add_argument("output_dir", help="the output_dir of a run trained with a peft section (or its adapter dir)")
     p.add_argument("--to", dest="target", help="directory to write (default: <output_dir>/merged)")
     _add_trust_arg(p)
     p = sub.add_parser("cache", help="show or clear the cache of read and tokenized datasets (TUNEPIPE_CACHE_DIR, "
                                      "default ~/.cache/tunepipe)")
-    p.add_argument("action", choices=("info", "clear"), nargs="?", default="info")
+    p.add_argument("action", choices=("info", "clear"), nargs="?", default="info",
+                   help="info: where the cache is and its size; clear: empty it (default info)")
     return parser
 
 
@@ -214,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](args) or 0
     except TunepipeError as e:
         _print_error(e, args, argv)
-        if args.debug:
-            raise
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -224,24 +240,23 @@ def main(argv: list[str] | None = None) -> int:
         error = ErrorHandler.translate(e)  # a typed error (a symlink loop, a full disk ...) is the user's to fix
         internal = ErrorHandler.is_internal(error)
         _print_error(error, args, argv, traceback_of=e if internal else None)
-        if args.debug:
-            raise
         return EXIT_INTERNAL if internal else EXIT_USER_ERROR
 
 
 def _print_error(e, args=None, argv=None, traceback_of: BaseException | None = None) -> None:
-    """The error on the console (under --debug the traceback says it), and appended to the run directory's
-    tunepipe.log when that directory is already tunepipe's (console.log_error); tunepipe's own faults go there
-    with their traceback."""
+    """The error on the console, after its traceback under --debug (the exit status stays what the error says:
+    scripts tell a user error from a fault the same way with or without --debug), and appended to the run
+    directory's tunepipe.log when that directory is already tunepipe's (console.log_error); tunepipe's own faults
+    go there with their traceback. Called inside the ``except`` block: the traceback is the exception handled."""
+    import traceback
     if args is not None and args.command in LOGGED_COMMANDS and not getattr(args, "dry_run", False):
-        import traceback
-
         from .console import log_error
         run_dir = getattr(args, "run_dir", None) or getattr(args, "output_dir", None)
         details = "".join(traceback.format_exception(traceback_of)) if traceback_of is not None else ""
         log_error(run_dir, argv or [], e, details)
-    if args is None or not args.debug:
-        print(f"error: {e.render()}", file=sys.stderr)
+    if args is not None and args.debug:
+        traceback.print_exc(file=sys.stderr)
+    print(f"error: {e.render()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

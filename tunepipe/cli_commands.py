@@ -104,11 +104,49 @@ def _param_args(items: list[str]) -> dict:
     return params
 
 
-def _input_records(text: str) -> tuple[list, bool]:
-    """(records or texts, whether they came from a file); a value that looks like a path but is not a readable
-    file is an error, not a text to predict on (data.read_predict_inputs)."""
-    from .data import read_predict_inputs
-    return read_predict_inputs(text)
+def _input_records(text: str):
+    """The records or texts of --input with their (file, line); a value that looks like a path but is not a
+    readable file is an error, not a text to predict on (data.read_predict_records). Blank lines of a file are
+    skipped with a warning naming them: each output record carries its input's line."""
+    from .data import read_predict_records
+    found = read_predict_records(text)
+    if found.blank_lines:
+        shown = ", ".join(map(str, found.blank_lines[:10])) + (", ..." if len(found.blank_lines) > 10 else "")
+        _say(f"warning: --input {text.strip()}: blank line{'s' if len(found.blank_lines) > 1 else ''} {shown} "
+             "skipped (nothing to predict); each output record's \"line\" names its input line")
+    return found
+
+
+def _checked_inputs(pipe, found, adapters: list) -> list:
+    """What the model's task reads of each input, each checked (type, emptiness) before any is predicted, so
+    that an error names its file and line (or --input) instead of a position in a batch."""
+    from .serving.inference import at_origin
+    from .serving.model_loading import empty_input
+    from .errors import TunepipeError, ValidationError
+    inputs = pipe.inputs_from_records(found.items, adapters, found.origins)
+    tasks: dict = {}
+    for value, adapter, origin in zip(inputs, adapters, found.origins):
+        task = tasks[adapter] = tasks.get(adapter) or pipe.task_for(adapter)
+        where = f"The input on line {origin[1]}" if origin else "--input"
+        try:
+            task.prepare_input(value, where)
+        except TunepipeError as e:
+            raise at_origin(e, origin) from None
+        problem = empty_input(task, value)
+        if problem:
+            raise ValidationError(f"{where} {problem}: nothing to predict", field=None if origin else "--input",
+                                  file=origin[0] if origin else None, line=origin[1] if origin else None,
+                                  suggestions=["give a text (training data refuses empty texts as well)"])
+    return inputs
+
+
+def _with_line(result, origin):
+    """A prediction from a file input, led by its input's line (record number for .json / .parquet)."""
+    if origin is None:
+        return result
+    if isinstance(result, dict) and "line" not in result:
+        return {"line": origin[1], **result}
+    return {"line": origin[1], "prediction": result}
 
 
 def _model_dirs(args) -> list[str]:
@@ -127,22 +165,28 @@ def _model_dirs(args) -> list[str]:
 
 
 def cmd_predict(args) -> int:
+    """Predictions as JSON Lines, in input order; each from a file input carries that input's "line"."""
     from .errors import ConfigError
+    from .serving.model_loading import check_device
+    args.device = check_device(args.device, "--device")  # a device this machine lacks fails before loading
     if args.output:  # before the model loads: a wrong --output fails in a second
+        from .output_paths import check_file_parent
         from .ownership import check_output_file, expand
+        check_file_parent(expand(args.output), "--output")
         source = expand(args.input)
         check_output_file(args.output, overwrite=args.overwrite,
                           inputs={"input file": [source] if source.is_file() else [], "model": _model_dirs(args)})
+    found = _input_records(args.input)  # a missing or unreadable input file fails before loading as well
+    params = _param_args(args.param)
     pipe = _inference_pipeline(args)
     names = [a["name"] for a in pipe.adapters.list_adapters()] if pipe.adapters else []
     if args.use and args.use not in names:
         raise ConfigError(f"--use {args.use}: no such adapter", field="--use",
                           suggestions=[f"adapters given: {', '.join(names) or 'none'}"])
     default = args.use or pipe.default_adapter or (names[0] if len(names) == 1 else None)
-    params = _param_args(args.param)
-    rows, from_file = _input_records(args.input)
-    adapters = [r.get("adapter") or default if isinstance(r, dict) else default for r in rows]
-    inputs = pipe.inputs_from_records(rows, adapters)
+    adapters = [r.get("adapter") or default if isinstance(r, dict) else default for r in found.items]
+    inputs = _checked_inputs(pipe, found, adapters)
+    from_file, origins = found.from_file, found.origins
     target = Path(args.output).expanduser() if args.output else None
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target else None
     out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
@@ -152,8 +196,9 @@ def cmd_predict(args) -> int:
         with tqdm(total=len(inputs), unit="input", disable=not from_file, file=sys.stderr) as bar:
             for start in range(0, len(inputs), chunk):
                 part = inputs[start:start + chunk]
-                for result in pipe.predict_grouped(part, adapters[start:start + chunk], **params):
-                    out.write(json.dumps(result, ensure_ascii=False) + "\n")
+                results = pipe.predict_grouped(part, adapters[start:start + chunk], **params)
+                for result, origin in zip(results, origins[start:start + chunk]):
+                    out.write(json.dumps(_with_line(result, origin), ensure_ascii=False) + "\n")
                 bar.update(len(part))
         if tmp:
             out.close()
@@ -166,7 +211,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from .serving.model_loading import check_device
     from .serving.serve import Limits, check_bind, read_api_key, serve
+    args.device = check_device(args.device, "--device")  # before minutes of model loading
     api_key = read_api_key(args.api_key, args.api_key_file)
     check_bind(args.host, api_key)  # before minutes of model loading
     limits = Limits(max_batch=args.max_batch, max_input_chars=args.max_input_chars,
@@ -218,12 +265,40 @@ def cmd_init(args) -> int:
         sys.stdout.write(text)
         return 0
     path = Path(args.output or f"{cls.name}.yaml").expanduser()
-    if path.exists() and not args.force:
-        raise TunepipeIOError(f"{path} already exists", file=str(path), suggestions=["pass --force to overwrite"])
-    path.write_text(text, encoding="utf-8")
+    _check_init_target(path, f"{cls.name}.yaml", args.force)
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise TunepipeIOError(f"Cannot write {path}: {e.strerror or e}", field="--output", file=str(path),
+                              suggestions=["choose another file"]) from None
     _say(f"wrote {path}; edit data paths, then: tunepipe train {path} (examples/ in the repository: a runnable "
          f"version with sample data)")
     return 0
+
+
+def _check_init_target(path: Path, name: str, force: bool) -> None:
+    """Where `init` may write: a new file in an existing directory, or (with --force) a file `init` wrote before,
+    recognised by the starter's first line. A directory, and any other file (data, notes, a specs file of the
+    user's own), is refused whatever the flags: --force is for regenerating a starter, not for replacing files."""
+    from .errors import TunepipeIOError
+    from .output_paths import check_file_parent
+    from .starter import is_starter_file
+    if path.is_dir():
+        raise TunepipeIOError(f"--output {path} is a directory", field="--output", file=str(path),
+                              suggestions=[f"name a file in it: --output {path / name}"])
+    check_file_parent(path, "--output")
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not is_starter_file(path):
+        raise TunepipeIOError(f"{path} already exists and is not a starter file that `tunepipe init` wrote: it is "
+                              "never replaced", field="--output", file=str(path),
+                              suggestions=[f"choose another file, e.g. --output {path.with_name(name)}"
+                                           if path.name != name else "choose another file name",
+                                           "--force replaces only a file written by `tunepipe init`"])
+    if not force:
+        raise TunepipeIOError(f"{path} already exists (a starter file from `tunepipe init`)", field="--output",
+                              file=str(path), suggestions=["pass --force to replace it (edits made to it are lost)",
+                                                           "or choose another file"])
 
 
 def cmd_demo(args) -> int:

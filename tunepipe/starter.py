@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import textwrap
+from pathlib import Path
 
 import yaml
 
@@ -70,9 +72,24 @@ def starter_body(task_cls) -> dict:
     return body
 
 
+HEADER = "# tunepipe specs for "  # the first line of every starter file: `init --force` replaces only such a file
+_HEADER_LINE = re.compile(re.escape(HEADER) + r"[\w.-]+: ")
+
+
+def is_starter_file(path: Path) -> bool:
+    """Whether ``path`` is a file that `tunepipe init` wrote (its first line is the starter's header; the rest may
+    have been edited): the only kind of existing file `init --force` replaces."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(400).decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(_HEADER_LINE.match(first))
+
+
 def starter_yaml(task_cls) -> str:
     kind = model_kind(task_cls)
-    lines = [f"# tunepipe specs for {task_cls.name}: {task_cls.description}",
+    lines = [f"{HEADER}{task_cls.name}: {task_cls.description}",
              "# Run: tunepipe train THIS_FILE [--set training.learning_rate=3e-5]",
              "# examples/ in the tunepipe repository has a runnable version of each task with sample data", ""]
     comments = {**COMMENTS, "model": MODEL_COMMENTS[kind], "tokenizer": TOKENIZER_COMMENT,

@@ -36,7 +36,7 @@ from ..modeling.peft_support import load_adapter_tokenizer
 from .adapter_records import (  # noqa: F401 - local_adapter_dir importable from here as before
     AdapterRecord, local_adapter_dir, read_adapter, same_model)
 from .merge import merge_and_unload
-from .model_loading import (canonical_task, check_predict_kwargs, default_device, load_tokenizer, make_task, place,
+from .model_loading import (canonical_task, check_device, check_predict_kwargs, load_tokenizer, make_task, place,
                             resolve_dtype)
 from .shared_base import SharedBase
 
@@ -76,7 +76,7 @@ class MultiAdapterManager:
         self.base_run_dir = base_run_dir
         self.trust_remote_code = bool(trust_remote_code)  # the caller's choice; an adapter's record never sets it
         self.max_adapters_in_memory = max_adapters_in_memory
-        self.device = device or default_device()
+        self.device = check_device(device)  # before anything loads
         self.dtype = resolve_dtype(dtype, self.device)
         if self.dtype == "int8":
             raise ConfigError("int8 quantization applies to one merged model, not to a base shared by adapters",

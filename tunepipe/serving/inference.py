@@ -8,18 +8,19 @@ little padding.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..errors import ConfigError, ErrorHandler, ModelNotFoundError, TaskTypeError
+from ..errors import ConfigError, ErrorHandler, ModelNotFoundError, TaskTypeError, TunepipeError, ValidationError
 from ..modeling.models import adopt_model_config
 from ..modeling.peft_support import load_adapter, read_adapter_info, resolve_base
 from .adapters import MultiAdapterManager, group_by_adapter
 from .load_policy import remote_code
-from .model_loading import (Checkpoint, canonical_task, check_predict_kwargs, default_device,  # noqa: F401 (API)
-                            is_single_input, load_tokenizer, make_task, place, resolve_checkpoint, resolve_dtype,
-                            task_of_checkpoint)
+from .model_loading import (Checkpoint, canonical_task, check_device, check_predict_kwargs,  # noqa: F401 (API)
+                            default_device, is_single_input, load_tokenizer, make_task, place, resolve_checkpoint,
+                            resolve_dtype, task_of_checkpoint)
 
 log = logging.getLogger("tunepipe")
 
@@ -46,10 +47,10 @@ class InferencePipeLine:
                               suggestions=["InferencePipeLine('token_classification', 'runs/ner')"])
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
+        self.device = check_device(device)  # before anything loads
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.batch_size = batch_size
         self.trust_remote_code = bool(trust_remote_code)
-        self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         requested = canonical_task(task_type)
         recorded = task_of_checkpoint(self.checkpoint)
@@ -169,18 +170,28 @@ class InferencePipeLine:
         'text' field."""
         return self.inputs_from_records([record], [adapter])[0]
 
-    def inputs_from_records(self, records: Sequence[Any], adapters: Sequence[str | None]) -> list[Any]:
-        """``input_from_record`` for many records (each with its adapter's task); non-records pass through."""
+    def inputs_from_records(self, records: Sequence[Any], adapters: Sequence[str | None],
+                            origins: Sequence[tuple[str, int] | None] | None = None) -> list[Any]:
+        """``input_from_record`` for many records (each with its adapter's task); non-records pass through.
+        ``origins``: the (file, line) of each record, named in errors. A record without the field the model reads
+        is an error naming that field and the fields the record has, as training names a missing column."""
         tasks: dict[str | None, Any] = {}
         out = []
-        for record, adapter in zip(records, adapters):
+        origins = list(origins) if origins is not None else [None] * len(records)
+        for n, (record, adapter, origin) in enumerate(zip(records, adapters, origins)):
             if not isinstance(record, dict):
                 out.append(record)
                 continue
             if adapter not in tasks:
                 tasks[adapter] = self.task_for(adapter)
-            value = tasks[adapter].input_from_record(record)
-            out.append(record["text"] if value is None and isinstance(record.get("text"), str) else value)
+            try:
+                value = tasks[adapter].input_from_record(record)
+            except TunepipeError as e:
+                raise at_origin(e, origin) from None
+            value = record["text"] if value is None and isinstance(record.get("text"), str) else value
+            if value is None or (isinstance(value, dict) and any(v is None for v in value.values())):
+                raise _missing_field(tasks[adapter], record, origin, n)
+            out.append(value)
         return out
 
     # ---- description ---------------------------------------------------------------------------------------
@@ -189,6 +200,34 @@ class InferencePipeLine:
                 "device": self.device, "dtype": str(self.dtype or "float32").replace("torch.", ""),
                 "batch_size": self.batch_size, "default_adapter": self.default_adapter,
                 "adapters": len(self.adapters.list_adapters()) if self.adapters else 0}
+
+
+def at_origin(error: TunepipeError, origin: tuple[str, int] | None) -> TunepipeError:
+    """``error`` located at the input's file and line, when it names no place of its own."""
+    if origin is not None and not error.file:
+        error.file, error.line = origin
+    return error
+
+
+def _missing_field(task, record: dict[str, Any], origin: tuple[str, int] | None, n: int) -> ValidationError:
+    """The fields of the model's input (the columns it was trained on, less its labels / targets) missing from
+    ``record``, with the fields the record has."""
+    outputs = {task.column("label"), task.column("target")}
+    expected = [c for c in task.required_columns() if c not in outputs]
+    missing = [c for c in expected if record.get(c) is None] or expected
+    present = sorted(str(k) for k in record)
+    where = f"input on line {origin[1]}" if origin else f"input record {n + 1}"
+    close = difflib.get_close_matches(missing[0], present, n=1, cutoff=0.5) if missing else []
+    fields = " and ".join(f"'{c}'" for c in missing)
+    message = (f"Field {fields} not found in the {where}" if len(missing) == 1 else
+               f"Fields {fields} not found in the {where}" if missing else
+               f"The {where} has none of the fields the {task.name} model reads")
+    return ValidationError(message, file=origin[0] if origin else None, line=origin[1] if origin else None,
+                           suggestions=[f"did you mean '{close[0]}'? rename it to '{missing[0]}'" if close else "",
+                                        f"fields present: {', '.join(present) or 'none'}",
+                                        f"the model reads {fields} (the column{'s' if len(missing) > 1 else ''} it "
+                                        "was trained on): rename the field in the file" if missing else "",
+                                        "or give a .txt file: one text per line" if len(expected) == 1 else ""])
 
 
 def _adapter_mapping(adapter_config) -> dict[str, str]:

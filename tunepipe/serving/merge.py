@@ -5,12 +5,14 @@ export is an ordinary fp32 model. Prompt/prefix tuning adds virtual tokens, not 
 """
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
 from ..errors import ConfigError, ErrorHandler, ModelNotFoundError
 from ..modeling.peft_support import MERGEABLE_METHODS, is_adapter_dir, load_adapter, read_adapter_info, resolve_base
 from ..output import atomic_dir
+from ..output_paths import check_dir_parent
 from ..ownership import check_claim, expand, read_marker, write_marker
 
 
@@ -20,6 +22,14 @@ def find_adapter(path: str | Path) -> Path:
     for candidate in (path / "adapter", path):
         if is_adapter_dir(candidate):
             return candidate
+    if not path.exists():
+        parent = path.parent if str(path.parent) else Path(".")
+        close = difflib.get_close_matches(path.name, sorted(p.name for p in parent.iterdir()), n=2) \
+            if parent.is_dir() else []
+        raise ModelNotFoundError(f"{path} not found", file=str(path),
+                                 suggestions=[f"did you mean '{parent / c}'?" for c in close] +
+                                 ["pass the output_dir of a run trained with a peft section (paths are relative to "
+                                  "the directory you run tunepipe from)"])
     raise ModelNotFoundError(f"No PEFT adapter in {path}", file=str(path),
                              suggestions=["pass the output_dir of a run trained with a peft section",
                                           "a full fine-tuning run already has a full model in <output_dir>/model"])
@@ -67,7 +77,15 @@ def _merge_target(root: Path, target: str | Path | None, adapter: Path, base: st
     default = root / "merged"
     path = expand(target) if target else default
     inputs = {"adapter": [adapter], "base model": [base]}
-    if path.resolve() == default.resolve() and read_marker(root) is not None:
-        check_claim(path.parent, kind="run", inputs=inputs, writes=("merged",), field="--to")
-        return path
-    return check_claim(path, kind="merged", inputs=inputs, field="--to")
+    check_dir_parent(path, "--to")  # before minutes of loading and merging
+    try:
+        if path.resolve() == default.resolve() and read_marker(root) is not None:
+            check_claim(path.parent, kind="run", inputs=inputs, writes=("merged",), field="--to")
+            return path
+        return check_claim(path, kind="merged", inputs=inputs, field="--to")
+    except ConfigError as e:  # merge has no --overwrite: say what --to may be instead
+        e.suggestions = [s for s in e.suggestions if "--overwrite" not in s]
+        e.suggestions.append("--to may also name the output of an earlier `tunepipe merge`, which it replaces")
+        if target and path != default:
+            e.suggestions.append(f"or leave --to out: {default}")
+        raise

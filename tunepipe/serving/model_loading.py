@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ModelNotFoundError, TaskTypeError
+from ..errors import ConfigError, CudaError, ModelNotFoundError, TaskTypeError, ValidationError
 from ..modeling.models import BUNDLED_ALIASES, resolve_model_path, task_from_model_dir, tokenizer_load_error
 from ..modeling.peft_support import read_adapter_info
 from ..modeling.quantization import QuantizationManager
@@ -124,6 +124,38 @@ def is_single_input(inputs: Any) -> bool:
     return isinstance(inputs, (str, dict, tuple))
 
 
+def empty_input(task, item: Any) -> str | None:
+    """Why ``item`` gives the model nothing to read ('is empty', "has an empty 'context'"), or None. Training data
+    refuses empty texts, so a prediction on one is a caller's mistake (an empty shell variable, a blank field),
+    not a result; a causal LM continues an empty prompt from its bos token, so there it is an input."""
+    if task.auto_model_class == "AutoModelForCausalLM":
+        return None
+    if isinstance(item, dict):  # what the task reads of a record (other fields of it do not matter)
+        try:
+            item = task.input_from_record(item)
+        except Exception:  # noqa: BLE001 - a record the task cannot read is prepare_input's to refuse
+            return None
+    if isinstance(item, str):
+        return "is empty" if not item.strip() else None
+    if isinstance(item, (list, tuple)):
+        if not item:
+            return "is empty"
+        return "holds an empty text" if any(isinstance(x, str) and not x.strip() for x in item) else None
+    if isinstance(item, dict):
+        blank = [k for k, v in item.items() if isinstance(v, str) and not v.strip()]
+        return f"has an empty '{blank[0]}'" if blank else None
+    return None
+
+
+def refuse_empty(task, items: list[Any], where=lambda n: f"Input {n + 1}", field: str = "inputs") -> None:
+    """A ValidationError naming the first empty input of ``items`` (``where(n)`` names input n)."""
+    for n, item in enumerate(items):
+        problem = empty_input(task, item)
+        if problem:
+            raise ValidationError(f"{where(n)} {problem}: nothing to predict", field=field,
+                                  suggestions=["give a text (training data refuses empty texts as well)"])
+
+
 def check_predict_kwargs(task, kwargs: dict[str, Any]) -> None:
     """Refuse settings the task's predict does not take, or values of the wrong type, with the accepted names."""
     if not kwargs:
@@ -203,6 +235,67 @@ def _check_generation_setting(key: str, value: Any) -> None:
 def default_device() -> str:
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_DEVICE_NAMES = {"cuda": "CUDA", "xpu": "XPU", "mps": "MPS"}
+_DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "cuda0": "cuda:0", "apple": "mps", "metal": "mps", "intel": "xpu"}
+
+
+def check_device(device: str | None, field: str = "device") -> str:
+    """The device to run on (None: cuda when available, else cpu), checked before any model loads: a misspelt
+    device, or one this machine does not have, fails at once and names what there is, instead of as a torch
+    assertion after minutes of loading. cpu, cuda, xpu and mps are the devices prediction runs on."""
+    if device is None:
+        return default_device()
+    import torch
+    text = str(device).strip()
+    cli = field.startswith("--")
+
+    def use(value: str | None) -> str:
+        return (f"use {field} {value}" if cli else f"use {field}='{value}'") if value else \
+            (f"or leave {field} out" if cli else f"or leave {field} unset") + " (cuda when available, else cpu)"
+
+    try:
+        kind, index = torch.device(text).type, torch.device(text).index
+    except (RuntimeError, ValueError, TypeError):
+        meant = _DEVICE_ALIASES.get(text.lower(), text.lower())
+        hint = [f"did you mean {use(meant)[4:]}?"] if meant != text and _parses(torch, meant) else []
+        raise ConfigError(f"{field} {text!r} is not a device", field=field,
+                          suggestions=hint + ["devices: cpu, cuda, cuda:N (the N-th GPU), xpu, mps", use(None)]) \
+            from None
+    if kind == "cpu":
+        return text
+    if kind not in _DEVICE_NAMES:
+        raise ConfigError(f"{field} {text}: prediction runs on cpu, cuda, xpu or mps, not {kind}", field=field,
+                          suggestions=[use("cpu"), use(None)])
+    count = _device_count(torch, kind)
+    if count == 0:
+        built = " (this torch is built without CUDA)" if kind == "cuda" and torch.version.cuda is None else ""
+        raise CudaError(f"{field} {text}: this machine has no {_DEVICE_NAMES[kind]} device{built}", field=field,
+                        suggestions=[use("cpu"), use(None)])
+    if index is not None and index >= count:
+        raise CudaError(f"{field} {text}: this machine has {count} {_DEVICE_NAMES[kind]} device"
+                        f"{'s' if count > 1 else ''} ({kind}:0{f' to {kind}:{count - 1}' if count > 1 else ''})",
+                        field=field, suggestions=[use(f"{kind}:{count - 1}" if count > 1 else kind), use(None)])
+    return text
+
+
+def _parses(torch, text: str) -> bool:
+    try:
+        torch.device(text)
+        return True
+    except (RuntimeError, ValueError, TypeError):
+        return False
+
+
+def _device_count(torch, kind: str) -> int:
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        return xpu.device_count() if xpu is not None and xpu.is_available() else 0
+    mps = getattr(torch.backends, "mps", None)
+    return 1 if mps is not None and mps.is_available() else 0
 
 
 def resolve_dtype(dtype: Any, device: str) -> Any:

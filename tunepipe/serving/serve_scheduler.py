@@ -22,7 +22,7 @@ from functools import cached_property
 from typing import Any, Callable
 
 from ..errors import TunepipeError
-from .model_loading import check_predict_kwargs
+from .model_loading import check_predict_kwargs, refuse_empty
 
 log = logging.getLogger("tunepipe.serve")
 
@@ -221,6 +221,7 @@ class ModelWorker:
                 task = self.pipeline.task_for(name)
                 check_predict_kwargs(task, job.params)
                 task.prepare_inputs([job.items[i] for i in positions])
+                refuse_empty(task, [job.items[i] for i in positions], where=lambda n, p=positions: f"Input {p[n] + 1}")
             if job.named_task:
                 job.task_name = self.pipeline.task_for(job.task_adapter).name
         except BaseException as e:  # noqa: BLE001
