@@ -159,8 +159,13 @@ def test_evaluation_masks_are_fixed_and_training_masks_vary(wordpiece):
     assert (labels[labels != -100] == originals[labels != -100]).all()  # labels are the original tokens
     collate = task.collator(wordpiece)
     features = [{k: plain[k][i] for k in plain} for i in range(8)]
-    one, two = collate(features)["labels"], collate(features)["labels"]
-    assert not torch.equal(one, two)  # training masks are drawn afresh for every batch
+    others = [{k: plain[k][i] for k in plain} for i in range(8, 16)]
+    one, same = collate(features)["labels"], collate(features)["labels"]
+    assert torch.equal(one, same)  # the seed, the epoch and the batch decide: a resumed run masks alike
+    assert (collate(others)["labels"] != -100).sum() > 0
+    assert not torch.equal((collate(others)["labels"] != -100)[:, :8], (one != -100)[:, :8])
+    collate.set_epoch(1)
+    assert not torch.equal(collate(features)["labels"], one)  # the same batch in another epoch: other masks
     padded = collate([{k: first[k][i] for k in first} for i in range(8)])
     assert torch.equal(padded["labels"][:, :32], torch.tensor(first["labels"][:8]))  # eval: only padded
 

@@ -121,9 +121,12 @@ def mt_specs(mt_files, backend, out):
 
 def kill_step(plan, rng: random.Random) -> int:
     """A step after the first checkpoint, never at an epoch boundary (the kill and the resumed checkpoint are
-    mid-epoch)."""
+    mid-epoch, unless the plan saves at epoch ends: then the newest checkpoint before the kill is the first
+    epoch's last step)."""
     total = plan["batches"] * plan["epochs"]
     choices = [k for k in range(plan["save_steps"] + 1, total) if k % plan["batches"]]
+    if plan.get("boundary"):
+        choices = [k for k in choices if k > plan["batches"]][: plan["save_steps"] - 1]
     return rng.choice(choices)
 
 
@@ -167,7 +170,7 @@ def _check_exact_resume(ctx, make_specs, plan, backend, tmp_path, case: str):
     expected = [s for s in range(plan["save_steps"], kill_at, plan["save_steps"])]
     assert steps == expected, f"{why}: checkpoints {steps}"
     resumed_from = steps[-1]
-    assert resumed_from % plan["batches"], f"{why}: the resumed checkpoint must be mid-epoch"
+    assert bool(resumed_from % plan["batches"]) != bool(plan.get("boundary")), f"{why}: resumed from {resumed_from}"
 
     specs = dict(interrupted)
     specs["training"] = {**interrupted["training"], "resume": "auto"}
@@ -179,6 +182,10 @@ def _check_exact_resume(ctx, make_specs, plan, backend, tmp_path, case: str):
     assert sorted(losses) == list(range(1, total + 1)), f"{why}: logged steps {sorted(losses)}"
     records = [json.loads(line) for line in (tmp_path / "interrupted" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, total + 1)), f"{why}: train_log.jsonl"
+    reference = [json.loads(line) for line in (tmp_path / "reference" / "train_log.jsonl").read_text().splitlines()]
+    evaluated = [r["step"] for r in reference if "eval_loss" in r]
+    assert [r["step"] for r in records if "eval_loss" in r] == evaluated, f"{why}: evaluations"
+    assert [r["step"] for r in result.log_history if "eval_loss" in r] == evaluated, f"{why}: log history"
     for step in range(resumed_from + 1, total + 1):
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), f"{why}: loss at step {step}"
     assert weights.keys() == ref_weights.keys()
@@ -211,6 +218,44 @@ def test_exact_resume_lora_adapter(forkserver, tiny_specs, ner_data, tmp_path, b
         return specs
 
     _check_exact_resume(forkserver, make, NER, backend, tmp_path, "lora")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_resume_from_an_epoch_end_with_per_epoch_evaluation(forkserver, tiny_specs, ner_data, tmp_path,
+                                                                  backend):
+    """A checkpoint at an epoch's last step, evaluated at the epoch's end: the checkpoint must hold that
+    evaluation (log history) and the RNG after it, or the resumed run's dropout drifts from the uninterrupted
+    one's."""
+    plan = {**NER, "save_steps": 6, "boundary": True}
+
+    def make(b, out):
+        specs = ner_specs(tiny_specs, ner_data, b, out)
+        specs["training"].update(save_steps=plan["save_steps"], eval_strategy="epoch")
+        return specs
+
+    _check_exact_resume(forkserver, make, plan, backend, tmp_path, "epoch-end")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_resume_masked_language_modeling(forkserver, tiny_specs, tmp_path, backend):
+    """Training masks are drawn afresh for every batch: a resumed run must draw the ones the uninterrupted run
+    drew (they come from the RNG the checkpoint restores)."""
+    words = "the a cat dog sat ran on under mat park red big small quick brown fox jumps over lazy".split()
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))) for _ in range(108)]
+    (tmp_path / "train.txt").write_text("\n".join(lines[:96]) + "\n")
+    (tmp_path / "validation.txt").write_text("\n".join(lines[96:]) + "\n")
+    plan = {"batches": 12, "epochs": 2, "save_steps": 5}
+
+    def make(b, out):
+        specs = tiny_specs("masked_language_modeling", {"train": str(tmp_path / "train.txt"),
+                                                        "validation": str(tmp_path / "validation.txt"),
+                                                        "packing": False, "max_length": 24},
+                           backend=b, training=_training(plan))
+        specs["output_dir"] = str(out)
+        return specs
+
+    _check_exact_resume(forkserver, make, plan, backend, tmp_path, "mlm")
 
 
 # ---- SIGTERM: finish the step, save, stop cleanly; then resume ---------------------------------------------------

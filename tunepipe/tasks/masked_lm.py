@@ -1,6 +1,8 @@
 """Masked language modeling: texts packed into blocks of ``chunk_size`` tokens (or one example per line), dynamic
-seeded masking for training, and a *fixed* masking of the evaluation data, drawn once from the seed and the text,
-so that perplexities before and after training (or between two runs) score the very same masked tokens.
+masking for training drawn from the seed, the epoch and the batch (not from how many batches came before, so a
+resumed run masks as the uninterrupted one did), and a *fixed* masking of the evaluation data, drawn once from the
+seed and the text, so that perplexities before and after training (or between two runs) score the very same
+masked tokens.
 
 The language-modeling helpers shared with the causal-LM task live here too: ``group_texts`` and the per-batch
 token log-likelihood reduction that keeps evaluation memory flat (no vocabulary-sized logits are gathered).
@@ -8,6 +10,7 @@ token log-likelihood reduction that keeps evaluation memory flat (no vocabulary-
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from itertools import chain
 from typing import Any, Sequence
@@ -81,9 +84,13 @@ def check_positions(model, size: int, field: str) -> None:
 
 # ---- collation -----------------------------------------------------------------------------------------------
 class MaskingCollator:
-    """Training batches get fresh masks from a seeded generator; evaluation examples arrive already masked (they
-    carry ``labels``) and are only padded. Non-model columns are dropped here, because whole-word masking needs
-    the ``offset_mapping`` column that the Trainer would otherwise remove."""
+    """Training batches get fresh masks from a generator seeded by ``seed``, the epoch (``set_epoch``, called at
+    every epoch's start) and the batch's tokens: a generator that ran on from batch to batch would sit elsewhere
+    after a resume (the loaders collate a batch ahead, before the checkpoint's RNG is restored), and mask
+    differently from the uninterrupted run. Evaluation examples arrive already masked (they carry ``labels``) and
+    are only padded. Non-model columns are dropped here, because whole-word masking needs the ``offset_mapping``
+    column that the Trainer would otherwise remove. (With persistent DataLoader workers, the workers keep the
+    epoch they started with.)"""
 
     def __init__(self, tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int | None,
                  pad_to_multiple_of: int | None = 8):
@@ -95,6 +102,19 @@ class MaskingCollator:
                                                       pad_to_multiple_of=pad_to_multiple_of, **replace)
         self.padder = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _seed_batch(self, features: list[dict[str, Any]]) -> None:
+        if self.seed is None:
+            return  # the global RNG, as transformers' collator draws without a seed
+        import torch
+        tokens = zlib.crc32(np.concatenate([np.asarray(f["input_ids"], dtype=np.int64) for f in features]).tobytes())
+        self.masker.generator = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.epoch * 7_919 + tokens) % (2 ** 63))
+        self.masker._generator_pid = os.getpid()  # transformers' collator keeps a generator of this process
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if "labels" in features[0]:
@@ -112,6 +132,7 @@ class MaskingCollator:
                 width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
             for f in features:
                 f["offset_mapping"] = [list(o) for o in f["offset_mapping"]] + [[0, 0]] * (width - len(f["input_ids"]))
+        self._seed_batch(features)
         return self.masker(features)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,21 @@ class _JsonlLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             self.writer.write({"step": state.global_step, "epoch": state.epoch, **logs})
+
+
+class CollatorEpoch(TrainerCallback):
+    """Tells a collator that draws randomness per batch (masked LM's masks) which epoch it collates, at every
+    epoch's start, resumed or not: its draws then depend on the seed, the epoch and the batch alone."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(math.floor((state.epoch or 0) + 1e-9))
+
+
+def collator_callbacks(collator) -> list:
+    return [CollatorEpoch(collator)] if hasattr(collator, "set_epoch") else []
 
 
 class FlopCounter:

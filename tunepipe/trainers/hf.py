@@ -15,6 +15,7 @@ from .common import (
     JsonlLogWriter,
     TrainerBookkeeping,
     _JsonlLogCallback,
+    collator_callbacks,
     prediction_step,
     strip_prefix,
 )
@@ -37,13 +38,14 @@ class _TaskTrainerMixin(TrainerBookkeeping):
         # checkpoint when the limit is 1) is off; CheckpointManager.rotate keeps the newest and the best
         args = training_arguments(specs, output_dir / "checkpoints", has_eval=eval_ds is not None,
                                   cls=self.args_class, **{"save_total_limit": None, **self.extra_arguments(specs)})
-        super().__init__(model=model, args=args, data_collator=task.collator(tokenizer),
+        collator = task.collator(tokenizer)
+        super().__init__(model=model, args=args, data_collator=collator,
                          train_dataset=datasets.get("train"), eval_dataset=eval_ds, processing_class=tokenizer,
                          compute_metrics=task.compute_metrics,
                          preprocess_logits_for_metrics=self.logits_reducer(task),
                          callbacks=[_JsonlLogCallback(JsonlLogWriter(
                              output_dir / "train_log.jsonl" if datasets.get("train") is not None else None))]
-                         + list(callbacks or []))
+                         + collator_callbacks(collator) + list(callbacks or []))
         self.loss_weighting = token_weighted_loss(specs, datasets.get("train"))
         self.finite_guard = NonFiniteGuard(self.args)
         self.evaluations = FinalEvaluation()
@@ -152,10 +154,26 @@ class _TaskTrainerMixin(TrainerBookkeeping):
             manager.rotate(self.state.best_model_checkpoint)
         self.last_checkpoint = manager.path(step)
 
+    _deferred_save: bool | None = None  # an epoch's last step: its save waits for the epoch-end call
+
     def _maybe_log_save_evaluate(self, *args, **kwargs):
-        """The Trainer's, then: on SIGTERM / SIGINT save a checkpoint at this step (if it did not) and stop."""
+        """The Trainer's, then: on SIGTERM / SIGINT save a checkpoint at this step (if it did not) and stop.
+
+        The Trainer calls this after an epoch's last step and again after the epoch's end, where it evaluates
+        (eval_strategy: epoch); a checkpoint saved by the first call would miss that evaluation (log history, best
+        metric) and hold the RNG from before it, so resuming from it is not exact. That step's save (and a signal's)
+        waits for the second call, as in the one loop."""
+        step = self.state.global_step
+        if self._deferred_save is None and step % self._schedule().updates_per_epoch == 0:
+            self._deferred_save = bool(self.control.should_save)
+            self.control.should_save = False
+            super()._maybe_log_save_evaluate(*args, **kwargs)
+            return
+        if self._deferred_save is not None:
+            self.control.should_save = self.control.should_save or self._deferred_save
+            self._deferred_save = None
         super()._maybe_log_save_evaluate(*args, **kwargs)
-        self._stop_if_signalled(saved=self.last_checkpoint == self.manager.path(self.state.global_step))
+        self._stop_if_signalled(saved=self.last_checkpoint == self.manager.path(step))
 
     def _save_now(self) -> None:
         self._save_checkpoint(self.model_wrapped, None)

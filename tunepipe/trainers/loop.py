@@ -30,6 +30,7 @@ from .common import (
     JsonlLogWriter,
     TrainerBookkeeping,
     callback_handler,
+    collator_callbacks,
     evaluation_metrics,
     new_state,
     prediction_step,
@@ -76,7 +77,8 @@ class LoopTrainer(TrainerBookkeeping):
         self.engine = self.engine_class(self.args, specs)
         self.collator = DictCollator(task.collator(tokenizer))
         self.label_names = label_names(model)
-        self.handler = callback_handler(self.args, model, tokenizer, callbacks,
+        self.handler = callback_handler(self.args, model, tokenizer,
+                                        collator_callbacks(self.collator.collator) + list(callbacks or []),
                                         JsonlLogWriter(self.train_dataset and self.output_dir / "train_log.jsonl"))
         self.state, self.control = TrainerState(), TrainerControl()
         self.finite_guard = NonFiniteGuard(self.args)
@@ -168,7 +170,10 @@ class LoopTrainer(TrainerBookkeeping):
                     state.global_step += 1
                     state.epoch = epoch + (step + 1) / schedule.steps_in_epoch
                     self.control = self.handler.on_step_end(args, state, self.control)
-                    total_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, learning_rate, total_loss)
+                    # an epoch's last step logs, evaluates and saves once, after the epoch's end (below): its
+                    # checkpoint then holds the epoch's evaluation and the RNG after it, and resumes exactly
+                    if step + 1 < schedule.steps_in_epoch:
+                        total_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, learning_rate, total_loss)
                     if self.control.should_epoch_stop or self.control.should_training_stop:
                         break
                 skip = 0
