@@ -98,3 +98,17 @@ def test_a_failed_run_leaves_no_empty_skeleton(tmp_path, tiny_specs, ner_data, o
             assert not out.parent.exists(), "the directories the failed run created must go"
         else:
             assert {p.name for p in out.iterdir()} - {"tunepipe.log"} == kept
+
+
+def test_resuming_a_finished_run_keeps_its_training_metrics(tmp_path, tiny_specs, ner_data, one_torch_thread):
+    """A scheduler that restarts a finished job with resume: auto must not erase what its training measured."""
+    for backend in ("hf", "accelerate"):
+        specs = _specs(tiny_specs, ner_data)
+        specs["backend"] = backend
+        specs["output_dir"] = str(tmp_path / backend)
+        specs_file = write_specs(tmp_path / f"{backend}.yaml", specs)
+        assert cli_main(train_args(specs_file)) == 0
+        trained = json.loads((tmp_path / backend / "metrics.json").read_text())["train"]
+        assert "train_loss" in trained
+        assert cli_main(train_args(specs_file, "--set", "training.resume=auto")) == 0
+        assert json.loads((tmp_path / backend / "metrics.json").read_text())["train"] == trained, backend

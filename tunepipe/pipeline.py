@@ -309,9 +309,12 @@ class FineTunePipeLine:
             with ErrorHandler.guard(f"evaluating on {split}"), \
                     self.tracking.evaluating(split, ds, self.trainer.is_main_process):
                 self.metrics[split] = self.trainer.run_evaluation(ds, split=split)
+            if self._trained_dir is not None:  # a saved model scored: no training epoch to report (it said 0)
+                self.metrics[split].pop("epoch", None)
             self.task.eval_split = "validation"
-        if getattr(self, "train_result", None) is not None:
-            self.metrics["train"] = self.train_result.train_metrics
+        if getattr(self, "train_result", None) is not None:  # a finished run resumed keeps its training's metrics
+            self.metrics["train"] = (self.train_result.already_trained and saved_run.train_metrics(self.output_dir)
+                                     or self.train_result.train_metrics)
         if self.trainer.is_main_process and self._trained_dir is not None:  # beside the run's records, never over
             add_evaluation(self.output_dir, self.metrics, self._trained_dir, self.data)
         elif self.trainer.is_main_process:

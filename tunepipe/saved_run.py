@@ -15,6 +15,16 @@ HISTORY_ENTRIES = ("checkpoints", "train_log.jsonl", "metrics.json", "README.md"
                    "tensorboard", "merged")
 
 
+def train_metrics(output_dir: Path) -> dict[str, Any] | None:
+    """The training metrics the run in ``output_dir`` recorded (metrics.json), if any."""
+    import json
+    try:
+        metrics = json.loads((Path(output_dir) / "metrics.json").read_text(encoding="utf-8")).get("train")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics else None
+
+
 def remove_failed_leftovers(output_dir: Path, created: Path | None) -> None:
     """After training failed: an empty checkpoints/ goes, and an output_dir this run created goes whole when
     nothing of the run is in it (no checkpoint, log or curve: only tunepipe's marker and lock)."""

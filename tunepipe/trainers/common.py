@@ -235,10 +235,10 @@ class TrainerBookkeeping:
     last_checkpoint: Path | None = None
     evaluations: FinalEvaluation | None = None
 
-    def _result(self, metrics: dict[str, float]) -> TrainResult:
+    def _result(self, metrics: dict[str, float], already_trained: bool = False) -> TrainResult:
         """What run_training returns, the same on every backend."""
         return TrainResult(global_step=self.state.global_step, train_metrics=metrics,
-                           log_history=list(self.state.log_history))
+                           log_history=list(self.state.log_history), already_trained=already_trained)
 
     def _data_state(self) -> dict[str, Any]:
         return data_state(self.args, self._schedule(), num_examples(self.train_dataset), self.args.world_size,

@@ -197,7 +197,7 @@ class _TaskTrainerMixin(TrainerBookkeeping):
             if not self._steps_left(resume, saved.global_step):  # transformers would train one step more
                 self._load_from_checkpoint(str(resume))
                 self.state = saved
-                return self._result({"epoch": saved.epoch})
+                return self._result({"epoch": saved.epoch}, already_trained=True)
         self.evaluations = FinalEvaluation()
         with self._stopping_on_signals():
             output = self.train(resume_from_checkpoint=str(resume) if resume is not None else None)

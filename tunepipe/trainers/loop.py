@@ -115,7 +115,7 @@ class LoopTrainer(TrainerBookkeeping):
         first_epoch, skip, pending_rng = self._resume(state, schedule)
         self.evaluations = FinalEvaluation()
         if first_epoch is None:
-            return self._result({"epoch": state.epoch})
+            return self._result({"epoch": state.epoch}, already_trained=True)
         ga = args.gradient_accumulation_steps
         tr_loss = torch.zeros((), device=engine.device)
         total_loss, self.last_logged, flops = 0.0, state.global_step, FlopCounter(self.trained_model())

@@ -23,6 +23,7 @@ class TrainResult:
     global_step: int
     train_metrics: dict[str, float] = field(default_factory=dict)
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    already_trained: bool = False  # resumed from a checkpoint that held every step: nothing was trained now
 
 
 def training_arguments(specs, output_dir: Path, has_eval: bool, cls=None, **extra):
