@@ -17,6 +17,14 @@ def _specs(tiny_specs, ner_data, **training):
     return specs
 
 
+def _trained(tmp_path, tiny_specs, ner_data) -> tuple[Path, Path]:
+    """(specs file, output_dir) of a finished run with a checkpoint per step."""
+    specs = _specs(tiny_specs, ner_data)
+    specs_file = write_specs(tmp_path / "specs.yaml", specs)
+    assert cli_main(train_args(specs_file)) == 0
+    return specs_file, Path(specs["output_dir"])
+
+
 def _files(out: Path) -> dict[str, str]:
     """What a refusal must leave as it was (its error goes to tunepipe.log)."""
     return {k: v for k, v in snapshot(out).items() if k != "tunepipe.log"}
@@ -27,10 +35,7 @@ def _log_steps(out: Path) -> list[int]:
 
 
 def test_the_same_specs_trained_again_start_a_fresh_history(tmp_path, tiny_specs, ner_data, one_torch_thread):
-    specs = _specs(tiny_specs, ner_data)
-    specs_file = write_specs(tmp_path / "specs.yaml", specs)
-    out = Path(specs["output_dir"])
-    assert cli_main(train_args(specs_file)) == 0
+    specs_file, out = _trained(tmp_path, tiny_specs, ner_data)
     first_log = _log_steps(out)
     old = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (out / "checkpoints").iterdir()}
     assert cli_main(train_args(specs_file)) == 0
@@ -44,10 +49,7 @@ def test_the_same_specs_trained_again_start_a_fresh_history(tmp_path, tiny_specs
 
 def test_an_unfinished_run_is_continued_or_started_over_never_discarded(tmp_path, tiny_specs, ner_data, capsys,
                                                                           one_torch_thread):
-    specs = _specs(tiny_specs, ner_data)
-    specs_file = write_specs(tmp_path / "specs.yaml", specs)
-    out = Path(specs["output_dir"])
-    assert cli_main(train_args(specs_file)) == 0
+    specs_file, out = _trained(tmp_path, tiny_specs, ner_data)
     shutil.rmtree(out / "model")  # what an interrupted run leaves: checkpoints, no final model, no specs.yaml
     (out / "specs.yaml").unlink()
     before = _files(out)
@@ -65,10 +67,7 @@ def test_an_unfinished_run_is_continued_or_started_over_never_discarded(tmp_path
 
 def test_files_a_user_added_inside_tunepipes_directories_are_never_deleted(tmp_path, tiny_specs, ner_data, capsys,
                                                                             one_torch_thread):
-    specs = _specs(tiny_specs, ner_data)
-    specs_file = write_specs(tmp_path / "specs.yaml", specs)
-    out = Path(specs["output_dir"])
-    assert cli_main(train_args(specs_file)) == 0
+    specs_file, out = _trained(tmp_path, tiny_specs, ner_data)
     checkpoint = sorted((out / "checkpoints").iterdir())[0]
     added = [out / "model" / "my_notes.txt", out / "model" / "extra" / "keep.txt", checkpoint / "eval.txt",
              out / "checkpoints" / "notes.txt"]
