@@ -163,8 +163,10 @@ class _TaskTrainerMixin(TrainerBookkeeping):
         (eval_strategy: epoch); a checkpoint saved by the first call would miss that evaluation (log history, best
         metric) and hold the RNG from before it, so resuming from it is not exact. That step's save (and a signal's)
         waits for the second call, as in the one loop."""
-        step = self.state.global_step
-        if self._deferred_save is None and step % self._schedule().updates_per_epoch == 0:
+        step, epoch = self.state.global_step, self.state.epoch
+        # an epoch's last step leaves state.epoch a whole number (epoch + steps / steps); asking the schedule
+        # would build a DataLoader here, whose set-up draws from the RNG that dropout uses
+        if self._deferred_save is None and epoch is not None and float(epoch).is_integer():
             self._deferred_save = bool(self.control.should_save)
             self.control.should_save = False
             super()._maybe_log_save_evaluate(*args, **kwargs)
