@@ -145,6 +145,10 @@ def test_adapters_are_loaded_unloaded_and_removed_over_the_api(server, adapters)
     assert client.delete("/v1/adapters/ner3").status_code == 200
     assert client.post("/v1/predict", json=ask).status_code == 404
     assert "ner3" not in [a["name"] for a in client.get("/v1/adapters").json()["adapters"]]
+    # an adapter named at start is always served: removing it is refused, and it keeps answering
+    r = client.delete("/v1/adapters/ner")
+    assert r.status_code == 400 and "always served" in r.json()["error"]["message"], r.text
+    assert client.post("/v1/predict", json={"inputs": TEXTS, "adapter": "ner"}).status_code == 200
 
 
 @pytest.mark.parametrize("body,status,needle", [

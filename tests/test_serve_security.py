@@ -104,6 +104,13 @@ def places(tmp_path_factory) -> dict[str, Path]:
         (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
     (root / "file.txt").write_text("not a directory")
     (root / "link_out").symlink_to(outside / "adapter_like")
+    (root / "linked_files").mkdir()  # an adapter folder whose files are links out of the root
+    (root / "linked_files" / "adapter_config.json").symlink_to(outside / "adapter_like" / "adapter_config.json")
+    (outside / "adapter_like" / "adapter_model.safetensors").write_bytes(b"weights from elsewhere")
+    (root / "linked_weights").mkdir()
+    (root / "linked_weights" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (root / "linked_weights" / "adapter_model.safetensors").symlink_to(
+        outside / "adapter_like" / "adapter_model.safetensors")
     key_file = base / "key.txt"
     key_file.write_text(KEY + "\n")
     return {"root": root, "outside": outside, "key_file": key_file}
@@ -170,6 +177,27 @@ def test_no_key_means_loopback_only(model_dir):
     assert r.returncode == 2 and "at least 16" in r.stderr
 
 
+def test_an_empty_key_is_refused_not_taken_as_no_key(tmp_path, monkeypatch):
+    """A key asked for and empty (a blank key file, --api-key "", an empty variable) must not turn
+    authentication off, and an empty file must not hide the variable's key either."""
+    from tunepipe.errors import ConfigError
+    from tunepipe.serving.serve_access import read_api_key
+    blank = tmp_path / "blank.key"
+    for content in ("", "  \n"):
+        blank.write_text(content)
+        monkeypatch.setenv("TUNEPIPE_API_KEY", KEY)
+        with pytest.raises(ConfigError, match="empty API key"):
+            read_api_key(key_file=str(blank))
+    with pytest.raises(ConfigError, match="empty API key"):
+        read_api_key(key="  ")
+    monkeypatch.setenv("TUNEPIPE_API_KEY", "")
+    with pytest.raises(ConfigError, match="empty API key"):
+        read_api_key()
+    monkeypatch.delenv("TUNEPIPE_API_KEY")
+    assert read_api_key() is None
+    assert read_api_key(key=KEY) == KEY
+
+
 # ---- adapter management ----------------------------------------------------------------------------------------
 def test_adapter_management_is_off_by_default(plain):
     with plain.client() as c:
@@ -186,6 +214,7 @@ def test_adapter_paths_outside_the_roots_or_missing_get_one_answer(guarded, plac
     root, outside = places["root"], places["outside"]
     refused = [str(outside / "adapter_like"), str(root / "missing"), "missing", "/no/such/dir",
                "../outside/adapter_like", str(root / ".." / "outside" / "adapter_like"), "link_out",
+               "linked_files", "linked_weights", str(root / "linked_weights"),
                str(root / "plain"), "file.txt", "someone/some-adapter", "", "a\x00b", "/etc"]
     answers = set()
     with guarded.client(headers=AUTH) as c:

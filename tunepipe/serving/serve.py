@@ -147,6 +147,8 @@ def create_app(pipeline, limits: Limits | None = None, *, api_key: str | None = 
     if allow_adapter_management and not roots:
         raise ConfigError("Adapter management needs at least one adapter root", field="adapter_root",
                           suggestions=["add --adapter-root DIR: only adapters under it can be registered"])
+    # adapters named at start (--adapter NAME=DIR) are always served: the API cannot remove them
+    fixed = {a["name"] for a in pipeline.adapters.list_adapters()} if pipeline.adapters is not None else set()
     worker = ModelWorker(pipeline, micro_batch=pipeline.batch_size, max_queued_inputs=limits.max_queued_inputs,
                          scheduling=scheduling)
 
@@ -314,6 +316,11 @@ def create_app(pipeline, limits: Limits | None = None, *, api_key: str | None = 
                 responses={403: {"description": "adapter management is off"}})
     async def delete_adapter(name: str) -> dict[str, Any]:
         manager = _manager()
+        if name in fixed:
+            raise ConfigError(f"Adapter '{name}' was named at the server's start and is always served",
+                              field="name", suggestions=["free its memory instead: POST /v1/adapters/NAME/unload",
+                                                         "or restart the server without --adapter " + name])
+
         def delete():
             manager.unregister_adapter(name)
             count_adapters()

@@ -18,16 +18,25 @@ class AdapterPathError(TunepipeError):
 # ---- who may bind where, with which key -------------------------------------------------------------------
 def read_api_key(key: str | None = None, key_file: str | None = None) -> str | None:
     """The key from --api-key, else --api-key-file, else $TUNEPIPE_API_KEY; None when none is set."""
-    if key and key_file:
+    if key is not None and key_file:
         raise ConfigError("Give --api-key or --api-key-file, not both", field="api_key")
+    given = "--api-key" if key is not None else "--api-key-file" if key_file else None
     if key_file:
         try:
             key = Path(key_file).expanduser().read_text(encoding="utf-8").strip()
         except OSError as e:
             raise ConfigError(f"Cannot read the API key file {key_file}: {e.strerror}", field="api_key_file",
                               suggestions=["check the path and its permissions"]) from None
-    key = key if key is not None else os.environ.get(API_KEY_ENV)
-    if key is None or key == "":
+    if given is None:
+        key = os.environ.get(API_KEY_ENV)
+        given = API_KEY_ENV if key is not None else None
+    if given is not None and not (key or "").strip():
+        # a key was asked for: an empty one must not turn authentication off
+        raise ConfigError(f"{given} gives an empty API key" + (f" ({key_file} holds no key)" if key_file else ""),
+                          field="api_key_file" if key_file else "api_key",
+                          suggestions=["put the key in it: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+                                       "or leave the key out to serve on 127.0.0.1 only, without authentication"])
+    if key is None:
         return None
     key = key.strip()
     if len(key) < MIN_KEY_CHARS or not key.isascii() or not key.isprintable() or " " in key:
@@ -64,6 +73,16 @@ def _under(path: str, roots: list[str]) -> bool:
     return any(os.path.commonpath([path, root]) == root for root in roots)
 
 
+def _contents_under(directory: str, roots: list[str]) -> bool:
+    """Every file and folder in ``directory`` is really under the roots: a link inside an adapter folder (its
+    weights, its config) must not read a file from elsewhere."""
+    for folder, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            if not _under(os.path.realpath(os.path.join(folder, name)), roots):
+                return False
+    return True
+
+
 def adapter_dir_under(path: str, roots: list[str]) -> str:
     """The real adapter directory ``path`` names, if it lies under one of ``roots``. One answer for outside the
     roots, missing, not a directory and not an adapter: the route must not tell which paths exist. Checked here,
@@ -85,7 +104,7 @@ def adapter_dir_under(path: str, roots: list[str]) -> str:
                 if os.path.isfile(os.path.join(inner, "adapter_config.json")):
                     real = os.path.realpath(inner)
                     continue
-                if os.path.isfile(os.path.join(real, "adapter_config.json")):
+                if os.path.isfile(os.path.join(real, "adapter_config.json")) and _contents_under(real, roots):
                     return real
                 break
     except (OSError, ValueError):
