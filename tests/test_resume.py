@@ -296,33 +296,35 @@ def test_sigterm_saves_and_stops_then_resumes(forkserver, tiny_specs, ner_data, 
     assert [e["step"] for e in result.log_history if "loss" in e] == list(range(1, result.global_step + 1))
 
 
+@pytest.mark.parametrize("stop_at", [NER["batches"], NER["batches"] - 5])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_signal_at_an_epochs_last_step_keeps_its_evaluation(tiny_specs, ner_data, tmp_path, backend):
+def test_a_signal_keeps_the_epochs_evaluation_only_at_its_end(tiny_specs, ner_data, tmp_path, backend, stop_at):
     """SIGTERM during an epoch's last step: the epoch-end evaluation still runs before the checkpoint is saved,
-    so the checkpoint and the log hold it (the resumed run will not evaluate that epoch again)."""
+    so the checkpoint and the log hold it (the resumed run will not evaluate that epoch again). Mid-epoch: no
+    evaluation runs (the resumed run would not have it), and the checkpoint is not written again after one."""
     from transformers import TrainerCallback
 
     from tunepipe.errors import TunepipeError
     specs = ner_specs(tiny_specs, ner_data, backend, tmp_path / "run")
-    specs["training"].update(save_strategy="no", eval_strategy="epoch")
+    specs["training"].update(save_strategy="epoch", eval_strategy="epoch")
     pipe = FineTunePipeLine(specs)
     pipe.setup()
     trainer = pipe.trainer
 
     class Term(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == NER["batches"]:
+            if state.global_step == stop_at:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     (trainer if hasattr(trainer, "add_callback") else trainer.handler).add_callback(Term())
     with pytest.raises(TunepipeError) as err:
         trainer.run_training()
-    assert err.value.code == "TRAINING_INTERRUPTED" and f"after step {NER['batches']}" in err.value.message
-    checkpoint = trainer.last_checkpoint
-    saved = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
-    assert [e["step"] for e in saved if "eval_loss" in e] == [NER["batches"]], backend
+    assert err.value.code == "TRAINING_INTERRUPTED" and f"after step {stop_at}" in err.value.message
+    evaluated = [stop_at] if stop_at == NER["batches"] else []
+    saved = json.loads((trainer.last_checkpoint / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in saved if "eval_loss" in e] == evaluated, backend
     records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "eval_loss" in r] == [NER["batches"]], backend
+    assert [r["step"] for r in records if "eval_loss" in r] == evaluated, backend
 
 
 # ---- two processes: every rank's RNG is saved, and a SIGTERM seen by one rank stops all at the same step ----------

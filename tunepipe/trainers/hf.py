@@ -174,6 +174,10 @@ class _TaskTrainerMixin(TrainerBookkeeping):
         if self._deferred_save is not None:
             self.control.should_save = self.control.should_save or self._deferred_save
             self._deferred_save = None
+        elif self.stopped_by_signal:
+            # stopped mid-epoch by a signal, the checkpoint saved: the Trainer's epoch-end call would evaluate
+            # and save that checkpoint again with the RNG the evaluation moved (the one loop stops here too)
+            return
         super()._maybe_log_save_evaluate(*args, **kwargs)
         self._stop_if_signalled(saved=self.last_checkpoint == self.manager.path(step))
 
