@@ -252,3 +252,18 @@ def test_an_adapter_folder_cannot_switch_on_remote_code(tiny_specs, ner_data, mo
     load_adapter(adapter, "AutoModelForTokenClassification")
     load_adapter(adapter, "AutoModelForTokenClassification", trust_remote_code=True)
     assert seen == [False, True]
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning", "p_tuning"])
+def test_prompt_methods_on_a_warm_started_encoder_decoder_are_refused_before_loading(tmp_path, method):
+    """peft cannot read an EncoderDecoderModel's layer count: said before the data or the weights load, with a
+    method that works."""
+    from tunepipe import FineTunePipeLine
+    from tunepipe.errors import ConfigError
+    specs = {"task": "summarization", "output_dir": str(tmp_path / "run"), "model": {"encoder_decoder": "minilm"},
+             "data": {"train": str(tmp_path / "absent.jsonl")}, "peft": {"method": method}}
+    with pytest.raises(ConfigError) as err:
+        FineTunePipeLine(specs).setup()
+    assert err.value.field == "peft.method" and "encoder_decoder" in err.value.message
+    assert any("lora" in s for s in err.value.suggestions)
+    assert not (tmp_path / "run").exists()

@@ -92,6 +92,13 @@ def check_peft_specs(specs, task, skeleton=None) -> None:
                 f"peft.method '{method}' needs a peft task type, and {task.name} has none",
                 field="peft.method", suggestions=[f"use lora, dora or ia3 for {task.name}"] + (
                     ["or prefix_tuning (keys/values, no shift)"] if task_type == "CAUSAL_LM" else []))
+    if method in PROMPT_METHODS and specs.model.encoder_decoder:
+        # peft reads num_layers / token_dim from the top config, which a warm-started EncoderDecoderModel keeps
+        # under config.encoder / config.decoder: it fails after the model loaded, asking for fields one by one
+        raise ConfigError(f"peft.method '{method}' does not work with model.encoder_decoder (a warm-started "
+                          "encoder-decoder): peft cannot read its layer count and width", field="peft.method",
+                          suggestions=["use lora, dora or ia3 with model.encoder_decoder",
+                                       f"or {method} with a seq2seq model of its own (e.g. t5, bart)"])
     if skeleton is None:
         return
     if method == "prefix_tuning" and task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and not _accepts_past(skeleton):
