@@ -8,6 +8,7 @@ import re
 import string
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -490,3 +491,31 @@ def test_example_yaml_tasks_listing_and_init(tmp_path, capsys):
     specs = load_specs(target)
     assert specs.task == "question_answering" and specs.data.text_pair_column == "context"
     assert specs.data.n_best_size == 20 and specs.training.metric_for_best_model == "f1"
+
+
+def test_a_merged_qa_lora_adapter_answers_as_the_adapter_did(tmp_path, tiny_specs):
+    """peft's QA model does not pass segment ids on to its base: the merged model must answer as the adapter
+    (which trained and predicts without them) does, scores included, when plain transformers loads it."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering
+
+    from tunepipe import FineTunePipeLine
+    from tunepipe.cli import main
+    from tunepipe.modeling.peft_support import load_adapter
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", make_qa_records(32, 1))
+    val_rows = make_qa_records(6, 2)
+    specs = tiny_specs("question_answering", {"train": str(train), "max_length": 64, "stride": 16},
+                       training={"bf16": False, "max_steps": 6, "learning_rate": 5e-2},
+                       peft={"method": "lora", "r": 4})
+    FineTunePipeLine(specs).run()
+    out = Path(specs["output_dir"])
+    assert main(["merge", str(out)]) == 0
+    adapter_model, tokenizer = load_adapter(out / "adapter")
+    merged = AutoModelForQuestionAnswering.from_pretrained(out / "merged").eval()
+    enc = tokenizer([r["question"] for r in val_rows], [r["context"] for r in val_rows], truncation=True,
+                    max_length=64, padding=True, return_token_type_ids=True, return_tensors="pt")
+    assert enc["token_type_ids"].max() == 1  # the context is segment 1
+    with torch.no_grad():
+        a, m = adapter_model(**enc), merged(**enc)
+    assert (a.start_logits - m.start_logits).abs().max().item() < 1e-4
+    assert (a.end_logits - m.end_logits).abs().max().item() < 1e-4

@@ -59,6 +59,8 @@ def merge_and_unload(output_dir: str | Path, target: str | Path | None = None, t
         except (ValueError, AttributeError, NotImplementedError) as e:
             raise ConfigError(f"peft cannot merge this {peft_type} adapter: {str(e).splitlines()[0]}",
                               file=str(adapter), suggestions=["use the adapter unmerged with PeftModel"]) from None
+        if cfg.get("task_type") == "QUESTION_ANS":
+            _segments_as_the_adapter_saw_them(merged)
         if info.get("task"):
             merged.config.tunepipe_task = info["task"]  # lets `tunepipe predict` find the task
 
@@ -69,6 +71,17 @@ def merge_and_unload(output_dir: str | Path, target: str | Path | None = None, t
 
         atomic_dir(target, write)
     return target
+
+
+def _segments_as_the_adapter_saw_them(model) -> None:
+    """peft's PeftModelForQuestionAnswering does not pass token_type_ids on to its base, so a QA adapter was
+    trained and predicts with segment 0 everywhere; the merged model would read the segment ids its tokenizer
+    gives (question 0, context 1) and answer differently. Every segment's embedding becomes segment 0's."""
+    import torch
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("token_type_embeddings") and isinstance(module, torch.nn.Embedding):
+                module.weight[1:] = module.weight[0]
 
 
 def _merge_target(root: Path, target: str | Path | None, adapter: Path, base: str) -> Path:
