@@ -309,3 +309,19 @@ def test_demo_refuses_a_directory_it_did_not_write(tmp_path, capsys):
     assert cli_main(["demo", "--output-dir", str(target)]) == 2
     assert "[CONFIG_ERROR]" in capsys.readouterr().err
     assert snapshot(target) == before
+
+
+def test_a_full_disk_during_merge_is_an_io_error_and_leaves_nothing(lora_run, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import transformers
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    target = tmp_path / "export"
+    assert cli_main(["merge", str(lora_run / "run"), "--to", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "[IO_ERROR] Disk full while saving the merged model" in err and "free at least" in err
+    assert not target.exists() or not any(p for p in target.iterdir() if p.name != ".tunepipe.json")

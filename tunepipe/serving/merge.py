@@ -9,6 +9,7 @@ import difflib
 import json
 from pathlib import Path
 
+from ..disk_space import disk_full_as_io_error, model_weight_bytes
 from ..errors import ConfigError, ErrorHandler, ModelNotFoundError
 from ..modeling.peft_support import MERGEABLE_METHODS, is_adapter_dir, load_adapter, read_adapter_info, resolve_base
 from ..output import atomic_dir
@@ -69,7 +70,8 @@ def merge_and_unload(output_dir: str | Path, target: str | Path | None = None, t
             tokenizer.save_pretrained(tmp)
             write_marker(tmp, "merged")
 
-        atomic_dir(target, write)
+        with disk_full_as_io_error(target, model_weight_bytes(merged), "the merged model's weights", "merged model"):
+            atomic_dir(target, write)
     return target
 
 
