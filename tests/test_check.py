@@ -105,6 +105,16 @@ def test_lora_parameters_match_the_loaded_model(tmp_path, tiny_specs, cls_data, 
     assert trainable_parameters(pipe.model) == (report.parameters["trainable"], report.parameters["total"])
 
 
+def test_label_ids_are_shown_by_the_names_data_labels_gives(tmp_path, tiny_specs, cls_data):
+    rows = [json.loads(line) for line in Path(cls_data["train"]).read_text().splitlines()]
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text("".join(json.dumps({"text": r["text"], "label": ["neg", "pos"].index(r["label"])}) + "\n"
+                           for r in rows))
+    specs = tiny_specs("text_classification", {"train": str(ids), "labels": ["negative", "positive"]})
+    counts = Counter(r["label"] for r in rows)
+    assert check_run(specs).splits["train"]["labels"] == {"negative": counts["neg"], "positive": counts["pos"]}
+
+
 def test_large_split_is_sampled(tiny_specs, ner_long):
     report = check_run(tiny_specs("token_classification", ner_long[0]), sample=10)
     train = report.splits["train"]

@@ -260,7 +260,11 @@ def _label_counts(task, rows: list[dict]) -> dict[str, int] | None:
     if not getattr(task, "uses_labels", False):
         return None
     values = [row.get(task.column("label")) for row in rows]
-    counts = Counter(str(x) for v in values for x in (v if isinstance(v, list) else [v]) if x is not None)
+    names = list(getattr(task, "labels", None) or [])
+
+    def shown(x) -> str:  # label ids in the data, named by data.labels, are shown by name
+        return names[x] if isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(names) else str(x)
+    counts = Counter(shown(x) for v in values for x in (v if isinstance(v, list) else [v]) if x is not None)
     return dict(counts.most_common()) or None
 
 

@@ -58,6 +58,8 @@ def cmd_train(args) -> int:
     pipe = _pipeline(args)
     _say(f"training {pipe.specs.task} on the {pipe.specs.backend} backend -> {pipe.output_dir}")
     pipe.run()
+    if not pipe.trainer.is_main_process:  # one report per run, not one per process
+        return 0
     _print_metrics(pipe)
     _say(f"model saved to {pipe.output_dir / ('adapter' if pipe.specs.peft.method != 'none' or pipe.specs.peft.config else 'model')}")
     _say_where(pipe)
