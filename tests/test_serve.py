@@ -178,8 +178,11 @@ def test_bad_requests_get_a_clear_4xx(server, body, status, needle):
 
 def test_malformed_oversized_and_adapter_mistakes(server, adapters, tmp_path):
     client, _ = server
-    r = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_ERROR"
+    for body in (b"{not json", b'{"inputs": ['):
+        r = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+        error = r.json()["error"]
+        assert r.status_code == 422 and error["code"] == "VALIDATION_ERROR", r.text
+        assert "not valid JSON" in error["message"] and error.get("field") is None, error  # an offset is no field
     r = client.post("/v1/predict", json={"inputs": ["word " * 30] * 40, "adapter": "sst"})
     assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
     r = client.post("/v1/adapters", json={"name": "ghost", "path": str(tmp_path / "missing")})

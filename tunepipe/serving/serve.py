@@ -179,6 +179,11 @@ def create_app(pipeline, limits: Limits | None = None, *, api_key: str | None = 
     async def bad_request(request: Request, e: RequestValidationError):
         errors = e.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # its loc holds the character offset, not a field
+            at = [p for p in first.get("loc", ()) if p != "body"]
+            return _error(422, "VALIDATION_ERROR", "The request body is not valid JSON"
+                          + (f" (at character {at[0]})" if at else ""), None,
+                          ['send a JSON object, e.g. {"inputs": ["a text"]}'])
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         message = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: "
                             f"{err.get('msg')}" for err in errors[:5])
